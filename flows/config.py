@@ -1,0 +1,118 @@
+"""The training run's one parameter, and the command line that fills it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DatasetName = Literal["fashion-mnist", "mnist", "csv", "synthetic", "digits"]
+
+
+class TrainConfig(BaseModel):
+    """Every setting of a training run; frozen so a run cannot drift from what it logged."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: DatasetName = Field("fashion-mnist", description="Dataset to train on.")
+    data_dir: str = Field("data", description="Dataset root; downloads and prepared tensors go here.")
+    train_csv: Optional[str] = Field(
+        None, description="csv dataset: CSV of training images (path relative to --image-root, label)."
+    )
+    test_csv: Optional[str] = Field(None, description="csv dataset: CSV of test images, same format.")
+    image_root: Optional[str] = Field(None, description="csv dataset: folder the CSV paths are relative to.")
+    classes: Optional[list[str]] = Field(
+        None,
+        description="csv dataset: the label set in index order (comma-separated on the command line); "
+        "default: the labels of the training CSV.",
+    )
+    model: Literal["mlp", "cnn"] = Field("cnn", description="Network: the notes' MLP or a small CNN.")
+    epochs: int = Field(8, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: int = Field(128, ge=1, le=65536, description="Samples per optimisation step.")
+    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser (sgd uses Nesterov momentum 0.9).")
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="L2 penalty (decoupled for adamw).")
+    scheduler: Literal["onecycle", "cosine", "constant"] = Field(
+        "onecycle", description="Learning-rate schedule over the whole run."
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for the split, initialisation and shuffling.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where to train: auto picks cuda, then mps, then cpu."
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training split held out for validation.")
+    experiment: str = Field("image-classifier", min_length=1, description="MLflow experiment name.")
+    registered_model: Optional[str] = Field(
+        None,
+        min_length=1,
+        description="MLflow registry name of the PyTorch flavor (the ONNX flavor gets '-onnx' appended); "
+        "default: '<dataset>-<model>'.",
+    )
+    output_dir: str = Field("outputs", description="Per-run local folders go under this folder.")
+
+    @model_validator(mode="after")
+    def _csv_needs_its_files(self) -> "TrainConfig":
+        csv_fields = {"train_csv": self.train_csv, "test_csv": self.test_csv, "image_root": self.image_root}
+        if self.dataset == "csv":
+            missing = [name for name, value in csv_fields.items() if not value]
+            if missing:
+                flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+                raise ValueError(f"dataset 'csv' needs {flags}")
+        elif any(csv_fields.values()) or self.classes:
+            raise ValueError(f"--train-csv, --test-csv, --image-root and --classes apply only to --dataset csv, not {self.dataset!r}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """Registry name of the PyTorch flavor."""
+        return self.registered_model or f"{self.dataset}-{self.model}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, with its description, choices and default."""
+    parser = argparse.ArgumentParser(
+        prog="python flows/train_flow.py",
+        description="Train, evaluate, export and register an image classifier.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, field in TrainConfig.model_fields.items():
+        choices = getattr(field.annotation, "__args__", None)
+        literal = choices if choices and all(isinstance(c, str) for c in choices) else None
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=field.default,
+            choices=literal,
+            help=field.description,
+            metavar=None if literal else name.upper(),
+        )
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """Parses flags into a validated TrainConfig; exits with status 2 naming any bad value."""
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    if isinstance(values["classes"], str):
+        values["classes"] = [c.strip() for c in values["classes"].split(",") if c.strip()]
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        parser.error(_describe(error))
+    raise AssertionError("unreachable: parser.error exits")
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        flag = "--" + "-".join(str(part) for part in problem["loc"][:1]).replace("_", "-")
+        value = problem.get("input")
+        where = f"{flag} {value}: " if problem["loc"] else ""
+        lines.append(where + problem["msg"].removeprefix("Value error, "))
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def resolve_path(path: str) -> Path:
+    """Absolute form of a user path, so tasks in other threads or processes agree on it."""
+    return Path(path).expanduser().resolve()

@@ -1,0 +1,78 @@
+"""Train, evaluate, export, validate and register an image classifier, as one Prefect flow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.config import TrainConfig, parse_config, resolve_path
+from models import ModelSpec
+from tasks.run_steps import close_mlflow_run, log_dataset, open_mlflow_run
+from tasks.steps import (
+    build_loaders,
+    evaluate_model,
+    export_onnx,
+    fetch_dataset,
+    register_model,
+    save_state_dict,
+    train_model,
+    validate_onnx,
+)
+from tasks.training import TrainSettings, resolve_device
+
+
+def make_run_dir(output_dir: str) -> Path:
+    """A folder of this flow run's own, the same for every retry of it."""
+    started = flow_run.scheduled_start_time
+    run_dir = resolve_path(output_dir) / f"{started:%Y%m%d-%H%M%S}-{flow_run.name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@flow(name="train-image-classifier", log_prints=True)
+def train_flow(config: TrainConfig = TrainConfig()) -> dict:
+    """Fetch data, train, evaluate, save, export ONNX, validate it and register the model."""
+    device = str(resolve_device(config.device))
+    run_dir = make_run_dir(config.output_dir)
+    run_id = open_mlflow_run(config.experiment, config.model_dump(), flow_run.id, flow_run.name, device, run_dir)
+    try:
+        csv = {"train_csv": config.train_csv, "test_csv": config.test_csv, "image_root": config.image_root}
+        dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), classes=config.classes,
+                                **{key: resolve_path(value) for key, value in csv.items() if value})
+        log_dataset(run_id, dataset)
+        spec = ModelSpec(config.model, dataset.channels, dataset.image_size, dataset.num_classes,
+                         dataset.mean, dataset.std)
+        loaders = build_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
+        settings = TrainSettings(config.epochs, config.optimizer, config.lr, config.weight_decay,
+                                 config.scheduler, config.seed)
+        trained = train_model(spec, loaders, settings, run_dir, run_id)
+        metrics = evaluate_model(trained, loaders.test, dataset.class_names, run_dir, run_id)
+        weights = save_state_dict(trained, run_dir, run_id)
+        onnx_path = export_onnx(spec, weights, run_dir, run_id)
+        parity = validate_onnx(spec, weights, onnx_path, dataset, run_id)
+        registration = register_model(spec, weights, onnx_path, dataset, metrics["test_accuracy"], parity,
+                                      config.model_name, run_dir, run_id)
+    except BaseException:
+        close_mlflow_run(run_id, succeeded=False)
+        raise
+    close_mlflow_run(run_id, succeeded=True)
+    return {"mlflow_run_id": run_id, "run_dir": str(run_dir), "test_accuracy": metrics["test_accuracy"],
+            "test_loss": metrics["test_loss"], "onnx_max_abs_diff": parity["max_abs_diff"], **registration}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point: flags -> TrainConfig -> flow run."""
+    result = train_flow(parse_config(argv))
+    print(f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
+          f"({result['reason']}); outputs in {result['run_dir']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pipeline steps: plain functions and the thin Prefect tasks that wrap them."""

@@ -1,0 +1,101 @@
+"""Any dataset source becomes uint8 tensors on disk, described by a small DatasetRef."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tasks.csv_images import load_csv_dataset
+from tasks.files import atomic_save
+from tasks.images import ImageData, check_image_data
+from tasks.mnist_files import SOURCES, load_mnist_family
+from tasks.offline_data import load_digits, make_synthetic
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """What later steps need to know about a prepared dataset; small and serialisable."""
+
+    name: str
+    tensors_path: str
+    sha256: str
+    class_names: tuple[str, ...]
+    channels: int
+    image_size: tuple[int, int]
+    train_size: int
+    test_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_source(
+    name: str,
+    data_dir: Path,
+    train_csv: Optional[Path] = None,
+    test_csv: Optional[Path] = None,
+    image_root: Optional[Path] = None,
+    classes: Optional[list[str]] = None,
+) -> ImageData:
+    """Reads (or downloads, or generates) the named dataset into memory."""
+    if name in SOURCES:
+        return load_mnist_family(name, data_dir)
+    if name == "csv":
+        return load_csv_dataset(train_csv, test_csv, image_root, classes)
+    if name == "synthetic":
+        return make_synthetic()
+    if name == "digits":
+        return load_digits()
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join([*SOURCES, 'csv', 'synthetic', 'digits'])}")
+
+
+def tensor_digest(data: ImageData) -> str:
+    """sha256 over shapes, pixels, labels and class names, so any change to the data shows."""
+    digest = hashlib.sha256()
+    for tensor in data[:4]:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    digest.update("\n".join(data.class_names).encode())
+    return digest.hexdigest()
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
+    pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
+    std = pixels.std(dim=1).clamp_min(1e-3)
+    return tuple(pixels.mean(dim=1).tolist()), tuple(std.tolist())
+
+
+def load_tensors(path: str) -> ImageData:
+    """Reads tensors written by prepare_dataset (weights_only: no code runs on load)."""
+    return ImageData(**torch.load(path, weights_only=True))
+
+
+def prepare_dataset(name: str, data_dir: Path, **csv_options) -> DatasetRef:
+    """Loads, checks, fingerprints and stores a dataset under data_dir/prepared."""
+    data = check_image_data(load_source(name, data_dir, **csv_options))
+    sha256 = tensor_digest(data)
+    path = data_dir / "prepared" / f"{name}-{sha256[:16]}.pt"
+    if not path.exists():
+        atomic_save(data._asdict(), path)
+    mean, std = channel_stats(data.train_images)
+    return DatasetRef(
+        name=name,
+        tensors_path=str(path),
+        sha256=sha256,
+        class_names=tuple(data.class_names),
+        channels=data.train_images.shape[1],
+        image_size=tuple(data.train_images.shape[2:]),
+        train_size=len(data.train_labels),
+        test_size=len(data.test_labels),
+        mean=mean,
+        std=std,
+    )
+

@@ -1,0 +1,82 @@
+"""evaluate_model: test accuracy and loss, per-class precision/recall/F1, confusion matrix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (true class, predicted class) pairs; rows are true classes."""
+    pairs = labels.long() * num_classes + predictions.long()
+    return torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_table(matrix: torch.Tensor, class_names: tuple[str, ...]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class; 0 where a ratio is undefined."""
+    true_positive = matrix.diag().double()
+    predicted = matrix.sum(0).double()
+    support = matrix.sum(1).double()
+    precision = torch.where(predicted > 0, true_positive / predicted.clamp_min(1), 0.0)
+    recall = torch.where(support > 0, true_positive / support.clamp_min(1), 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    return pd.DataFrame(
+        {
+            "class_index": range(len(class_names)),
+            "class_name": class_names,
+            "precision": precision.numpy(),
+            "recall": recall.numpy(),
+            "f1": f1.numpy(),
+            "support": support.long().numpy(),
+        }
+    )
+
+
+def summarise(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...]) -> tuple[dict, pd.DataFrame, torch.Tensor]:
+    """Test metrics (flat, MLflow-ready), the per-class table and the confusion matrix."""
+    matrix = confusion_matrix(logits.argmax(1), labels, len(class_names))
+    table = per_class_table(matrix, class_names)
+    metrics = {
+        "test_accuracy": (logits.argmax(1) == labels).double().mean().item(),
+        "test_loss": F.cross_entropy(logits, labels).item(),
+        "test_macro_f1": float(table["f1"].mean()),
+    }
+    for row in table.itertuples():
+        key = f"{row.class_index}_{metric_safe(row.class_name)}"  # the index keeps keys unique
+        metrics.update({f"test_precision_{key}": row.precision, f"test_recall_{key}": row.recall, f"test_f1_{key}": row.f1})
+    return metrics, table, matrix
+
+
+def metric_safe(name: str) -> str:
+    """A class name as MLflow accepts it in a metric key: 'T-shirt/top' -> 'T-shirt_top'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
+
+
+def plot_confusion_matrix(matrix: torch.Tensor, class_names: tuple[str, ...], path: Path) -> Path:
+    """Saves a labelled heat map of the confusion matrix as a PNG."""
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix.numpy(), cmap="Blues")
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if len(class_names) <= 30:
+        threshold = matrix.max().item() / 2
+        for (row, col), count in zip(torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))), matrix.flatten()):
+            colour = "white" if count > threshold else "black"
+            axes.text(col.item(), row.item(), str(count.item()), ha="center", va="center", color=colour, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,80 @@
+"""Loaders over in-memory uint8 tensors cut into batches by index, scaled per batch."""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+
+from tasks.datasets import DatasetRef, load_tensors
+
+
+_EVAL_BATCH = 1024
+
+
+class TensorLoader:
+    """Yields (float pixels in [0, 1], labels) batches from uint8 tensors already on `device`.
+
+    Much faster than a DataLoader over PIL images: no per-sample Python, one index per batch.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        count = len(self.labels)
+        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
+        order = order.to(self.labels.device)
+        for start in range(0, count, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index].float().div_(255), self.labels[index]
+
+
+class Loaders(NamedTuple):
+    train: TensorLoader
+    val: TensorLoader
+    test: TensorLoader
+
+
+def split_indices(count: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded train/validation split; both parts keep at least one sample."""
+    val_count = min(max(1, round(count * val_fraction)), count - 1)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[val_count:], order[:val_count]
+
+
+def make_loaders(
+    dataset: DatasetRef, batch_size: int, val_fraction: float, seed: int, device: torch.device | str
+) -> Loaders:
+    """Train (shuffled), validation and test loaders over the prepared tensors."""
+    data = load_tensors(dataset.tensors_path)
+    if len(data.train_labels) < 2:
+        raise ValueError(f"{dataset.name}: need at least 2 training images to hold out validation")
+    train, val = split_indices(len(data.train_labels), val_fraction, seed)
+    images, labels = data.train_images, data.train_labels
+    eval_batch = max(batch_size, _EVAL_BATCH)  # no gradients kept, so bigger batches are cheap
+    return Loaders(
+        TensorLoader(images[train], labels[train], batch_size, shuffle=True, seed=seed, device=device),
+        TensorLoader(images[val], labels[val], eval_batch, device=device),
+        TensorLoader(data.test_images, data.test_labels, eval_batch, device=device),
+    )
+

@@ -1,0 +1,85 @@
+"""MLflow run bookkeeping through MlflowClient and an explicit run id (Prefect tasks run in threads)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+_MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def get_client() -> MlflowClient:
+    """A client on MLFLOW_TRACKING_URI, or MLflow's default local SQLite store (sqlite:///mlflow.db)."""
+    return MlflowClient()
+
+
+def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """Creates the experiment if needed and opens a run in it; returns the run id."""
+    client = get_client()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    return client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+
+def finish_run(run_id: str, succeeded: bool) -> None:
+    """Marks the run FINISHED or FAILED."""
+    status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
+    get_client().set_terminated(run_id, status)
+
+
+def log_params(run_id: str, params: Mapping[str, object]) -> None:
+    """Logs params as strings (None as empty), in one batch."""
+    batch = [Param(key, "" if value is None else str(value)) for key, value in params.items()]
+    get_client().log_batch(run_id, params=batch)
+
+
+def log_tags(run_id: str, tags: Mapping[str, object]) -> None:
+    """Sets tags on the run."""
+    get_client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Logs metrics at one step, in batches MLflow accepts."""
+    timestamp = int(time.time() * 1000)
+    batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+    client = get_client()
+    for start in range(0, len(batch), _MAX_BATCH):
+        client.log_batch(run_id, metrics=batch[start : start + _MAX_BATCH])
+
+
+def log_artifacts(run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
+    """Uploads files to the run's artefact store."""
+    client = get_client()
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def git_tags(repo: Path = _REPO_ROOT) -> dict[str, str]:
+    """The code's git commit (and whether the tree was dirty), when it runs from a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+def find_run(experiment: str, flow_run_id: str) -> Optional[str]:
+    """The run an earlier attempt of this Prefect flow run opened, if any."""
+    found = get_client().get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = get_client().search_runs(
+        [found.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None

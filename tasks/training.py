@@ -1,0 +1,169 @@
+"""train_model: the optimisation loop, checkpointed every epoch so a retry resumes."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.checkpoints import checkpoint_state, restore_checkpoint
+from tasks.files import atomic_save
+from models import ModelSpec, build_from_spec
+from tasks.loaders import Loaders, TensorLoader
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The optimisation settings of a run."""
+
+    epochs: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    scheduler: str
+    seed: int
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if requested not in available:
+        raise ValueError(f"unknown device {requested!r}; choose auto, cpu, cuda or mps")
+    if not available[requested]:
+        present = ", ".join(name for name, ok in available.items() if ok)
+        raise RuntimeError(f"device {requested!r} was requested but is not available here (available: {present})")
+    return torch.device(requested)
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, Adam or SGD with Nesterov momentum."""
+    params = model.parameters()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw, adam or sgd")
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step schedule over the whole run: one-cycle, cosine decay or constant."""
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        )
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    raise ValueError(f"unknown scheduler {name!r}; choose onecycle, cosine or constant")
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: TensorLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, float]:
+    """One pass over `loader`; returns mean loss and accuracy."""
+    model.train()
+    loss_sum = torch.zeros((), device=loader.labels.device)
+    correct = torch.zeros((), device=loader.labels.device, dtype=torch.int64)
+    for images, labels in loader:
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulate on the device: a .item() per batch would stall a GPU every step.
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+    return {"loss": loss_sum.item() / loader.num_samples, "accuracy": correct.item() / loader.num_samples}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: TensorLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for every sample of `loader`, in order, on the CPU."""
+    model.eval()
+    logits, labels = zip(*[(model(images).cpu(), targets.cpu()) for images, targets in loader])
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate_loss(model: nn.Module, loader: TensorLoader) -> dict[str, float]:
+    """Mean loss and accuracy of `model` on `loader`."""
+    logits, labels = predict_logits(model, loader)
+    return {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+    }
+
+
+def fit(
+    model: nn.Module,
+    train_loader: TensorLoader,
+    val_loader: TensorLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epochs: int,
+    checkpoint_path: Path,
+    on_epoch: Optional[EpochCallback] = None,
+) -> list[dict[str, float]]:
+    """Trains for `epochs`, resuming from `checkpoint_path` when it holds earlier epochs."""
+    history: list[dict[str, float]] = []
+    if checkpoint_path.exists():
+        history = restore_checkpoint(checkpoint_path, model, optimizer, scheduler, train_loader)
+    for epoch in range(len(history) + 1, epochs + 1):
+        started = time.perf_counter()
+        train = train_one_epoch(model, train_loader, optimizer, scheduler)
+        seconds = time.perf_counter() - started
+        val = evaluate_loss(model, val_loader)
+        metrics = {
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "epoch_seconds": seconds,
+            "samples_per_second": train_loader.num_samples / seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(metrics)
+        atomic_save(checkpoint_state(model, optimizer, scheduler, train_loader, history), checkpoint_path)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return history
+
+
+def train(
+    spec: ModelSpec,
+    loaders: Loaders,
+    settings: TrainSettings,
+    checkpoint_path: Path,
+    on_epoch: Optional[EpochCallback] = None,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Seeds, builds and trains a network; returns it with one metrics dict per epoch."""
+    torch.manual_seed(settings.seed)
+    loaders.train.generator.manual_seed(settings.seed)  # a retried attempt reshuffles as the first did
+    model = build_from_spec(spec).to(loaders.train.labels.device)
+    optimizer = make_optimizer(model, settings.optimizer, settings.lr, settings.weight_decay)
+    total_steps = settings.epochs * len(loaders.train)
+    scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
+    history = fit(model, loaders.train, loaders.val, optimizer, scheduler, settings.epochs, checkpoint_path, on_epoch)
+    return model, history
