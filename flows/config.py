@@ -28,10 +28,16 @@ class TrainConfig(BaseModel):
         description="csv dataset: the label set in index order (comma-separated on the command line); "
         "default: the labels of the training CSV.",
     )
+    mirror: Optional[str] = Field(
+        None,
+        pattern=r"^(https?|file)://",
+        description="fashion-mnist/mnist: base URL to download the original .gz files from, "
+        "instead of torchvision's mirrors.",
+    )
     model: Literal["mlp", "cnn"] = Field("cnn", description="Network: the notes' MLP or a small CNN.")
     epochs: int = Field(8, ge=1, le=1000, description="Passes over the training split.")
-    batch_size: int = Field(128, ge=1, le=65536, description="Samples per optimisation step.")
-    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Samples per optimisation step.")
+    lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser (sgd uses Nesterov momentum 0.9).")
     weight_decay: float = Field(1e-4, ge=0, le=1, description="L2 penalty (decoupled for adamw).")
     scheduler: Literal["onecycle", "cosine", "constant"] = Field(
@@ -60,7 +66,11 @@ class TrainConfig(BaseModel):
                 flags = ", ".join("--" + name.replace("_", "-") for name in missing)
                 raise ValueError(f"dataset 'csv' needs {flags}")
         elif any(csv_fields.values()) or self.classes:
-            raise ValueError(f"--train-csv, --test-csv, --image-root and --classes apply only to --dataset csv, not {self.dataset!r}")
+            raise ValueError(
+                f"--train-csv, --test-csv, --image-root and --classes apply only to --dataset csv, not {self.dataset!r}"
+            )
+        if self.mirror and self.dataset not in ("fashion-mnist", "mnist"):
+            raise ValueError(f"--mirror applies only to --dataset fashion-mnist or mnist, not {self.dataset!r}")
         return self
 
     @property

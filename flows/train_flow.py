@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     run_id = open_mlflow_run(config.experiment, config.model_dump(), flow_run.id, flow_run.name, device, run_dir)
     try:
         csv = {"train_csv": config.train_csv, "test_csv": config.test_csv, "image_root": config.image_root}
-        dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), classes=config.classes,
-                                **{key: resolve_path(value) for key, value in csv.items() if value})
+        dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), mirror=config.mirror,
+                                classes=config.classes, **{key: resolve_path(v) for key, v in csv.items() if v})
         log_dataset(run_id, dataset)
         spec = ModelSpec(config.model, dataset.channels, dataset.image_size, dataset.num_classes,
                          dataset.mean, dataset.std)
@@ -68,6 +69,9 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: flags -> TrainConfig -> flow run."""
+    # The temporary server's telemetry heartbeat races its own SQLite writes and logs
+    # "database is locked" tracebacks; it has nothing to do with the run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     result = train_flow(parse_config(argv))
     print(f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
           f"({result['reason']}); outputs in {result['run_dir']}")

@@ -39,6 +39,7 @@ class DatasetRef:
 def load_source(
     name: str,
     data_dir: Path,
+    mirror: Optional[str] = None,
     train_csv: Optional[Path] = None,
     test_csv: Optional[Path] = None,
     image_root: Optional[Path] = None,
@@ -46,7 +47,7 @@ def load_source(
 ) -> ImageData:
     """Reads (or downloads, or generates) the named dataset into memory."""
     if name in SOURCES:
-        return load_mnist_family(name, data_dir)
+        return load_mnist_family(name, data_dir, mirror)
     if name == "csv":
         return load_csv_dataset(train_csv, test_csv, image_root, classes)
     if name == "synthetic":
@@ -78,9 +79,12 @@ def load_tensors(path: str) -> ImageData:
     return ImageData(**torch.load(path, weights_only=True))
 
 
-def prepare_dataset(name: str, data_dir: Path, **csv_options) -> DatasetRef:
-    """Loads, checks, fingerprints and stores a dataset under data_dir/prepared."""
-    data = check_image_data(load_source(name, data_dir, **csv_options))
+def prepare_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
+    """Loads, checks, fingerprints and stores a dataset under data_dir/prepared.
+
+    `options` are load_source's: mirror, or train_csv, test_csv, image_root and classes.
+    """
+    data = check_image_data(load_source(name, data_dir, **options))
     sha256 = tensor_digest(data)
     path = data_dir / "prepared" / f"{name}-{sha256[:16]}.pt"
     if not path.exists():

@@ -8,6 +8,7 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from torchvision import datasets
 
@@ -32,12 +33,13 @@ class ChecksumError(RuntimeError):
     """A downloaded file does not match its published checksum."""
 
 
-def load_mnist_family(name: str, data_dir: Path) -> ImageData:
+def load_mnist_family(name: str, data_dir: Path, mirror: Optional[str] = None) -> ImageData:
     """Loads `name` from `data_dir`, downloading and verifying any missing raw file first."""
     source = SOURCES[name]
     raw_folder = data_dir / source.__name__ / "raw"
+    mirrors = [mirror.rstrip("/") + "/"] if mirror else source.mirrors
     for archive, md5 in source.resources:
-        _ensure_raw_file(raw_folder, archive, md5, source.mirrors)
+        _ensure_raw_file(raw_folder, archive, md5, mirrors)
     splits = [source(root=str(data_dir), train=train, download=False) for train in (True, False)]
     return ImageData(
         splits[0].data.unsqueeze(1).contiguous(),

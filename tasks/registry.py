@@ -67,7 +67,12 @@ def pixel_signature(example: np.ndarray, num_classes: int) -> ModelSignature:
 def save_pytorch_flavor(model: nn.Module, example: np.ndarray, signature: ModelSignature, path: Path) -> Path:
     """Saves the model as a torch.export program (no pickled classes to import on load)."""
     mlflow.pytorch.save_model(
-        model.cpu().eval(), str(path), signature=signature, input_example=example, serialization_format="pt2"
+        model.cpu().eval(),
+        str(path),
+        signature=signature,
+        input_example=example,
+        serialization_format="pt2",
+        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),  # inferring them costs seconds
     )
     return path
 
@@ -76,7 +81,12 @@ def save_onnx_flavor(onnx_path: Path, example: np.ndarray, signature: ModelSigna
     """Saves the ONNX model with a pyfunc loader whose predict returns the logits array."""
     loader = Path(models.logits_pyfunc.__file__)
     mlflow.onnx.save_model(
-        onnx.load(str(onnx_path)), str(path), signature=signature, input_example=example, code_paths=[str(loader)]
+        onnx.load(str(onnx_path)),
+        str(path),
+        signature=signature,
+        input_example=example,
+        code_paths=[str(loader)],
+        pip_requirements=mlflow.onnx.get_default_pip_requirements(),
     )
     meta = Model.load(str(path / "MLmodel"))
     meta.flavors["python_function"]["loader_module"] = loader.stem
@@ -95,7 +105,7 @@ def register_version(run_id: str, local_model: Path, name: str, tags: dict[str, 
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{local_model.name}"
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    return version.version
+    return str(version.version)
 
 
 def champion_tags(name: str) -> Optional[dict[str, str]]:

@@ -38,9 +38,9 @@ def _is_network_error(task, task_run, state) -> bool:
 
 @task(name="fetch-dataset", retries=2, retry_delay_seconds=[1, 3], retry_jitter_factor=0.5,
       retry_condition_fn=_is_network_error, cache_policy=NO_CACHE)
-def fetch_dataset(name: str, data_dir: Path, **csv_options) -> DatasetRef:
+def fetch_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
     """Fetches the dataset and stores it as uint8 tensors for the loaders."""
-    return prepare_dataset(name, data_dir, **csv_options)
+    return prepare_dataset(name, data_dir, **options)
 
 
 @task(name="build-loaders", cache_policy=NO_CACHE)

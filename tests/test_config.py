@@ -1,0 +1,71 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.config import TrainConfig, build_parser, parse_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
+
+
+def test_flags_fill_a_frozen_config():
+    config = parse_config(["--dataset", "digits", "--epochs", "3", "--lr", "0.01", "--model", "mlp"])
+    assert (config.dataset, config.epochs, config.lr, config.model) == ("digits", 3, 0.01, "mlp")
+    assert config.model_name == "digits-mlp"
+    with pytest.raises(Exception):
+        config.epochs = 4
+
+
+def test_every_field_is_a_flag_with_help_and_default():
+    text = build_parser().format_help()
+    for name, field in TrainConfig.model_fields.items():
+        assert "--" + name.replace("_", "-") in text
+        assert field.description.split()[0] in text
+    assert "(default: fashion-mnist)" in text and "(default: 8)" in text
+
+
+def test_csv_classes_flag_is_comma_separated(tmp_path):
+    config = parse_config(["--dataset", "csv", "--train-csv", "a.csv", "--test-csv", "b.csv",
+                           "--image-root", str(tmp_path), "--classes", "cat, dog"])
+    assert config.classes == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--epochs", "0"], "--epochs 0"),
+        (["--lr", "-1"], "--lr -1"),
+        (["--dataset", "nope"], "'nope'"),
+        (["--val-fraction", "1.5"], "--val-fraction 1.5"),
+        (["--batch-size", "many"], "--batch-size many"),
+        (["--dataset", "csv"], "--train-csv, --test-csv, --image-root"),
+        (["--dataset", "digits", "--train-csv", "x.csv"], "only to --dataset csv"),
+        (["--mirror", "ftp://example"], "--mirror ftp://example"),
+    ],
+)
+def test_invalid_flags_exit_2_naming_the_value(flags, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(flags)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_script_rejects_bad_flags_before_any_work(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--epochs", "0", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--epochs 0" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+    assert time.monotonic() - started < 60
+
+
+def test_script_help_lists_flags(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--dataset", "--data-dir", "--train-csv", "--registered-model", "--output-dir", "--device"):
+        assert flag in result.stdout

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.datasets import channel_stats, load_source, load_tensors, prepare_dataset, tensor_digest
+from tasks.images import ImageData, check_image_data
+
+
+def test_prepare_stores_tensors_and_describes_them(tmp_path):
+    ref = prepare_dataset("synthetic", tmp_path)
+    assert Path(ref.tensors_path).parent == tmp_path / "prepared"
+    assert (ref.channels, ref.image_size, ref.num_classes) == (1, (28, 28), 10)
+    data = load_tensors(ref.tensors_path)
+    assert len(data.train_labels) == ref.train_size and len(data.test_labels) == ref.test_size
+    assert ref == prepare_dataset("synthetic", tmp_path)  # same data, same fingerprint
+
+
+def test_csv_dataset_through_prepare(png_dataset, tmp_path):
+    ref = prepare_dataset("csv", tmp_path / "data", **png_dataset)
+    assert ref.class_names == ("left", "right") and ref.image_size == (12, 12)
+
+
+def test_digest_changes_with_one_pixel():
+    data = load_source("synthetic", Path("unused"))
+    changed = data.train_images.clone()
+    changed[0, 0, 0, 0] ^= 1
+    assert tensor_digest(data) != tensor_digest(data._replace(train_images=changed))
+
+
+def test_channel_stats_per_channel():
+    images = torch.stack([torch.zeros(8, 8), torch.full((8, 8), 255.0)]).to(torch.uint8).unsqueeze(0)
+    mean, std = channel_stats(images.expand(3, -1, -1, -1))
+    assert mean == pytest.approx((0.0, 1.0)) and min(std) > 0
+
+
+def test_unknown_dataset_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="'nope'.*synthetic"):
+        load_source("nope", tmp_path)
+
+
+def test_inconsistent_data_is_rejected():
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    bad = ImageData(images, torch.tensor([0, 1, 2, 3]), images, torch.zeros(4, dtype=torch.long), ("a", "b"))
+    with pytest.raises(ValueError, match=r"train labels must lie in \[0, 2\)"):
+        check_image_data(bad)

@@ -1,0 +1,69 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from models import ModelSpec, build_from_spec
+from models.logits_pyfunc import OnnxLogits
+from tasks.export import compare_onnx, load_model, load_weights, write_onnx, write_state_dict
+
+SPEC = ModelSpec("cnn", 1, (28, 28), 10, (0.3,), (0.4,))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = build_from_spec(SPEC).eval()
+    weights = write_state_dict(model.state_dict(), folder / "model_weights.pth")
+    return model, weights, write_onnx(model, torch.rand(2, 1, 28, 28), folder / "model.onnx")
+
+
+def test_state_dict_reloads_with_weights_only_into_a_fresh_model(exported):
+    model, weights, _ = exported
+    reloaded = load_model(SPEC, torch.load(weights, weights_only=True))
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.equal(reloaded(x), model(x))
+
+
+def test_onnx_has_named_io_and_a_dynamic_batch(exported):
+    _, _, path = exported
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["pixels"] and [o.name for o in graph.output] == ["logits"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed size
+    assert not list(path.parent.glob("*.data"))  # weights inside the one file
+
+
+def test_parity_passes_at_batch_one_and_large_batches(exported):
+    model, _, path = exported
+    report = compare_onnx(model, path, torch.rand(1500, 1, 28, 28), batch_size=1024, single_samples=5)
+    assert report.passed and report.samples == 1500 and report.single_samples == 5
+    assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
+
+
+def test_parity_fails_when_the_onnx_weights_differ(exported, tmp_path):
+    model, _, path = exported
+    proto = onnx.load(str(path))
+    weight = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+    values = numpy_helper.to_array(weight)
+    weight.CopyFrom(numpy_helper.from_array((values + 0.5).astype(values.dtype), weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    report = compare_onnx(model, tampered, torch.rand(64, 1, 28, 28))
+    assert not report.passed and report.max_abs_diff > 1e-4
+
+
+def test_onnx_pyfunc_loader_returns_the_logits_array(exported):
+    model, _, path = exported
+    x = np.random.rand(3, 1, 28, 28).astype(np.float32)
+    got = OnnxLogits(str(path)).predict(x)
+    assert isinstance(got, np.ndarray) and got.shape == (3, 10)
+    assert np.abs(got - model(torch.from_numpy(x)).detach().numpy()).max() < 1e-4
+    assert np.array_equal(OnnxLogits(str(path)).predict({"pixels": x}), got)
+
+
+def test_load_weights_refuses_pickled_code(tmp_path):
+    torch.save({"bad": object()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="weights_only"):
+        load_weights(tmp_path / "evil.pth")

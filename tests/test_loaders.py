@@ -1,0 +1,34 @@
+import torch
+
+from tasks.datasets import prepare_dataset
+from tasks.loaders import TensorLoader, make_loaders, split_indices
+
+
+def test_batches_cover_every_sample_once_scaled_to_unit_range():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2) * 25
+    loader = TensorLoader(images, torch.arange(10), batch_size=4, shuffle=True, seed=3)
+    seen = torch.cat([labels for _, labels in loader])
+    assert sorted(seen.tolist()) == list(range(10)) and len(loader) == 3
+    pixels, labels = next(iter(TensorLoader(images, torch.arange(10), batch_size=10)))
+    assert pixels.dtype == torch.float32 and pixels.max() <= 1 and torch.allclose(pixels[:, 0, 0, 0] * 255, labels * 25.0)
+
+
+def test_shuffle_is_seeded():
+    def order(seed):
+        loader = TensorLoader(torch.zeros(50, 1, 1, 1, dtype=torch.uint8), torch.arange(50), 50, shuffle=True, seed=seed)
+        return next(iter(loader))[1].tolist()
+
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+def test_split_is_disjoint_and_complete():
+    train, val = split_indices(100, 0.2, seed=0)
+    assert len(val) == 20 and sorted(torch.cat([train, val]).tolist()) == list(range(100))
+    assert len(split_indices(2, 0.01, 0)[1]) == 1 and len(split_indices(2, 0.99, 0)[0]) == 1
+
+
+def test_make_loaders_splits_the_training_set(tmp_path):
+    ref = prepare_dataset("synthetic", tmp_path)
+    loaders = make_loaders(ref, batch_size=32, val_fraction=0.25, seed=0, device="cpu")
+    assert loaders.train.num_samples + loaders.val.num_samples == ref.train_size
+    assert loaders.val.num_samples == ref.train_size // 4 and loaders.test.num_samples == ref.test_size

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from models import ModelSpec
+from tasks.datasets import prepare_dataset
+from tasks.loaders import make_loaders
+from tasks.training import (
+    TrainSettings,
+    evaluate_loss,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return prepare_dataset("digits", tmp_path_factory.mktemp("data"))
+
+
+def spec_for(ref, name="mlp"):
+    return ModelSpec(name, ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
+
+
+def test_auto_device_and_absent_cuda():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cuda' was requested but is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_optimizers(name):
+    model = torch.nn.Linear(2, 2)
+    assert make_optimizer(model, name, 0.1, 0.0).param_groups[0]["lr"] == 0.1
+
+
+def test_schedules_and_bad_names():
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), "sgd", 1.0, 0.0)
+    cosine = make_scheduler(optimizer, "cosine", 1.0, total_steps=10)
+    for _ in range(10):
+        optimizer.step()
+        cosine.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="'step'.*onecycle"):
+        make_scheduler(optimizer, "step", 1.0, 10)
+    with pytest.raises(ValueError, match="'lbfgs'"):
+        make_optimizer(torch.nn.Linear(2, 2), "lbfgs", 1.0, 0.0)
+
+
+def test_learns_real_digits_far_above_chance(digits, tmp_path):
+    loaders = make_loaders(digits, 64, 0.1, seed=0, device="cpu")
+    seen = []
+    model, history = train(spec_for(digits, "cnn"), loaders, TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", 0),
+                           tmp_path / "last.pt", on_epoch=lambda epoch, metrics: seen.append(epoch))
+    assert seen == [1, 2, 3] and len(history) == 3
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert set(history[0]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                               "samples_per_second", "lr"}
+    assert evaluate_loss(model, loaders.test)["accuracy"] > 0.9  # chance is 0.1
+
+
+def test_resumed_training_equals_uninterrupted(digits, tmp_path):
+    settings = TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", seed=5)
+
+    def run(checkpoint, stop_after=None):
+        loaders = make_loaders(digits, 64, 0.1, seed=5, device="cpu")
+
+        def maybe_stop(epoch, metrics):
+            if epoch == stop_after:
+                raise KeyboardInterrupt("simulated crash")
+
+        return train(spec_for(digits), loaders, settings, checkpoint, maybe_stop)
+
+    straight, straight_history = run(tmp_path / "a.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", stop_after=2)
+    resumed, resumed_history = run(tmp_path / "b.pt")
+    assert len(resumed_history) == 3
+    assert resumed_history[2]["train_loss"] == straight_history[2]["train_loss"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
