@@ -39,7 +39,7 @@ def test_both_flavors_register_and_predict_the_same_logits(mlflow_store, tmp_pat
         "m-onnx": registry.save_onnx_flavor(onnx_path, example, signature, tmp_path / "onnx-model"),
     }
     assert registry.champion_tags("m") is None
-    versions = {name: registry.register_version(run_id, path, name, {"test_accuracy": "0.5"}) for name, path in saved.items()}
+    versions = {name: registry.register_version(run_id, path, name, {"test_accuracy": "0.5", "dataset_sha256": SHA}) for name, path in saved.items()}
     assert registry.apply_decision(decide_promotion(Candidate(0.5, SHA, True), None), versions) == "champion"
     assert registry.champion_tags("m")["test_accuracy"] == "0.5"
     x = np.random.rand(7, 1, 28, 28).astype(np.float32)

@@ -1,0 +1,112 @@
+"""End-to-end: the whole flow on offline data against a real SQLite MLflow store and a Prefect server."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.config import TrainConfig
+from flows.train_flow import train_flow
+from tasks import export
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "lr")
+ARTEFACTS = {"model_weights.pth", "model.onnx", "confusion_matrix.png", "per_class_metrics.csv", "config.json",
+             "pytorch-model", "onnx-model"}
+
+PREDICT_BOTH = """
+import sys, numpy as np, mlflow
+x = np.random.default_rng(0).random((6, 1, 28, 28), dtype=np.float32)
+a, b = (mlflow.pyfunc.load_model(f"models:/{n}@champion").predict(x) for n in (sys.argv[1], sys.argv[1] + "-onnx"))
+assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), (type(a), type(b))
+assert a.shape == b.shape == (6, 10), (a.shape, b.shape)
+print(float(np.abs(a - b).max()))
+"""
+
+
+def config(tmp_path: Path, **overrides) -> TrainConfig:
+    return TrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "outputs"),
+                       experiment="e2e", **overrides)
+
+
+def alias_version(name: str, alias: str) -> str:
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+def test_digits_runs_log_everything_and_champion_moves_only_when_better(prefect_server, mlflow_store, tmp_path):
+    weak = config(tmp_path, dataset="digits", model="mlp", epochs=1, lr=1e-5, registered_model="digits")
+    first = train_flow(weak)
+    assert first["alias"] == "champion"
+
+    strong = train_flow(config(tmp_path, dataset="digits", epochs=3, registered_model="digits"))
+    assert strong["test_accuracy"] >= 0.95 > first["test_accuracy"]
+    assert strong["alias"] == "champion" and alias_version("digits", "champion") == "2"
+    assert alias_version("digits-onnx", "champion") == "2"
+
+    run = MlflowClient().get_run(strong["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert set(run.data.params) == set(TrainConfig.model_fields)
+    client = MlflowClient()
+    for name in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2, 3], name
+    for name in ("test_accuracy", "test_loss", "onnx_max_abs_diff", "onnx_top1_agreement", "test_f1_7_7"):
+        assert name in run.data.metrics
+    assert run.data.metrics["onnx_top1_agreement"] == 1.0 and run.data.metrics["onnx_max_abs_diff"] <= 1e-4
+    tags = run.data.tags
+    assert tags["dataset"] == "digits" and len(tags["dataset_sha256"]) == 64 and tags["device"] == "cpu"
+    assert tags["prefect.flow_run_id"] and tags["prefect.flow_run_name"] and tags["torch_version"]
+    assert ARTEFACTS <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert Path(strong["run_dir"]).parent == tmp_path / "outputs" and Path(strong["run_dir"], "model.onnx").exists()
+
+    # Users load the champion in a fresh process: both flavors agree on plain [0, 1] pixels.
+    fresh = subprocess.run([sys.executable, "-c", PREDICT_BOTH, "digits"], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert float(fresh.stdout.strip().splitlines()[-1]) <= 1e-4
+
+    again = train_flow(weak)
+    assert again["alias"] == "challenger" and "below the champion" in again["reason"]
+    assert alias_version("digits", "champion") == "2" and alias_version("digits", "challenger") == "3"
+
+
+def test_csv_dataset_trains_end_to_end(prefect_server, mlflow_store, png_dataset, tmp_path):
+    result = train_flow(config(tmp_path, dataset="csv", model="mlp", epochs=2, batch_size=8,
+                               **{key: str(value) for key, value in png_dataset.items()}))
+    assert result["versions"] == {"csv-mlp": "1", "csv-mlp-onnx": "1"}
+    table = Path(result["run_dir"], "per_class_metrics.csv").read_text()
+    assert "left" in table and "right" in table
+
+
+def test_onnx_mismatch_fails_the_run_and_registers_nothing(prefect_server, mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "MAX_ABS_DIFF", -1.0)  # any difference at all now counts as a mismatch
+    with pytest.raises(export.OnnxMismatchError, match="nothing will be registered"):
+        train_flow(config(tmp_path, dataset="synthetic", model="mlp", epochs=1))
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FAILED"
+    assert client.search_registered_models() == []
+
+
+def test_unreachable_download_fails_within_seconds(prefect_server, mlflow_store, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(Exception, match="--dataset synthetic or --dataset digits"):
+        train_flow(config(tmp_path, dataset="fashion-mnist", mirror="http://127.0.0.1:9/"))
+    assert time.monotonic() - started < 30
+
+
+def test_script_runs_on_its_own_temporary_server(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset", "synthetic", "--epochs", "1", "--model", "mlp"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout and "-> champion" in result.stdout
+    assert list((tmp_path / "outputs").iterdir()) and (tmp_path / "data" / "prepared").is_dir()
