@@ -69,3 +69,9 @@ def test_script_help_lists_flags(tmp_path):
     assert result.returncode == 0
     for flag in ("--dataset", "--data-dir", "--train-csv", "--registered-model", "--output-dir", "--device"):
         assert flag in result.stdout
+
+
+def test_readme_documents_every_flag():
+    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    for name in TrainConfig.model_fields:
+        assert f"`--{name.replace('_', '-')}`" in readme, name
