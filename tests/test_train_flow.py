@@ -19,14 +19,13 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "ep
 ARTEFACTS = {"model_weights.pth", "model.onnx", "confusion_matrix.png", "per_class_metrics.csv", "config.json",
              "pytorch-model", "onnx-model"}
 
-PREDICT_BOTH = """
-import sys, numpy as np, mlflow
-x = np.random.default_rng(0).random((6, 1, 28, 28), dtype=np.float32)
-a, b = (mlflow.pyfunc.load_model(f"models:/{n}@champion").predict(x) for n in (sys.argv[1], sys.argv[1] + "-onnx"))
-assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), (type(a), type(b))
-assert a.shape == b.shape == (6, 10), (a.shape, b.shape)
-print(float(np.abs(a - b).max()))
-"""
+
+
+def readme_snippet() -> str:
+    """The README's 'Using the registered model' Python block, exactly as users will copy it."""
+    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    section = readme.split("## Using the registered model", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def config(tmp_path: Path, **overrides) -> TrainConfig:
@@ -39,14 +38,14 @@ def alias_version(name: str, alias: str) -> str:
 
 
 def test_digits_runs_log_everything_and_champion_moves_only_when_better(prefect_server, mlflow_store, tmp_path):
-    weak = config(tmp_path, dataset="digits", model="mlp", epochs=1, lr=1e-5, registered_model="digits")
+    weak = config(tmp_path, dataset="digits", model="mlp", epochs=1, lr=1e-5, registered_model="digits-cnn")
     first = train_flow(weak)
     assert first["alias"] == "champion"
 
-    strong = train_flow(config(tmp_path, dataset="digits", epochs=3, registered_model="digits"))
+    strong = train_flow(config(tmp_path, dataset="digits", epochs=3))
     assert strong["test_accuracy"] >= 0.95 > first["test_accuracy"]
-    assert strong["alias"] == "champion" and alias_version("digits", "champion") == "2"
-    assert alias_version("digits-onnx", "champion") == "2"
+    assert strong["alias"] == "champion" and alias_version("digits-cnn", "champion") == "2"
+    assert alias_version("digits-cnn-onnx", "champion") == "2"
 
     run = MlflowClient().get_run(strong["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -63,15 +62,16 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(prefect_
     assert ARTEFACTS <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert Path(strong["run_dir"]).parent == tmp_path / "outputs" and Path(strong["run_dir"], "model.onnx").exists()
 
-    # Users load the champion in a fresh process: both flavors agree on plain [0, 1] pixels.
-    fresh = subprocess.run([sys.executable, "-c", PREDICT_BOTH, "digits"], capture_output=True, text=True,
+    # Users run the README's snippet in a fresh process: both flavors agree on plain [0, 1] pixels.
+    fresh = subprocess.run([sys.executable, "-c", readme_snippet()], capture_output=True, text=True,
                            cwd=tmp_path, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert float(fresh.stdout.strip().splitlines()[-1]) <= 1e-4
+    shape_line, diff_line = fresh.stdout.strip().splitlines()[-2:]
+    assert shape_line.startswith("(4, 10)") and float(diff_line) <= 1e-4
 
     again = train_flow(weak)
     assert again["alias"] == "challenger" and "below the champion" in again["reason"]
-    assert alias_version("digits", "champion") == "2" and alias_version("digits", "challenger") == "3"
+    assert alias_version("digits-cnn", "champion") == "2" and alias_version("digits-cnn", "challenger") == "3"
 
 
 def test_csv_dataset_trains_end_to_end(prefect_server, mlflow_store, png_dataset, tmp_path):
