@@ -38,7 +38,9 @@ class TrainConfig(BaseModel):
     epochs: int = Field(8, ge=1, le=1000, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, le=65536, description="Samples per optimisation step.")
     lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate.")
-    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimiser (sgd uses Nesterov momentum 0.9).")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        "adamw", description="Optimiser (sgd uses Nesterov momentum 0.9)."
+    )
     weight_decay: float = Field(1e-4, ge=0, le=1, description="L2 penalty (decoupled for adamw).")
     scheduler: Literal["onecycle", "cosine", "constant"] = Field(
         "onecycle", description="Learning-rate schedule over the whole run."
@@ -47,7 +49,9 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where to train: auto picks cuda, then mps, then cpu."
     )
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training split held out for validation.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the training split held out for validation."
+    )
     experiment: str = Field("image-classifier", min_length=1, description="MLflow experiment name.")
     registered_model: Optional[str] = Field(
         None,
@@ -67,10 +71,13 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"dataset 'csv' needs {flags}")
         elif any(csv_fields.values()) or self.classes:
             raise ValueError(
-                f"--train-csv, --test-csv, --image-root and --classes apply only to --dataset csv, not {self.dataset!r}"
+                "--train-csv, --test-csv, --image-root and --classes apply only to --dataset csv, "
+                f"not {self.dataset!r}"
             )
         if self.mirror and self.dataset not in ("fashion-mnist", "mnist"):
-            raise ValueError(f"--mirror applies only to --dataset fashion-mnist or mnist, not {self.dataset!r}")
+            raise ValueError(
+                f"--mirror applies only to --dataset fashion-mnist or mnist, not {self.dataset!r}"
+            )
         return self
 
     @property

@@ -41,30 +41,54 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     """Fetch data, train, evaluate, save, export ONNX, validate it and register the model."""
     device = str(resolve_device(config.device))
     run_dir = make_run_dir(config.output_dir)
-    run_id = open_mlflow_run(config.experiment, config.model_dump(), flow_run.id, flow_run.name, device, run_dir)
+    run_id = open_mlflow_run(
+        config.experiment, config.model_dump(), flow_run.id, flow_run.name, device, run_dir
+    )
     try:
         csv = {"train_csv": config.train_csv, "test_csv": config.test_csv, "image_root": config.image_root}
-        dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), mirror=config.mirror,
-                                classes=config.classes, **{key: resolve_path(v) for key, v in csv.items() if v})
+        dataset = fetch_dataset(
+            config.dataset,
+            resolve_path(config.data_dir),
+            mirror=config.mirror,
+            classes=config.classes,
+            **{key: resolve_path(v) for key, v in csv.items() if v},
+        )
         log_dataset(run_id, dataset)
-        spec = ModelSpec(config.model, dataset.channels, dataset.image_size, dataset.num_classes,
-                         dataset.mean, dataset.std)
+        spec = ModelSpec(
+            config.model, dataset.channels, dataset.image_size, dataset.num_classes, dataset.mean, dataset.std
+        )
         loaders = build_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
-        settings = TrainSettings(config.epochs, config.optimizer, config.lr, config.weight_decay,
-                                 config.scheduler, config.seed)
+        settings = TrainSettings(
+            config.epochs, config.optimizer, config.lr, config.weight_decay, config.scheduler, config.seed
+        )
         trained = train_model(spec, loaders, settings, run_dir, run_id)
         metrics = evaluate_model(trained, loaders.test, dataset.class_names, run_dir, run_id)
         weights = save_state_dict(trained, run_dir, run_id)
         onnx_path = export_onnx(spec, weights, run_dir, run_id)
         parity = validate_onnx(spec, weights, onnx_path, dataset, run_id)
-        registration = register_model(spec, weights, onnx_path, dataset, metrics["test_accuracy"], parity,
-                                      config.model_name, run_dir, run_id)
+        registration = register_model(
+            spec,
+            weights,
+            onnx_path,
+            dataset,
+            metrics["test_accuracy"],
+            parity,
+            config.model_name,
+            run_dir,
+            run_id,
+        )
     except BaseException:
         close_mlflow_run(run_id, succeeded=False)
         raise
     close_mlflow_run(run_id, succeeded=True)
-    return {"mlflow_run_id": run_id, "run_dir": str(run_dir), "test_accuracy": metrics["test_accuracy"],
-            "test_loss": metrics["test_loss"], "onnx_max_abs_diff": parity["max_abs_diff"], **registration}
+    return {
+        "mlflow_run_id": run_id,
+        "run_dir": str(run_dir),
+        "test_accuracy": metrics["test_accuracy"],
+        "test_loss": metrics["test_loss"],
+        "onnx_max_abs_diff": parity["max_abs_diff"],
+        **registration,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,8 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     # "database is locked" tracebacks; it has nothing to do with the run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     result = train_flow(parse_config(argv))
-    print(f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
-          f"({result['reason']}); outputs in {result['run_dir']}")
+    print(
+        f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
+        f"({result['reason']}); outputs in {result['run_dir']}"
+    )
     return result
 
 

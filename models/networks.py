@@ -103,13 +103,9 @@ def build_model(
         raise ValueError(f"cnn needs images of at least 4x4 pixels, got {image_size}")
     mean = mean or (0.5,) * in_channels
     std = std or (0.5,) * in_channels
-    return nn.Sequential(
-        Normalize(mean, std), _BODIES[name](in_channels, tuple(image_size), num_classes)
-    )
+    return nn.Sequential(Normalize(mean, std), _BODIES[name](in_channels, tuple(image_size), num_classes))
 
 
 def build_from_spec(spec: ModelSpec) -> nn.Sequential:
     """Builds the network a ModelSpec describes."""
-    return build_model(
-        spec.name, spec.in_channels, spec.image_size, spec.num_classes, spec.mean, spec.std
-    )
+    return build_model(spec.name, spec.in_channels, spec.image_size, spec.num_classes, spec.mean, spec.std)

@@ -54,7 +54,9 @@ def load_source(
         return make_synthetic()
     if name == "digits":
         return load_digits()
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join([*SOURCES, 'csv', 'synthetic', 'digits'])}")
+    raise ValueError(
+        f"unknown dataset {name!r}; choose one of {', '.join([*SOURCES, 'csv', 'synthetic', 'digits'])}"
+    )
 
 
 def tensor_digest(data: ImageData) -> str:
@@ -102,4 +104,3 @@ def prepare_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
         mean=mean,
         std=std,
     )
-

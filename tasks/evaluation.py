@@ -28,7 +28,9 @@ def per_class_table(matrix: torch.Tensor, class_names: tuple[str, ...]) -> pd.Da
     support = matrix.sum(1).double()
     precision = torch.where(predicted > 0, true_positive / predicted.clamp_min(1), 0.0)
     recall = torch.where(support > 0, true_positive / support.clamp_min(1), 0.0)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0
+    )
     return pd.DataFrame(
         {
             "class_index": range(len(class_names)),
@@ -41,7 +43,9 @@ def per_class_table(matrix: torch.Tensor, class_names: tuple[str, ...]) -> pd.Da
     )
 
 
-def summarise(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...]) -> tuple[dict, pd.DataFrame, torch.Tensor]:
+def summarise(
+    logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...]
+) -> tuple[dict, pd.DataFrame, torch.Tensor]:
     """Test metrics (flat, MLflow-ready), the per-class table and the confusion matrix."""
     matrix = confusion_matrix(logits.argmax(1), labels, len(class_names))
     table = per_class_table(matrix, class_names)
@@ -52,7 +56,13 @@ def summarise(logits: torch.Tensor, labels: torch.Tensor, class_names: tuple[str
     }
     for row in table.itertuples():
         key = f"{row.class_index}_{metric_safe(row.class_name)}"  # the index keeps keys unique
-        metrics.update({f"test_precision_{key}": row.precision, f"test_recall_{key}": row.recall, f"test_f1_{key}": row.f1})
+        metrics.update(
+            {
+                f"test_precision_{key}": row.precision,
+                f"test_recall_{key}": row.recall,
+                f"test_f1_{key}": row.f1,
+            }
+        )
     return metrics, table, matrix
 
 
@@ -73,9 +83,14 @@ def plot_confusion_matrix(matrix: torch.Tensor, class_names: tuple[str, ...], pa
     axes.set_ylabel("true")
     if len(class_names) <= 30:
         threshold = matrix.max().item() / 2
-        for (row, col), count in zip(torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))), matrix.flatten()):
+        for (row, col), count in zip(
+            torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))),
+            matrix.flatten(),
+        ):
             colour = "white" if count > threshold else "black"
-            axes.text(col.item(), row.item(), str(count.item()), ha="center", va="center", color=colour, fontsize=8)
+            axes.text(
+                col.item(), row.item(), str(count.item()), ha="center", va="center", color=colour, fontsize=8
+            )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -8,7 +8,6 @@ import torch
 
 from tasks.datasets import DatasetRef, load_tensors
 
-
 _EVAL_BATCH = 1024
 
 
@@ -77,4 +76,3 @@ def make_loaders(
         TensorLoader(images[val], labels[val], eval_batch, device=device),
         TensorLoader(data.test_images, data.test_labels, eval_batch, device=device),
     )
-

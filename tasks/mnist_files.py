@@ -87,4 +87,3 @@ def download_file(urls: list[str], target: Path, md5: str) -> None:
         return
     hint = OFFLINE_HINT.format(folder=target.parent)
     raise DownloadError(f"could not download {target.name}: {'; '.join(errors)}. {hint}")
-

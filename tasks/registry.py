@@ -52,7 +52,9 @@ def decide_promotion(candidate: Candidate, champion_tags: Optional[dict[str, str
         )
     best = float(champion_tags.get("test_accuracy", "nan"))
     if not candidate.test_accuracy >= best:
-        return Decision(False, f"test accuracy {candidate.test_accuracy:.4f} is below the champion's {best:.4f}")
+        return Decision(
+            False, f"test accuracy {candidate.test_accuracy:.4f} is below the champion's {best:.4f}"
+        )
     return Decision(True, f"test accuracy {candidate.test_accuracy:.4f} >= the champion's {best:.4f}")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from prefect import task
@@ -36,21 +35,31 @@ def _is_network_error(task, task_run, state) -> bool:
     return False
 
 
-@task(name="fetch-dataset", retries=2, retry_delay_seconds=[1, 3], retry_jitter_factor=0.5,
-      retry_condition_fn=_is_network_error, cache_policy=NO_CACHE)
+@task(
+    name="fetch-dataset",
+    retries=2,
+    retry_delay_seconds=[1, 3],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_is_network_error,
+    cache_policy=NO_CACHE,
+)
 def fetch_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
     """Fetches the dataset and stores it as uint8 tensors for the loaders."""
     return prepare_dataset(name, data_dir, **options)
 
 
 @task(name="build-loaders", cache_policy=NO_CACHE)
-def build_loaders(dataset: DatasetRef, batch_size: int, val_fraction: float, seed: int, device: str) -> Loaders:
+def build_loaders(
+    dataset: DatasetRef, batch_size: int, val_fraction: float, seed: int, device: str
+) -> Loaders:
     """Builds the run's train/validation/test loaders; they stay in this process."""
     return make_loaders(dataset, batch_size, val_fraction, seed, device)
 
 
 @task(name="train-model", cache_policy=NO_CACHE, retries=1)
-def train_model(spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str) -> TrainedModel:
+def train_model(
+    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str
+) -> TrainedModel:
     """Trains with per-epoch checkpoints (a retry resumes) and logs every epoch to MLflow."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
 
@@ -63,8 +72,9 @@ def train_model(spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model(trained: TrainedModel, test_loader: TensorLoader, class_names: tuple[str, ...],
-                   run_dir: Path, run_id: str) -> dict[str, float]:
+def evaluate_model(
+    trained: TrainedModel, test_loader: TensorLoader, class_names: tuple[str, ...], run_dir: Path, run_id: str
+) -> dict[str, float]:
     """Test metrics, per-class table and confusion matrix, logged to MLflow."""
     model = export.load_model(trained.spec, export.load_weights(Path(trained.checkpoint_path))["model"])
     logits, labels = predict_logits(model.to(test_loader.labels.device), test_loader)
@@ -96,23 +106,37 @@ def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str)
 
 
 @task(name="validate-onnx", cache_policy=NO_CACHE)
-def validate_onnx(spec: ModelSpec, weights_path: Path, onnx_path: Path, dataset: DatasetRef, run_id: str) -> dict:
+def validate_onnx(
+    spec: ModelSpec, weights_path: Path, onnx_path: Path, dataset: DatasetRef, run_id: str
+) -> dict:
     """onnxruntime against PyTorch on the whole test split; raises when they disagree."""
     model = export.load_model(spec, export.load_weights(weights_path))
     pixels = load_tensors(dataset.tensors_path).test_images.float() / 255
     report = export.compare_onnx(model, onnx_path, pixels)
-    tracking.log_metrics(run_id, {"onnx_max_abs_diff": report.max_abs_diff, "onnx_top1_agreement": report.top1_agreement})
+    tracking.log_metrics(
+        run_id, {"onnx_max_abs_diff": report.max_abs_diff, "onnx_top1_agreement": report.top1_agreement}
+    )
     if not report.passed:
         raise export.OnnxMismatchError(
-            f"ONNX disagrees with PyTorch: max |diff| {report.max_abs_diff:.3g} (limit {export.MAX_ABS_DIFF}), "
-            f"top-1 agreement {report.top1_agreement:.6f} (must be 1); nothing will be registered"
+            f"ONNX disagrees with PyTorch: max |diff| {report.max_abs_diff:.3g} "
+            f"(limit {export.MAX_ABS_DIFF}), top-1 agreement {report.top1_agreement:.6f} (must be 1); "
+            "nothing will be registered"
         )
     return asdict(report)
 
 
 @task(name="register-model", cache_policy=NO_CACHE)
-def register_model(spec: ModelSpec, weights_path: Path, onnx_path: Path, dataset: DatasetRef,
-                   test_accuracy: float, parity: dict, name: str, run_dir: Path, run_id: str) -> dict:
+def register_model(
+    spec: ModelSpec,
+    weights_path: Path,
+    onnx_path: Path,
+    dataset: DatasetRef,
+    test_accuracy: float,
+    parity: dict,
+    name: str,
+    run_dir: Path,
+    run_id: str,
+) -> dict:
     """Logs and registers both flavors, then moves `champion` or `challenger` through the gate."""
     model = export.load_model(spec, export.load_weights(weights_path))
     example = (load_tensors(dataset.tensors_path).test_images[:4].float() / 255).numpy()
@@ -120,10 +144,17 @@ def register_model(spec: ModelSpec, weights_path: Path, onnx_path: Path, dataset
     saved = run_dir / "mlflow-models"
     flavors = {
         name: registry.save_pytorch_flavor(model, example, signature, saved / "pytorch-model"),
-        name + registry.ONNX_SUFFIX: registry.save_onnx_flavor(onnx_path, example, signature, saved / "onnx-model"),
+        name + registry.ONNX_SUFFIX: registry.save_onnx_flavor(
+            onnx_path, example, signature, saved / "onnx-model"
+        ),
     }
-    tags = {"dataset": dataset.name, "dataset_sha256": dataset.sha256, "test_accuracy": repr(test_accuracy),
-            "onnx_max_abs_diff": repr(parity["max_abs_diff"]), "onnx_validated": str(parity["passed"]).lower()}
+    tags = {
+        "dataset": dataset.name,
+        "dataset_sha256": dataset.sha256,
+        "test_accuracy": repr(test_accuracy),
+        "onnx_max_abs_diff": repr(parity["max_abs_diff"]),
+        "onnx_validated": str(parity["passed"]).lower(),
+    }
     candidate = registry.Candidate(test_accuracy, dataset.sha256, parity["passed"])
     decision = registry.decide_promotion(candidate, registry.champion_tags(name))
     versions = {reg: registry.register_version(run_id, path, reg, tags) for reg, path in flavors.items()}

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import ModelSpec, build_from_spec
 from tasks.checkpoints import checkpoint_state, restore_checkpoint
 from tasks.files import atomic_save
-from models import ModelSpec, build_from_spec
 from tasks.loaders import Loaders, TensorLoader
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -45,7 +45,9 @@ def resolve_device(requested: str) -> torch.device:
         raise ValueError(f"unknown device {requested!r}; choose auto, cpu, cuda or mps")
     if not available[requested]:
         present = ", ".join(name for name, ok in available.items() if ok)
-        raise RuntimeError(f"device {requested!r} was requested but is not available here (available: {present})")
+        raise RuntimeError(
+            f"device {requested!r} was requested but is not available here (available: {present})"
+        )
     return torch.device(requested)
 
 
@@ -66,7 +68,9 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step schedule over the whole run: one-cycle, cosine decay or constant."""
     if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25
+        )
     if name == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -165,5 +169,7 @@ def train(
     optimizer = make_optimizer(model, settings.optimizer, settings.lr, settings.weight_decay)
     total_steps = settings.epochs * len(loaders.train)
     scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
-    history = fit(model, loaders.train, loaders.val, optimizer, scheduler, settings.epochs, checkpoint_path, on_epoch)
+    history = fit(
+        model, loaders.train, loaders.val, optimizer, scheduler, settings.epochs, checkpoint_path, on_epoch
+    )
     return model, history

@@ -30,7 +30,9 @@ def prefect_server():
         yield
 
 
-def write_image_folder(root: Path, count: int, size: int = 12, channels: int = 1, seed: int = 0) -> list[tuple[str, int]]:
+def write_image_folder(
+    root: Path, count: int, size: int = 12, channels: int = 1, seed: int = 0
+) -> list[tuple[str, int]]:
     """Writes `count` PNGs whose class (0 or 1) is their bright half: left or right."""
     generator = torch.Generator().manual_seed(seed)
     rows = []

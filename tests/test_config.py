@@ -27,8 +27,20 @@ def test_every_field_is_a_flag_with_help_and_default():
 
 
 def test_csv_classes_flag_is_comma_separated(tmp_path):
-    config = parse_config(["--dataset", "csv", "--train-csv", "a.csv", "--test-csv", "b.csv",
-                           "--image-root", str(tmp_path), "--classes", "cat, dog"])
+    config = parse_config(
+        [
+            "--dataset",
+            "csv",
+            "--train-csv",
+            "a.csv",
+            "--test-csv",
+            "b.csv",
+            "--image-root",
+            str(tmp_path),
+            "--classes",
+            "cat, dog",
+        ]
+    )
     assert config.classes == ["cat", "dog"]
 
 
@@ -56,7 +68,10 @@ def test_script_rejects_bad_flags_before_any_work(tmp_path):
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--epochs", "0", "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "--epochs 0" in result.stderr
@@ -65,7 +80,9 @@ def test_script_rejects_bad_flags_before_any_work(tmp_path):
 
 
 def test_script_help_lists_flags(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
     for flag in ("--dataset", "--data-dir", "--train-csv", "--registered-model", "--output-dir", "--device"):
         assert flag in result.stdout

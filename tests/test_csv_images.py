@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import write_csv, write_image_folder
 from torchvision.io import write_png
 
-from conftest import write_csv, write_image_folder
 from tasks.csv_images import CsvDatasetError, label_set, load_csv_dataset
 
 

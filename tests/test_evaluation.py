@@ -28,7 +28,9 @@ def test_summary_metrics_and_keys():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     metrics, table, matrix = summarise(logits, torch.tensor([0, 1, 1]), ("T-shirt/top", "Bag"))
     assert metrics["test_accuracy"] == pytest.approx(2 / 3)
-    assert metrics["test_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1])).item())
+    assert metrics["test_loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1])).item()
+    )
     assert {"test_precision_0_T-shirt_top", "test_recall_1_Bag", "test_f1_1_Bag"} <= set(metrics)
     assert isinstance(table, pd.DataFrame) and matrix.sum() == 3
 

@@ -45,7 +45,9 @@ def test_parity_passes_at_batch_one_and_large_batches(exported):
 def test_parity_fails_when_the_onnx_weights_differ(exported, tmp_path):
     model, _, path = exported
     proto = onnx.load(str(path))
-    weight = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+    weight = next(
+        t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+    )
     values = numpy_helper.to_array(weight)
     weight.CopyFrom(numpy_helper.from_array((values + 0.5).astype(values.dtype), weight.name))
     tampered = tmp_path / "tampered.onnx"

@@ -10,12 +10,18 @@ def test_batches_cover_every_sample_once_scaled_to_unit_range():
     seen = torch.cat([labels for _, labels in loader])
     assert sorted(seen.tolist()) == list(range(10)) and len(loader) == 3
     pixels, labels = next(iter(TensorLoader(images, torch.arange(10), batch_size=10)))
-    assert pixels.dtype == torch.float32 and pixels.max() <= 1 and torch.allclose(pixels[:, 0, 0, 0] * 255, labels * 25.0)
+    assert (
+        pixels.dtype == torch.float32
+        and pixels.max() <= 1
+        and torch.allclose(pixels[:, 0, 0, 0] * 255, labels * 25.0)
+    )
 
 
 def test_shuffle_is_seeded():
     def order(seed):
-        loader = TensorLoader(torch.zeros(50, 1, 1, 1, dtype=torch.uint8), torch.arange(50), 50, shuffle=True, seed=seed)
+        loader = TensorLoader(
+            torch.zeros(50, 1, 1, 1, dtype=torch.uint8), torch.arange(50), 50, shuffle=True, seed=seed
+        )
         return next(iter(loader))[1].tolist()
 
     assert order(1) == order(1) and order(1) != order(2)

@@ -25,9 +25,13 @@ def tiny_fashion(monkeypatch) -> dict[str, bytes]:
     """Gzipped idx files of a 20+10 image FashionMNIST lookalike, with matching md5s."""
     generator = torch.Generator().manual_seed(0)
     parts = {
-        "train-images-idx3-ubyte.gz": torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8, generator=generator),
+        "train-images-idx3-ubyte.gz": torch.randint(
+            0, 256, (20, 28, 28), dtype=torch.uint8, generator=generator
+        ),
         "train-labels-idx1-ubyte.gz": torch.arange(20, dtype=torch.uint8) % 10,
-        "t10k-images-idx3-ubyte.gz": torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8, generator=generator),
+        "t10k-images-idx3-ubyte.gz": torch.randint(
+            0, 256, (10, 28, 28), dtype=torch.uint8, generator=generator
+        ),
         "t10k-labels-idx1-ubyte.gz": torch.arange(10, dtype=torch.uint8),
     }
     files = {name: gzip.compress(idx_bytes(tensor), mtime=0) for name, tensor in parts.items()}

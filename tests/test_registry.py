@@ -19,7 +19,12 @@ SHA = "a" * 64
         (Candidate(0.9, SHA, True), {"dataset_sha256": SHA, "test_accuracy": "0.9"}, True, ">="),
         (Candidate(0.8, SHA, True), {"dataset_sha256": SHA, "test_accuracy": "0.9"}, False, "below"),
         (Candidate(0.99, SHA, False), None, False, "ONNX"),
-        (Candidate(0.99, SHA, True), {"dataset_sha256": "b" * 64, "test_accuracy": "0.5"}, False, "different data"),
+        (
+            Candidate(0.99, SHA, True),
+            {"dataset_sha256": "b" * 64, "test_accuracy": "0.5"},
+            False,
+            "different data",
+        ),
     ],
 )
 def test_gate(candidate, champion, promote, why):
@@ -39,7 +44,10 @@ def test_both_flavors_register_and_predict_the_same_logits(mlflow_store, tmp_pat
         "m-onnx": registry.save_onnx_flavor(onnx_path, example, signature, tmp_path / "onnx-model"),
     }
     assert registry.champion_tags("m") is None
-    versions = {name: registry.register_version(run_id, path, name, {"test_accuracy": "0.5", "dataset_sha256": SHA}) for name, path in saved.items()}
+    versions = {
+        name: registry.register_version(run_id, path, name, {"test_accuracy": "0.5", "dataset_sha256": SHA})
+        for name, path in saved.items()
+    }
     assert registry.apply_decision(decide_promotion(Candidate(0.5, SHA, True), None), versions) == "champion"
     assert registry.champion_tags("m")["test_accuracy"] == "0.5"
     x = np.random.rand(7, 1, 28, 28).astype(np.float32)

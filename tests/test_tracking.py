@@ -25,7 +25,22 @@ def test_run_lifecycle_in_a_real_store(mlflow_store, tmp_path):
 def test_git_tags_name_the_commit_or_nothing(tmp_path):
     assert tracking.git_tags(tmp_path) == {}
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
-                    "--allow-empty", "-m", "x"], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tmp_path),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        check=True,
+    )
     tags = tracking.git_tags(tmp_path)
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] == "false"

@@ -15,10 +15,24 @@ from tasks import export
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
-EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "lr")
-ARTEFACTS = {"model_weights.pth", "model.onnx", "confusion_matrix.png", "per_class_metrics.csv", "config.json",
-             "pytorch-model", "onnx-model"}
-
+EPOCH_METRICS = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "epoch_seconds",
+    "samples_per_second",
+    "lr",
+)
+ARTEFACTS = {
+    "model_weights.pth",
+    "model.onnx",
+    "confusion_matrix.png",
+    "per_class_metrics.csv",
+    "config.json",
+    "pytorch-model",
+    "onnx-model",
+}
 
 
 def readme_snippet() -> str:
@@ -29,15 +43,18 @@ def readme_snippet() -> str:
 
 
 def config(tmp_path: Path, **overrides) -> TrainConfig:
-    return TrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "outputs"),
-                       experiment="e2e", **overrides)
+    return TrainConfig(
+        data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "outputs"), experiment="e2e", **overrides
+    )
 
 
 def alias_version(name: str, alias: str) -> str:
     return str(MlflowClient().get_model_version_by_alias(name, alias).version)
 
 
-def test_digits_runs_log_everything_and_champion_moves_only_when_better(prefect_server, mlflow_store, tmp_path):
+def test_digits_runs_log_everything_and_champion_moves_only_when_better(
+    prefect_server, mlflow_store, tmp_path
+):
     weak = config(tmp_path, dataset="digits", model="mlp", epochs=1, lr=1e-5, registered_model="digits-cnn")
     first = train_flow(weak)
     assert first["alias"] == "champion"
@@ -60,11 +77,15 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(prefect_
     assert tags["dataset"] == "digits" and len(tags["dataset_sha256"]) == 64 and tags["device"] == "cpu"
     assert tags["prefect.flow_run_id"] and tags["prefect.flow_run_name"] and tags["torch_version"]
     assert ARTEFACTS <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert Path(strong["run_dir"]).parent == tmp_path / "outputs" and Path(strong["run_dir"], "model.onnx").exists()
+    assert (
+        Path(strong["run_dir"]).parent == tmp_path / "outputs"
+        and Path(strong["run_dir"], "model.onnx").exists()
+    )
 
     # Users run the README's snippet in a fresh process: both flavors agree on plain [0, 1] pixels.
-    fresh = subprocess.run([sys.executable, "-c", readme_snippet()], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=300)
+    fresh = subprocess.run(
+        [sys.executable, "-c", readme_snippet()], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     shape_line, diff_line = fresh.stdout.strip().splitlines()[-2:]
     assert shape_line.startswith("(4, 10)") and float(diff_line) <= 1e-4
@@ -75,14 +96,24 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(prefect_
 
 
 def test_csv_dataset_trains_end_to_end(prefect_server, mlflow_store, png_dataset, tmp_path):
-    result = train_flow(config(tmp_path, dataset="csv", model="mlp", epochs=2, batch_size=8,
-                               **{key: str(value) for key, value in png_dataset.items()}))
+    result = train_flow(
+        config(
+            tmp_path,
+            dataset="csv",
+            model="mlp",
+            epochs=2,
+            batch_size=8,
+            **{key: str(value) for key, value in png_dataset.items()},
+        )
+    )
     assert result["versions"] == {"csv-mlp": "1", "csv-mlp-onnx": "1"}
     table = Path(result["run_dir"], "per_class_metrics.csv").read_text()
     assert "left" in table and "right" in table
 
 
-def test_onnx_mismatch_fails_the_run_and_registers_nothing(prefect_server, mlflow_store, tmp_path, monkeypatch):
+def test_onnx_mismatch_fails_the_run_and_registers_nothing(
+    prefect_server, mlflow_store, tmp_path, monkeypatch
+):
     monkeypatch.setattr(export, "MAX_ABS_DIFF", -1.0)  # any difference at all now counts as a mismatch
     with pytest.raises(export.OnnxMismatchError, match="nothing will be registered"):
         train_flow(config(tmp_path, dataset="synthetic", model="mlp", epochs=1))
@@ -100,12 +131,19 @@ def test_unreachable_download_fails_within_seconds(prefect_server, mlflow_store,
 
 
 def test_script_runs_on_its_own_temporary_server(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
     env.pop("PREFECT_API_URL", None)
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--dataset", "synthetic", "--epochs", "1", "--model", "mlp"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout and "-> champion" in result.stdout

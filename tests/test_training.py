@@ -53,12 +53,24 @@ def test_schedules_and_bad_names():
 def test_learns_real_digits_far_above_chance(digits, tmp_path):
     loaders = make_loaders(digits, 64, 0.1, seed=0, device="cpu")
     seen = []
-    model, history = train(spec_for(digits, "cnn"), loaders, TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", 0),
-                           tmp_path / "last.pt", on_epoch=lambda epoch, metrics: seen.append(epoch))
+    model, history = train(
+        spec_for(digits, "cnn"),
+        loaders,
+        TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", 0),
+        tmp_path / "last.pt",
+        on_epoch=lambda epoch, metrics: seen.append(epoch),
+    )
     assert seen == [1, 2, 3] and len(history) == 3
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert set(history[0]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                               "samples_per_second", "lr"}
+    assert set(history[0]) == {
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "epoch_seconds",
+        "samples_per_second",
+        "lr",
+    }
     assert evaluate_loss(model, loaders.test)["accuracy"] > 0.9  # chance is 0.1
 
 
