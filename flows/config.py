@@ -80,6 +80,12 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    def dataset_options(self) -> dict[str, object]:
+        """The dataset's own settings, with paths made absolute, for fetch_dataset."""
+        paths = {"train_csv": self.train_csv, "test_csv": self.test_csv, "image_root": self.image_root}
+        options = {key: resolve_path(value) for key, value in paths.items() if value}
+        return {"mirror": self.mirror, "classes": self.classes, **options}
+
     @property
     def model_name(self) -> str:
         """Registry name of the PyTorch flavor."""

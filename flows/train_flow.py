@@ -14,6 +14,9 @@ from prefect.runtime import flow_run
 
 from flows.config import TrainConfig, parse_config, resolve_path
 from models import ModelSpec
+from tasks.csv_images import CsvDatasetError
+from tasks.export import OnnxMismatchError
+from tasks.mnist_files import ChecksumError, DownloadError
 from tasks.run_steps import close_mlflow_run, log_dataset, open_mlflow_run
 from tasks.steps import (
     build_loaders,
@@ -25,7 +28,10 @@ from tasks.steps import (
     train_model,
     validate_onnx,
 )
-from tasks.training import TrainSettings, resolve_device
+from tasks.training import DeviceUnavailableError, TrainSettings, resolve_device
+
+# Failures a user can act on: the CLI prints their message instead of a traceback.
+USER_ERRORS = (DownloadError, ChecksumError, CsvDatasetError, DeviceUnavailableError, OnnxMismatchError)
 
 
 def make_run_dir(output_dir: str) -> Path:
@@ -45,14 +51,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
         config.experiment, config.model_dump(), flow_run.id, flow_run.name, device, run_dir
     )
     try:
-        csv = {"train_csv": config.train_csv, "test_csv": config.test_csv, "image_root": config.image_root}
-        dataset = fetch_dataset(
-            config.dataset,
-            resolve_path(config.data_dir),
-            mirror=config.mirror,
-            classes=config.classes,
-            **{key: resolve_path(v) for key, v in csv.items() if v},
-        )
+        dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
         log_dataset(run_id, dataset)
         spec = ModelSpec(
             config.model, dataset.channels, dataset.image_size, dataset.num_classes, dataset.mean, dataset.std
@@ -96,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     # The temporary server's telemetry heartbeat races its own SQLite writes and logs
     # "database is locked" tracebacks; it has nothing to do with the run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    result = train_flow(parse_config(argv))
+    config = parse_config(argv)
+    try:
+        result = train_flow(config)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
     print(
         f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
         f"({result['reason']}); outputs in {result['run_dir']}"

@@ -81,6 +81,11 @@ def load_tensors(path: str) -> ImageData:
     return ImageData(**torch.load(path, weights_only=True))
 
 
+def test_pixels(dataset: DatasetRef) -> torch.Tensor:
+    """The test images as float32 pixels in [0, 1], the models' input."""
+    return load_tensors(dataset.tensors_path).test_images.float() / 255
+
+
 def prepare_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
     """Loads, checks, fingerprints and stores a dataset under data_dir/prepared.
 

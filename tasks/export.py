@@ -23,10 +23,10 @@ class OnnxMismatchError(RuntimeError):
     """onnxruntime and PyTorch disagree beyond tolerance."""
 
 
-def load_model(spec: ModelSpec, state_dict: dict) -> nn.Module:
-    """A fresh network from `spec` with `state_dict` loaded, in eval mode, on the CPU."""
+def load_model(spec: ModelSpec, weights: dict | Path) -> nn.Module:
+    """A fresh network from `spec` with a state_dict (or the file holding one) loaded, in eval mode."""
     model = build_from_spec(spec)
-    model.load_state_dict(state_dict)
+    model.load_state_dict(weights if isinstance(weights, dict) else load_weights(weights))
     return model.eval()
 
 

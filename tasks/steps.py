@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from models import ModelSpec
 from tasks import evaluation, export, registry, tracking
-from tasks.datasets import DatasetRef, load_tensors, prepare_dataset
+from tasks.datasets import DatasetRef, prepare_dataset, test_pixels
 from tasks.loaders import Loaders, TensorLoader, make_loaders
 from tasks.mnist_files import DownloadError
 from tasks.training import TrainSettings, predict_logits, train
@@ -22,6 +22,10 @@ class TrainedModel:
     spec: ModelSpec
     checkpoint_path: str
     history: list[dict[str, float]]
+
+    def weights(self) -> dict:
+        """The trained state_dict, read from the last checkpoint."""
+        return export.load_weights(Path(self.checkpoint_path))["model"]
 
 
 def _is_network_error(task, task_run, state) -> bool:
@@ -76,7 +80,7 @@ def evaluate_model(
     trained: TrainedModel, test_loader: TensorLoader, class_names: tuple[str, ...], run_dir: Path, run_id: str
 ) -> dict[str, float]:
     """Test metrics, per-class table and confusion matrix, logged to MLflow."""
-    model = export.load_model(trained.spec, export.load_weights(Path(trained.checkpoint_path))["model"])
+    model = export.load_model(trained.spec, trained.weights())
     logits, labels = predict_logits(model.to(test_loader.labels.device), test_loader)
     metrics, table, matrix = evaluation.summarise(logits, labels, class_names)
     table.to_csv(run_dir / "per_class_metrics.csv", index=False)
@@ -89,8 +93,7 @@ def evaluate_model(
 @task(name="save-state-dict", cache_policy=NO_CACHE)
 def save_state_dict(trained: TrainedModel, run_dir: Path, run_id: str) -> Path:
     """Writes model_weights.pth atomically and logs it."""
-    weights = export.load_weights(Path(trained.checkpoint_path))["model"]
-    path = export.write_state_dict(weights, run_dir / "model_weights.pth")
+    path = export.write_state_dict(trained.weights(), run_dir / "model_weights.pth")
     tracking.log_artifacts(run_id, [path])
     return path
 
@@ -98,7 +101,7 @@ def save_state_dict(trained: TrainedModel, run_dir: Path, run_id: str) -> Path:
 @task(name="export-onnx", cache_policy=NO_CACHE)
 def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str) -> Path:
     """Exports model.onnx with a dynamic batch axis and logs it."""
-    model = export.load_model(spec, export.load_weights(weights_path))
+    model = export.load_model(spec, weights_path)
     example = torch.rand(2, spec.in_channels, *spec.image_size)
     path = export.write_onnx(model, example, run_dir / "model.onnx")
     tracking.log_artifacts(run_id, [path])
@@ -110,9 +113,8 @@ def validate_onnx(
     spec: ModelSpec, weights_path: Path, onnx_path: Path, dataset: DatasetRef, run_id: str
 ) -> dict:
     """onnxruntime against PyTorch on the whole test split; raises when they disagree."""
-    model = export.load_model(spec, export.load_weights(weights_path))
-    pixels = load_tensors(dataset.tensors_path).test_images.float() / 255
-    report = export.compare_onnx(model, onnx_path, pixels)
+    model = export.load_model(spec, weights_path)
+    report = export.compare_onnx(model, onnx_path, test_pixels(dataset))
     tracking.log_metrics(
         run_id, {"onnx_max_abs_diff": report.max_abs_diff, "onnx_top1_agreement": report.top1_agreement}
     )
@@ -138,8 +140,8 @@ def register_model(
     run_id: str,
 ) -> dict:
     """Logs and registers both flavors, then moves `champion` or `challenger` through the gate."""
-    model = export.load_model(spec, export.load_weights(weights_path))
-    example = (load_tensors(dataset.tensors_path).test_images[:4].float() / 255).numpy()
+    model = export.load_model(spec, weights_path)
+    example = test_pixels(dataset)[:4].numpy()
     signature = registry.pixel_signature(example, spec.num_classes)
     saved = run_dir / "mlflow-models"
     flavors = {

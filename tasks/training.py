@@ -32,6 +32,10 @@ class TrainSettings:
     seed: int
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The requested device is not present on this machine."""
+
+
 def resolve_device(requested: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     available = {
@@ -45,7 +49,7 @@ def resolve_device(requested: str) -> torch.device:
         raise ValueError(f"unknown device {requested!r}; choose auto, cpu, cuda or mps")
     if not available[requested]:
         present = ", ".join(name for name, ok in available.items() if ok)
-        raise RuntimeError(
+        raise DeviceUnavailableError(
             f"device {requested!r} was requested but is not available here (available: {present})"
         )
     return torch.device(requested)

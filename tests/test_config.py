@@ -92,3 +92,17 @@ def test_readme_documents_every_flag():
     readme = (SCRIPT.parents[1] / "README.md").read_text()
     for name in TrainConfig.model_fields:
         assert f"`--{name.replace('_', '-')}`" in readme, name
+
+
+def test_dataset_options_resolve_csv_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(
+        ["--dataset", "csv", "--train-csv", "a.csv", "--test-csv", "b.csv", "--image-root", "img"]
+    )
+    assert config.dataset_options() == {
+        "mirror": None,
+        "classes": None,
+        "train_csv": tmp_path / "a.csv",
+        "test_csv": tmp_path / "b.csv",
+        "image_root": tmp_path / "img",
+    }

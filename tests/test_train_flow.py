@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from flows.config import TrainConfig
@@ -148,3 +149,21 @@ def test_script_runs_on_its_own_temporary_server(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout and "-> champion" in result.stdout
     assert list((tmp_path / "outputs").iterdir()) and (tmp_path / "data" / "prepared").is_dir()
+
+
+def test_script_reports_an_absent_device_before_any_work(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset", "synthetic", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "\nerror: device 'cuda' was requested but is not available here" in result.stderr
+    assert not (tmp_path / "data").exists()
