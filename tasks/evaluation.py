@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -81,16 +82,12 @@ def plot_confusion_matrix(matrix: torch.Tensor, class_names: tuple[str, ...], pa
     axes.set_yticks(ticks, class_names)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    if len(class_names) <= 30:
+    if len(class_names) <= 30:  # beyond that the counts are unreadable
         threshold = matrix.max().item() / 2
-        for (row, col), count in zip(
-            torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))),
-            matrix.flatten(),
-        ):
+        for row, col in itertools.product(ticks, ticks):
+            count = matrix[row, col].item()
             colour = "white" if count > threshold else "black"
-            axes.text(
-                col.item(), row.item(), str(count.item()), ha="center", va="center", color=colour, fontsize=8
-            )
+            axes.text(col, row, str(count), ha="center", va="center", color=colour, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
