@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,20 @@ import torch
 from torchvision.io import write_png
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
+
+
+def run_train_script(cwd: Path, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `python flows/train_flow.py FLAGS` as a user would: its own temporary Prefect server,
+    Prefect and MLflow state under `cwd`."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(cwd / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+    }
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, str(TRAIN_SCRIPT), *flags]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture

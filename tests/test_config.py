@@ -1,13 +1,9 @@
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import TRAIN_SCRIPT, run_train_script
 
 from flows.config import TrainConfig, build_parser, parse_config
-
-SCRIPT = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
 
 
 def test_flags_fill_a_frozen_config():
@@ -66,13 +62,7 @@ def test_invalid_flags_exit_2_naming_the_value(flags, named, capsys):
 
 def test_script_rejects_bad_flags_before_any_work(tmp_path):
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--epochs", "0", "--output-dir", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = run_train_script(tmp_path, "--epochs", "0", "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "--epochs 0" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
@@ -80,16 +70,14 @@ def test_script_rejects_bad_flags_before_any_work(tmp_path):
 
 
 def test_script_help_lists_flags(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
-    )
+    result = run_train_script(tmp_path, "--help")
     assert result.returncode == 0
     for flag in ("--dataset", "--data-dir", "--train-csv", "--registered-model", "--output-dir", "--device"):
         assert flag in result.stdout
 
 
 def test_readme_documents_every_flag():
-    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    readme = (TRAIN_SCRIPT.parents[1] / "README.md").read_text()
     for name in TrainConfig.model_fields:
         assert f"`--{name.replace('_', '-')}`" in readme, name
 

@@ -1,6 +1,5 @@
 """End-to-end: the whole flow on offline data against a real SQLite MLflow store and a Prefect server."""
 
-import os
 import subprocess
 import sys
 import time
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAIN_SCRIPT, run_train_script
 from mlflow import MlflowClient
 
 from flows.config import TrainConfig
@@ -15,7 +15,6 @@ from flows.train_flow import train_flow
 from tasks import export
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
 EPOCH_METRICS = (
     "train_loss",
     "train_accuracy",
@@ -38,7 +37,7 @@ ARTEFACTS = {
 
 def readme_snippet() -> str:
     """The README's 'Using the registered model' Python block, exactly as users will copy it."""
-    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    readme = (TRAIN_SCRIPT.parents[1] / "README.md").read_text()
     section = readme.split("## Using the registered model", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -132,20 +131,7 @@ def test_unreachable_download_fails_within_seconds(prefect_server, mlflow_store,
 
 
 def test_script_runs_on_its_own_temporary_server(tmp_path):
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    env.pop("PREFECT_API_URL", None)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dataset", "synthetic", "--epochs", "1", "--model", "mlp"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    result = run_train_script(tmp_path, "--dataset", "synthetic", "--epochs", "1", "--model", "mlp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout and "-> champion" in result.stdout
     assert list((tmp_path / "outputs").iterdir()) and (tmp_path / "data" / "prepared").is_dir()
@@ -154,16 +140,7 @@ def test_script_runs_on_its_own_temporary_server(tmp_path):
 def test_script_reports_an_absent_device_before_any_work(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    env.pop("PREFECT_API_URL", None)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dataset", "synthetic", "--device", "cuda"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
+    result = run_train_script(tmp_path, "--dataset", "synthetic", "--device", "cuda", timeout=300)
     assert result.returncode == 1
     assert "\nerror: device 'cuda' was requested but is not available here" in result.stderr
     assert not (tmp_path / "data").exists()
