@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import random
 import shutil
+import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +26,8 @@ OFFLINE_HINT = (
     "or use --dataset csv, --dataset synthetic or --dataset digits."
 )
 _TIMEOUT_SECONDS = 10
+_ATTEMPTS = 4
+_BACKOFF_SECONDS = 0.5
 
 
 class DownloadError(RuntimeError):
@@ -59,31 +64,59 @@ def _ensure_raw_file(raw_folder: Path, archive: str, md5: str, mirrors: list[str
     if not packed.exists():
         download_file([mirror + archive for mirror in mirrors], packed, md5)
     tmp = extracted.with_name(extracted.name + ".part")
-    with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    tmp.replace(extracted)
+    try:
+        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.replace(extracted)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def download_file(urls: list[str], target: Path, md5: str) -> None:
-    """Downloads the first reachable URL to `target` atomically; the md5 must match."""
+    """Downloads the first reachable URL to `target` atomically; the md5 must match.
+
+    Transient failures (timeouts, resets, HTTP 5xx/429) are retried with jittered exponential
+    backoff; an unresolvable host or an HTTP 4xx moves on at once, so offline runs fail fast.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".part")
     errors = []
     for url in urls:
         try:
-            digest = hashlib.md5()
-            with urllib.request.urlopen(url, timeout=_TIMEOUT_SECONDS) as response, open(tmp, "wb") as out:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
+            digest = _fetch_with_backoff(url, tmp)
         except (urllib.error.URLError, OSError) as error:
-            tmp.unlink(missing_ok=True)
             errors.append(f"{url}: {error}")
             continue
-        if digest.hexdigest() != md5:
+        if digest != md5:
             tmp.unlink(missing_ok=True)
-            raise ChecksumError(f"{url} has md5 {digest.hexdigest()}, expected {md5}; nothing was kept")
+            raise ChecksumError(f"{url} has md5 {digest}, expected {md5}; nothing was kept")
         tmp.replace(target)
         return
     hint = OFFLINE_HINT.format(folder=target.parent)
     raise DownloadError(f"could not download {target.name}: {'; '.join(errors)}. {hint}")
+
+
+def _fetch_with_backoff(url: str, path: Path) -> str:
+    """Streams `url` into `path`, retrying transient errors; returns the md5 of what it wrote."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            digest = hashlib.md5()
+            with urllib.request.urlopen(url, timeout=_TIMEOUT_SECONDS) as response, open(path, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            return digest.hexdigest()
+        except (urllib.error.URLError, OSError) as error:
+            path.unlink(missing_ok=True)
+            if attempt == _ATTEMPTS or not _is_transient(error):
+                raise
+            time.sleep(_BACKOFF_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+def _is_transient(error: OSError) -> bool:
+    """Worth retrying: server overload or a dropped connection, not a bad URL or no network."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in (408, 429) or error.code >= 500
+    reason = getattr(error, "reason", error)
+    return not isinstance(reason, (socket.gaierror, ConnectionRefusedError))

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import http.server
 import os
+import struct
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision import datasets
 from torchvision.io import write_png
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -80,3 +87,71 @@ def png_dataset(tmp_path: Path) -> dict[str, Path]:
         "train_csv": write_csv(tmp_path / "train.csv", rows[:36]),
         "test_csv": write_csv(tmp_path / "test.csv", rows[36:]),
     }
+
+
+def idx_bytes(tensor: torch.Tensor) -> bytes:
+    """The original MNIST file format: magic, big-endian dims, raw uint8 data."""
+    header = struct.pack(">I", 0x0800 | tensor.ndim) + b"".join(struct.pack(">I", d) for d in tensor.shape)
+    return header + tensor.numpy().tobytes()
+
+
+@pytest.fixture
+def tiny_fashion(monkeypatch) -> dict[str, bytes]:
+    """Gzipped idx files of a 20+10 image FashionMNIST lookalike, with matching md5s."""
+    generator = torch.Generator().manual_seed(0)
+    parts = {
+        "train-images-idx3-ubyte.gz": torch.randint(
+            0, 256, (20, 28, 28), dtype=torch.uint8, generator=generator
+        ),
+        "train-labels-idx1-ubyte.gz": torch.arange(20, dtype=torch.uint8) % 10,
+        "t10k-images-idx3-ubyte.gz": torch.randint(
+            0, 256, (10, 28, 28), dtype=torch.uint8, generator=generator
+        ),
+        "t10k-labels-idx1-ubyte.gz": torch.arange(10, dtype=torch.uint8),
+    }
+    files = {name: gzip.compress(idx_bytes(tensor), mtime=0) for name, tensor in parts.items()}
+    resources = [(name, hashlib.md5(blob).hexdigest()) for name, blob in files.items()]
+    monkeypatch.setattr(datasets.FashionMNIST, "resources", resources)
+    return files
+
+
+@dataclass
+class FileServer:
+    url: str
+    corrupt: set[str] = field(default_factory=set)  # files to serve damaged
+    failures_left: int = 0  # requests to answer with HTTP 503 first
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def file_server(tiny_fashion):
+    """Serves the tiny FashionMNIST files on 127.0.0.1, optionally failing or corrupting them."""
+    state = FileServer("")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = self.path.strip("/").split("/")[-1]
+            state.requests.append(name)
+            if state.failures_left > 0:
+                state.failures_left -= 1
+                self.send_error(503)
+                return
+            if name not in tiny_fashion:
+                self.send_error(404)
+                return
+            body = tiny_fashion[name][:-5] + b"xxxxx" if name in state.corrupt else tiny_fashion[name]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/files/"
+    yield state
+    server.shutdown()
+    server.server_close()

@@ -1,75 +1,17 @@
-import gzip
-import hashlib
-import http.server
-import struct
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
+from prefect import flow
 from torchvision import datasets
 
 from tasks import mnist_files
 from tasks.mnist_files import ChecksumError, DownloadError, download_file, load_mnist_family
-
-
-def idx_bytes(tensor: torch.Tensor) -> bytes:
-    """The original MNIST file format: magic, big-endian dims, raw uint8 data."""
-    header = struct.pack(">I", 0x0800 | tensor.ndim) + b"".join(struct.pack(">I", d) for d in tensor.shape)
-    return header + tensor.numpy().tobytes()
-
-
-@pytest.fixture
-def tiny_fashion(monkeypatch) -> dict[str, bytes]:
-    """Gzipped idx files of a 20+10 image FashionMNIST lookalike, with matching md5s."""
-    generator = torch.Generator().manual_seed(0)
-    parts = {
-        "train-images-idx3-ubyte.gz": torch.randint(
-            0, 256, (20, 28, 28), dtype=torch.uint8, generator=generator
-        ),
-        "train-labels-idx1-ubyte.gz": torch.arange(20, dtype=torch.uint8) % 10,
-        "t10k-images-idx3-ubyte.gz": torch.randint(
-            0, 256, (10, 28, 28), dtype=torch.uint8, generator=generator
-        ),
-        "t10k-labels-idx1-ubyte.gz": torch.arange(10, dtype=torch.uint8),
-    }
-    files = {name: gzip.compress(idx_bytes(tensor), mtime=0) for name, tensor in parts.items()}
-    resources = [(name, hashlib.md5(blob).hexdigest()) for name, blob in files.items()]
-    monkeypatch.setattr(datasets.FashionMNIST, "resources", resources)
-    return files
-
-
-@pytest.fixture
-def file_server(tiny_fashion):
-    """Serves the tiny files on 127.0.0.1; `corrupt` names files to serve damaged."""
-    corrupt: set[str] = set()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            name = self.path.strip("/").split("/")[-1]
-            if name not in tiny_fashion:
-                self.send_error(404)
-                return
-            body = tiny_fashion[name][:-5] + b"xxxxx" if name in corrupt else tiny_fashion[name]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/files/", corrupt
-    server.shutdown()
-    server.server_close()
+from tasks.steps import fetch_dataset
 
 
 def test_downloads_verifies_and_loads_through_torchvision(file_server, tmp_path):
-    url, _ = file_server
+    url = file_server.url
     data = load_mnist_family("fashion-mnist", tmp_path, mirror=url)
     assert data.train_images.shape == (20, 1, 28, 28) and data.test_labels.tolist() == list(range(10))
     assert data.class_names[0] == "T-shirt/top"
@@ -86,10 +28,9 @@ def test_files_already_in_data_dir_are_used_without_network(tiny_fashion, tmp_pa
 
 
 def test_corrupted_download_fails_and_keeps_nothing(file_server, tmp_path):
-    url, corrupt = file_server
-    corrupt.add("train-labels-idx1-ubyte.gz")
+    file_server.corrupt.add("train-labels-idx1-ubyte.gz")
     with pytest.raises(ChecksumError, match="train-labels-idx1-ubyte.gz has md5"):
-        load_mnist_family("fashion-mnist", tmp_path, mirror=url)
+        load_mnist_family("fashion-mnist", tmp_path, mirror=file_server.url)
     leftovers = [p.name for p in (tmp_path / "FashionMNIST" / "raw").iterdir()]
     assert "train-labels-idx1-ubyte.gz" not in leftovers and not any(n.endswith(".part") for n in leftovers)
 
@@ -107,3 +48,31 @@ def test_unreachable_mirror_fails_fast_naming_offline_choices(tmp_path, monkeypa
 def test_default_mirrors_are_torchvisions():
     assert mnist_files.SOURCES["mnist"].mirrors == datasets.MNIST.mirrors
     assert Path(datasets.MNIST.resources[0][0]).suffix == ".gz"
+
+
+def test_transient_server_errors_are_retried_with_backoff(file_server, tmp_path):
+    file_server.failures_left = 2  # the first two requests get HTTP 503
+    data = load_mnist_family("fashion-mnist", tmp_path, mirror=file_server.url)
+    assert len(data.train_labels) == 20
+    assert file_server.requests[:3] == ["train-images-idx3-ubyte.gz"] * 3
+
+
+@flow
+def fetch_only(data_dir: Path, mirror: str):
+    return fetch_dataset("fashion-mnist", data_dir, mirror=mirror)
+
+
+def test_fetch_task_survives_a_flaky_server(prefect_server, file_server, tmp_path):
+    file_server.failures_left = 6  # more than one attempt's backoff absorbs: the task itself retries
+    ref = fetch_only(tmp_path, file_server.url)
+    assert ref.train_size == 20 and Path(ref.tensors_path).exists()
+
+
+def test_fetch_task_fails_at_once_on_a_corrupted_file(prefect_server, file_server, tmp_path):
+    file_server.corrupt.add("train-images-idx3-ubyte.gz")
+    started = time.monotonic()
+    with pytest.raises(ChecksumError):
+        fetch_only(tmp_path, file_server.url)
+    assert file_server.requests == ["train-images-idx3-ubyte.gz"]  # no retry of a checksum error
+    assert time.monotonic() - started < 10
+    assert not list((tmp_path / "FashionMNIST" / "raw").iterdir())
