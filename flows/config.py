@@ -52,6 +52,17 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the training split held out for validation."
     )
+    train_retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="Retries of the train step after a failure; each resumes from the last epoch.",
+    )
+    train_timeout_minutes: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Fail the train step (then retry it) after this many minutes; default: no limit.",
+    )
     experiment: str = Field("image-classifier", min_length=1, description="MLflow experiment name.")
     registered_model: Optional[str] = Field(
         None,

@@ -60,7 +60,9 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
         settings = TrainSettings(
             config.epochs, config.optimizer, config.lr, config.weight_decay, config.scheduler, config.seed
         )
-        trained = train_model(spec, loaders, settings, run_dir, run_id)
+        timeout = config.train_timeout_minutes and config.train_timeout_minutes * 60
+        train = train_model.with_options(retries=config.train_retries, timeout_seconds=timeout)
+        trained = train(spec, loaders, settings, run_dir, run_id)
         metrics = evaluate_model(trained, loaders.test, dataset.class_names, run_dir, run_id)
         weights = save_state_dict(trained, run_dir, run_id)
         onnx_path = export_onnx(spec, weights, run_dir, run_id)

@@ -60,7 +60,7 @@ def build_loaders(
     return make_loaders(dataset, batch_size, val_fraction, seed, device)
 
 
-@task(name="train-model", cache_policy=NO_CACHE, retries=1)
+@task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_model(
     spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str
 ) -> TrainedModel:
@@ -72,6 +72,8 @@ def train_model(
         print(f"epoch {epoch}/{settings.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     _, history = train(spec, loaders, settings, checkpoint, log_epoch)
+    # An attempt that died between checkpointing an epoch and logging it left a gap.
+    tracking.log_missing_steps(run_id, history)
     return TrainedModel(spec, str(checkpoint), history)
 
 

@@ -88,3 +88,13 @@ def find_run(experiment: str, flow_run_id: str) -> Optional[str]:
         [found.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1
     )
     return runs[0].info.run_id if runs else None
+
+
+def log_missing_steps(run_id: str, history: list[dict[str, float]]) -> None:
+    """Logs each epoch's metrics (step = epoch, from 1) that the run does not hold yet."""
+    client = get_client()
+    for name in history[0] if history else ():
+        logged = {metric.step for metric in client.get_metric_history(run_id, name)}
+        for epoch, metrics in enumerate(history, 1):
+            if epoch not in logged:
+                log_metrics(run_id, {name: metrics[name]}, step=epoch)

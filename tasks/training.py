@@ -136,6 +136,8 @@ def fit(
 ) -> list[dict[str, float]]:
     """Trains for `epochs`, resuming from `checkpoint_path` when it holds earlier epochs."""
     history: list[dict[str, float]] = []
+    for stale in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.part"):
+        stale.unlink()  # left by an attempt killed while writing; the last complete file stands
     if checkpoint_path.exists():
         history = restore_checkpoint(checkpoint_path, model, optimizer, scheduler, train_loader)
     for epoch in range(len(history) + 1, epochs + 1):

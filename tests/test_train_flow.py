@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from flows.config import TrainConfig
 from flows.train_flow import train_flow
-from tasks import export
+from tasks import export, training
 
 pytestmark = pytest.mark.slow
 EPOCH_METRICS = (
@@ -144,3 +144,65 @@ def test_script_reports_an_absent_device_before_any_work(tmp_path):
     assert result.returncode == 1
     assert "\nerror: device 'cuda' was requested but is not available here" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def fail_once_at_call(monkeypatch, failing_call: int) -> list[int]:
+    """Makes the `failing_call`-th epoch of training raise, once; returns the epoch-call log."""
+    real = training.train_one_epoch
+    calls: list[int] = []
+
+    def flaky(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        if len(calls) == failing_call:
+            raise RuntimeError("simulated crash at the start of an epoch")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", flaky)
+    return calls
+
+
+def test_flow_retry_resumes_training_in_the_same_mlflow_run(
+    prefect_server, mlflow_store, tmp_path, monkeypatch
+):
+    settings = dict(dataset="synthetic", model="cnn", epochs=4, registered_model="resume")
+    straight = train_flow(config(tmp_path / "a", **settings))
+
+    calls = fail_once_at_call(monkeypatch, failing_call=3)
+    retried = train_flow.with_options(retries=1, retry_delay_seconds=0)(
+        config(tmp_path / "b", train_retries=0, **settings)
+    )
+    assert len(calls) == 5  # epochs 1, 2, then 3 fails; the retry runs only 3 and 4
+
+    client = MlflowClient()
+    run = client.get_run(retried["mlflow_run_id"])
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    same_flow_run = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+    assert len(same_flow_run) == 1 and run.info.status == "FINISHED"
+    for name in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2, 3, 4], name
+
+    weights = [
+        torch.load(Path(r["run_dir"], "model_weights.pth"), weights_only=True) for r in (straight, retried)
+    ]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_train_task_retry_resumes_from_its_checkpoint(prefect_server, mlflow_store, tmp_path, monkeypatch):
+    calls = fail_once_at_call(monkeypatch, failing_call=2)
+    result = train_flow(config(tmp_path, dataset="synthetic", model="mlp", epochs=3))
+    assert len(calls) == 4 and result["alias"] == "champion"
+    history = MlflowClient().get_metric_history(result["mlflow_run_id"], "val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_train_timeout_fails_the_run(prefect_server, mlflow_store, tmp_path):
+    with pytest.raises(TimeoutError):
+        train_flow(
+            config(tmp_path, dataset="synthetic", epochs=50, train_retries=0, train_timeout_minutes=0.05)
+        )
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FAILED" and client.search_registered_models() == []
