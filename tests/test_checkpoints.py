@@ -1,0 +1,83 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models import ModelSpec
+from tasks.datasets import prepare_dataset
+from tasks.loaders import make_loaders
+from tasks.training import TrainSettings, train
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", seed=0)
+
+# Trains in a child process whose second checkpoint write stalls half-way, so the test can kill it there.
+CHILD = """
+import pathlib, sys, time
+import torch
+sys.path.insert(0, {repo!r})
+from models import ModelSpec
+from tasks.datasets import prepare_dataset
+from tasks.loaders import make_loaders
+from tasks.training import TrainSettings, train
+
+real_save, writes = torch.save, []
+def stalling_save(obj, handle):
+    if "last.pt" in getattr(handle, "name", ""):
+        writes.append(1)
+        if len(writes) == 2:
+            handle.write(b"half a checkpoint" * 1000)
+            handle.flush()
+            pathlib.Path({marker!r}).touch()
+            time.sleep(600)
+    real_save(obj, handle)
+torch.save = stalling_save
+
+ref = prepare_dataset("synthetic", pathlib.Path({data!r}))
+spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
+train(spec, make_loaders(ref, 64, 0.1, 0, "cpu"), TrainSettings(*{settings!r}), pathlib.Path({checkpoint!r}))
+"""
+
+
+def run_training(ref, checkpoint: Path):
+    spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
+    return train(spec, make_loaders(ref, 64, 0.1, 0, "cpu"), SETTINGS, checkpoint)
+
+
+def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
+    ref = prepare_dataset("synthetic", tmp_path / "data")
+    checkpoint, marker = tmp_path / "run" / "last.pt", tmp_path / "writing"
+    code = CHILD.format(
+        repo=str(REPO),
+        marker=str(marker),
+        data=str(tmp_path / "data"),
+        settings=tuple(SETTINGS.__dict__.values()),
+        checkpoint=str(checkpoint),
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the child never reached its second checkpoint write"
+        os.killpg(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+    assert [p.name for p in checkpoint.parent.glob(".last.pt.*.part")]  # the half-written file
+    survivor = torch.load(checkpoint, weights_only=True)
+    assert len(survivor["history"]) == 1  # the first epoch's checkpoint is intact
+
+    model, history = run_training(ref, checkpoint)
+    assert len(history) == 3 and history[0] == survivor["history"][0]
+    assert not list(checkpoint.parent.glob(".last.pt.*.part"))
+
+    straight, _ = run_training(ref, tmp_path / "straight" / "last.pt")
+    for (name, a), b in zip(straight.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
