@@ -66,20 +66,25 @@ def pixel_signature(example: np.ndarray, num_classes: int) -> ModelSignature:
     )
 
 
-def save_pytorch_flavor(model: nn.Module, example: np.ndarray, signature: ModelSignature, path: Path) -> Path:
+def save_pytorch_flavor(
+    model: nn.Module, example: np.ndarray, signature: ModelSignature, metadata: dict, path: Path
+) -> Path:
     """Saves the model as a torch.export program (no pickled classes to import on load)."""
     mlflow.pytorch.save_model(
         model.cpu().eval(),
         str(path),
         signature=signature,
         input_example=example,
+        metadata=metadata,
         serialization_format="pt2",
         pip_requirements=mlflow.pytorch.get_default_pip_requirements(),  # inferring them costs seconds
     )
     return path
 
 
-def save_onnx_flavor(onnx_path: Path, example: np.ndarray, signature: ModelSignature, path: Path) -> Path:
+def save_onnx_flavor(
+    onnx_path: Path, example: np.ndarray, signature: ModelSignature, metadata: dict, path: Path
+) -> Path:
     """Saves the ONNX model with a pyfunc loader whose predict returns the logits array."""
     loader = Path(models.logits_pyfunc.__file__)
     mlflow.onnx.save_model(
@@ -87,6 +92,7 @@ def save_onnx_flavor(onnx_path: Path, example: np.ndarray, signature: ModelSigna
         str(path),
         signature=signature,
         input_example=example,
+        metadata=metadata,
         code_paths=[str(loader)],
         pip_requirements=mlflow.onnx.get_default_pip_requirements(),
     )
@@ -97,8 +103,13 @@ def save_onnx_flavor(onnx_path: Path, example: np.ndarray, signature: ModelSigna
 
 
 def register_version(run_id: str, local_model: Path, name: str, tags: dict[str, str]) -> str:
-    """Uploads a saved MLflow model into the run and registers it under `name`; returns the version."""
+    """Uploads a saved MLflow model into the run and registers it under `name`; returns the version.
+
+    Idempotent, so a retried task never registers the same run twice.
+    """
     client = get_client()
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return str(existing.version)
     log_artifacts(run_id, [local_model])
     try:
         client.create_registered_model(name)

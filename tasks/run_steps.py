@@ -14,10 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks import tracking
 from tasks.datasets import DatasetRef
 
-_MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_jitter_factor=0.5)
 
-
-@task(name="open-mlflow-run", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+@task(name="open-mlflow-run", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
 def open_mlflow_run(
     experiment: str,
     params: Mapping[str, object],
@@ -48,7 +46,7 @@ def open_mlflow_run(
     return run_id
 
 
-@task(name="log-dataset", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+@task(name="log-dataset", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
 def log_dataset(run_id: str, dataset: DatasetRef) -> None:
     """Tags the run with the data it trained on."""
     tracking.log_tags(
@@ -63,7 +61,7 @@ def log_dataset(run_id: str, dataset: DatasetRef) -> None:
     )
 
 
-@task(name="close-mlflow-run", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+@task(name="close-mlflow-run", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
 def close_mlflow_run(run_id: str, succeeded: bool) -> None:
     """Marks the run FINISHED or FAILED."""
     tracking.finish_run(run_id, succeeded)

@@ -129,7 +129,7 @@ def validate_onnx(
     return asdict(report)
 
 
-@task(name="register-model", cache_policy=NO_CACHE)
+@task(name="register-model", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
 def register_model(
     spec: ModelSpec,
     weights_path: Path,
@@ -145,11 +145,16 @@ def register_model(
     model = export.load_model(spec, weights_path)
     example = test_pixels(dataset)[:4].numpy()
     signature = registry.pixel_signature(example, spec.num_classes)
+    metadata = {
+        "class_names": list(dataset.class_names),
+        "dataset": dataset.name,
+        "dataset_sha256": dataset.sha256,
+    }
     saved = run_dir / "mlflow-models"
     flavors = {
-        name: registry.save_pytorch_flavor(model, example, signature, saved / "pytorch-model"),
+        name: registry.save_pytorch_flavor(model, example, signature, metadata, saved / "pytorch-model"),
         name + registry.ONNX_SUFFIX: registry.save_onnx_flavor(
-            onnx_path, example, signature, saved / "onnx-model"
+            onnx_path, example, signature, metadata, saved / "onnx-model"
         ),
     }
     tags = {

@@ -10,6 +10,7 @@ from tasks.export import write_onnx
 from tasks.registry import Candidate, decide_promotion
 
 SHA = "a" * 64
+META = {"class_names": [str(k) for k in range(10)], "dataset": "digits"}
 
 
 @pytest.mark.parametrize(
@@ -40,8 +41,8 @@ def test_both_flavors_register_and_predict_the_same_logits(mlflow_store, tmp_pat
     signature = registry.pixel_signature(example, 10)
     run_id = tracking.start_run("exp", "r", {})
     saved = {
-        "m": registry.save_pytorch_flavor(model, example, signature, tmp_path / "pytorch-model"),
-        "m-onnx": registry.save_onnx_flavor(onnx_path, example, signature, tmp_path / "onnx-model"),
+        "m": registry.save_pytorch_flavor(model, example, signature, META, tmp_path / "pytorch-model"),
+        "m-onnx": registry.save_onnx_flavor(onnx_path, example, signature, META, tmp_path / "onnx-model"),
     }
     assert registry.champion_tags("m") is None
     versions = {
@@ -55,7 +56,11 @@ def test_both_flavors_register_and_predict_the_same_logits(mlflow_store, tmp_pat
     assert all(isinstance(out, np.ndarray) and out.shape == (7, 10) for out in logits)
     assert np.abs(logits[0] - logits[1]).max() < 1e-4
     assert np.abs(logits[0] - model(torch.from_numpy(x)).detach().numpy()).max() < 1e-4
-    again = {name: registry.register_version(run_id, path, name, {}) for name, path in saved.items()}
+    assert mlflow.models.get_model_info("models:/m-onnx@champion").metadata["class_names"][9] == "9"
+    # Registering the same run again (a retried task) returns the version it already has.
+    assert registry.register_version(run_id, saved["m"], "m", {}) == "1"
+    second_run = tracking.start_run("exp", "r2", {})
+    again = {name: registry.register_version(second_run, path, name, {}) for name, path in saved.items()}
     registry.apply_decision(decide_promotion(Candidate(0.4, SHA, True), registry.champion_tags("m")), again)
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
