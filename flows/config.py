@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DatasetName = Literal["fashion-mnist", "mnist", "csv", "synthetic", "digits"]
+_SCRIPTS = {"TrainConfig": "train_flow.py", "PredictConfig": "predict_flow.py"}
 
 
 class TrainConfig(BaseModel):
-    """Every setting of a training run; frozen so a run cannot drift from what it logged."""
+    """Train, evaluate, export and register an image classifier."""
+
+    # Frozen, so a run cannot drift from the settings it logged.
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -103,35 +106,49 @@ class TrainConfig(BaseModel):
         return self.registered_model or f"{self.dataset}-{self.model}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field, with its description, choices and default."""
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def build_parser(config_class: type[BaseModel] = None) -> argparse.ArgumentParser:
+    """One flag per config field, with its description, choices and default."""
+    config_class = config_class or TrainConfig
     parser = argparse.ArgumentParser(
-        prog="python flows/train_flow.py",
-        description="Train, evaluate, export and register an image classifier.",
+        prog=f"python flows/{_SCRIPTS[config_class.__name__]}",
+        description=config_class.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for name, field in TrainConfig.model_fields.items():
-        choices = getattr(field.annotation, "__args__", None)
-        literal = choices if choices and all(isinstance(c, str) for c in choices) else None
+    for name, field in config_class.model_fields.items():
+        choices = _literal_choices(field.annotation)
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            default=field.default,
-            choices=literal,
+            default=None if field.is_required() else field.default,
+            required=field.is_required(),
+            choices=choices,
             help=field.description,
-            metavar=None if literal else name.upper(),
+            metavar=None if choices else name.upper(),
         )
     return parser
 
 
-def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
-    """Parses flags into a validated TrainConfig; exits with status 2 naming any bad value."""
-    parser = build_parser()
+def _literal_choices(annotation: object) -> Optional[tuple[str, ...]]:
+    """The strings of a Literal (also inside Optional), for argparse's choices."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return args
+    inner = [arg for arg in args if arg is not type(None)]
+    return _literal_choices(inner[0]) if len(inner) == 1 else None
+
+
+def parse_config(argv: Optional[list[str]] = None, config_class: type[Config] = None) -> Config:
+    """Parses flags into a validated config; exits with status 2 naming any bad value."""
+    config_class = config_class or TrainConfig
+    parser = build_parser(config_class)
     values = vars(parser.parse_args(argv))
-    if isinstance(values["classes"], str):
+    if isinstance(values.get("classes"), str):
         values["classes"] = [c.strip() for c in values["classes"].split(",") if c.strip()]
     try:
-        return TrainConfig(**values)
+        return config_class(**values)
     except ValidationError as error:
         parser.error(_describe(error))
     raise AssertionError("unreachable: parser.error exits")
@@ -150,3 +167,64 @@ def _describe(error: ValidationError) -> str:
 def resolve_path(path: str) -> Path:
     """Absolute form of a user path, so tasks in other threads or processes agree on it."""
     return Path(path).expanduser().resolve()
+
+
+class PredictConfig(BaseModel):
+    """Predict images with a model from the MLflow registry and write a predictions CSV."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    registered_model: str = Field(
+        ..., min_length=1, description="Registry name of the model, as trained (e.g. 'digits-cnn')."
+    )
+    alias: str = Field("champion", min_length=1, description="Registry alias of the version to use.")
+    flavor: Literal["onnx", "pytorch"] = Field(
+        "onnx",
+        description="Run the ONNX flavor (onnxruntime) or the PyTorch flavor ('<name>' vs '<name>-onnx').",
+    )
+    input_csv: Optional[str] = Field(
+        None, description="CSV of images: path relative to --image-root, then an optional label."
+    )
+    image_root: Optional[str] = Field(
+        None, description="Folder the CSV paths are relative to; default: the CSV's."
+    )
+    image_dir: Optional[str] = Field(None, description="Predict every image file in this folder.")
+    dataset: Optional[Literal["fashion-mnist", "mnist", "synthetic", "digits"]] = Field(
+        None, description="Predict the test split of this dataset (labels known)."
+    )
+    data_dir: str = Field("data", description="Dataset root for --dataset.")
+    mirror: Optional[str] = Field(
+        None, pattern=r"^(https?|file)://", description="Download base URL for --dataset fashion-mnist/mnist."
+    )
+    batch_size: int = Field(512, ge=1, le=65536, description="Images per inference batch.")
+    output: Optional[str] = Field(
+        None, description="Predictions CSV to write; default: predictions.csv in the run's folder."
+    )
+    output_dir: str = Field("outputs", description="Per-run local folders go under this folder.")
+    experiment: str = Field(
+        "image-classifier-predictions", min_length=1, description="MLflow experiment name."
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "PredictConfig":
+        given = [flag for flag, value in _input_flags(self) if value]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of --input-csv, --image-dir, --dataset (got {given or 'none'})"
+            )
+        if self.image_root and not self.input_csv:
+            raise ValueError("--image-root applies only to --input-csv")
+        return self
+
+    @property
+    def registry_name(self) -> str:
+        """The registered name of the chosen flavor."""
+        return self.registered_model + ("-onnx" if self.flavor == "onnx" else "")
+
+
+def _input_flags(config: PredictConfig) -> list[tuple[str, object]]:
+    return [
+        ("--input-csv", config.input_csv),
+        ("--image-dir", config.image_dir),
+        ("--dataset", config.dataset),
+    ]

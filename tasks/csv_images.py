@@ -11,7 +11,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from tasks.images import ImageData
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 class CsvDatasetError(ValueError):
@@ -24,23 +24,27 @@ class Row(NamedTuple):
     label: str
 
 
-def read_rows(csv_path: Path, image_root: Path) -> list[Row]:
-    """Parses a CSV, skipping a header row, and checks every named image exists."""
+def read_rows(csv_path: Path, image_root: Path, labels_required: bool = True) -> list[Row]:
+    """Parses a CSV, skipping a header row, and checks every named image exists.
+
+    Without `labels_required`, the label column may be absent or empty (label "").
+    """
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         lines = [(number, cells) for number, cells in enumerate(csv.reader(handle), 1) if any(cells)]
-    if lines and Path(lines[0][1][0].strip()).suffix.lower() not in _IMAGE_SUFFIXES:
+    if lines and Path(lines[0][1][0].strip()).suffix.lower() not in IMAGE_SUFFIXES:
         lines = lines[1:]  # a header such as "image,label"
     if not lines:
         raise CsvDatasetError(f"{csv_path}: no image rows")
     rows = []
     for number, cells in lines:
         where = f"{csv_path} row {number}"
-        if len(cells) < 2 or not cells[1].strip():
+        label = cells[1].strip() if len(cells) > 1 else ""
+        if labels_required and not label:
             raise CsvDatasetError(f"{where}: expected 'image path,label', got {cells!r}")
         path = image_root / cells[0].strip()
         if not path.is_file():
             raise CsvDatasetError(f"{where}: image {cells[0].strip()!r} not found under {image_root}")
-        rows.append(Row(number, path, cells[1].strip()))
+        rows.append(Row(number, path, label))
     return rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from mlflow.entities import RunStatus
@@ -23,6 +23,7 @@ def open_mlflow_run(
     flow_run_name: str,
     device: str,
     run_dir: Path,
+    extra_tags: Optional[Mapping[str, str]] = None,
 ) -> str:
     """Starts the run (or reopens the one a retried flow run already started) and logs the config."""
     run_id = tracking.find_run(experiment, flow_run_id)
@@ -33,6 +34,7 @@ def open_mlflow_run(
             "device": device,
             "torch_version": torch.__version__,
             **tracking.git_tags(),
+            **(extra_tags or {}),
         }
         run_id = tracking.start_run(experiment, flow_run_name, tags)
         tracking.log_params(run_id, params)

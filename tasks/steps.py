@@ -14,6 +14,7 @@ from tasks import evaluation, export, registry, tracking
 from tasks.datasets import DatasetRef, prepare_dataset, test_pixels
 from tasks.loaders import Loaders, TensorLoader, make_loaders
 from tasks.mnist_files import DownloadError
+from tasks.retrying import retry_on
 from tasks.training import TrainSettings, predict_logits, train
 
 
@@ -28,23 +29,12 @@ class TrainedModel:
         return export.load_weights(Path(self.checkpoint_path))["model"]
 
 
-def _is_network_error(task, task_run, state) -> bool:
-    """Retry downloads that could not connect; a bad checksum or CSV will not fix itself."""
-    try:
-        state.result()
-    except DownloadError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
 @task(
     name="fetch-dataset",
     retries=2,
     retry_delay_seconds=[1, 3],
     retry_jitter_factor=0.5,
-    retry_condition_fn=_is_network_error,
+    retry_condition_fn=retry_on(DownloadError),  # a bad checksum or CSV will not fix itself
     cache_policy=NO_CACHE,
 )
 def fetch_dataset(name: str, data_dir: Path, **options) -> DatasetRef:

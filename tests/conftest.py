@@ -19,19 +19,22 @@ from torchvision import datasets
 from torchvision.io import write_png
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "flows" / "train_flow.py"
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "flows" / "train_flow.py"
 
 
-def run_train_script(cwd: Path, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs `python flows/train_flow.py FLAGS` as a user would: its own temporary Prefect server,
-    Prefect and MLflow state under `cwd`."""
+def run_train_script(
+    cwd: Path, *flags: str, timeout: int = 600, script: Path = TRAIN_SCRIPT
+) -> subprocess.CompletedProcess:
+    """Runs `python flows/train_flow.py FLAGS` (or another script) as a user would: its own
+    temporary Prefect server, Prefect and MLflow state under `cwd`."""
     env = {
         **os.environ,
         "PREFECT_HOME": str(cwd / "prefect"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
     }
     env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, str(TRAIN_SCRIPT), *flags]
+    command = [sys.executable, str(script), *flags]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 

@@ -1,0 +1,79 @@
+"""Predict images with a registered model, as a Prefect flow that records its own MLflow run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.config import PredictConfig, parse_config, resolve_path
+from flows.train_flow import USER_ERRORS, make_run_dir
+from tasks.predict_steps import load_registered_model, predict_images, read_images
+from tasks.prediction import PredictionError
+from tasks.run_steps import close_mlflow_run, open_mlflow_run
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return resolve_path(value) if value else None
+
+
+@flow(name="predict-images", log_prints=True)
+def predict_flow(config: PredictConfig) -> dict:
+    """Load the registered model, read the images, predict them and log the predictions."""
+    registered = load_registered_model(config.registry_name, config.alias)
+    inputs = read_images(
+        _optional_path(config.input_csv),
+        _optional_path(config.image_root),
+        _optional_path(config.image_dir),
+        config.dataset,
+        resolve_path(config.data_dir),
+        config.mirror,
+    )
+    run_dir = make_run_dir(config.output_dir)
+    link = {
+        "model_uri": registered.uri,
+        "model_name": config.registry_name,
+        "model_alias": config.alias,
+        "model_version": registered.version,
+        "model_flavor": config.flavor,
+        "model_source_run_id": registered.source_run_id,
+    }
+    params = config.model_dump()
+    run_id = open_mlflow_run(config.experiment, params, flow_run.id, flow_run.name, "cpu", run_dir, link)
+    try:
+        output = _optional_path(config.output) or run_dir / "predictions.csv"
+        result = predict_images(registered, inputs, config.batch_size, output, run_id)
+    except BaseException:
+        close_mlflow_run(run_id, succeeded=False)
+        raise
+    close_mlflow_run(run_id, succeeded=True)
+    return {
+        "mlflow_run_id": run_id,
+        "model_uri": registered.uri,
+        "model_version": registered.version,
+        **result,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point: flags -> PredictConfig -> flow run."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
+    config = parse_config(argv, PredictConfig)
+    try:
+        result = predict_flow(config)
+    except (*USER_ERRORS, PredictionError) as error:
+        sys.exit(f"error: {error}")
+    print(
+        f"{result['model_uri']} (version {result['model_version']}): predictions in {result['predictions']}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
