@@ -1,0 +1,173 @@
+"""End-to-end: prefect.yaml deployed to a real Prefect server, run by a real process worker,
+logging to a real MLflow server; every process is started here on 127.0.0.1 and stopped here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited early:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+
+
+class Processes:
+    """Starts commands in their own process groups and stops them all, whatever happens."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env, self.started = folder, env, []
+
+    def start(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = self.folder / f"{name}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append(process)
+        return process, log
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"{args}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def deployed(tmp_path):
+    """Prefect server, MLflow server, work pool, `prefect deploy --all` and a worker."""
+    prefect_url = f"http://127.0.0.1:{free_port()}/api"
+    mlflow_url = f"http://127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": prefect_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "PWD": str(REPO),  # the worker is "started from the repository root", as the README says
+    }
+    processes = Processes(tmp_path, env)
+    try:
+        port = prefect_url.split(":")[2].split("/")[0]
+        server, server_log = processes.start(
+            "prefect-server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port
+        )
+        tracking, tracking_log = processes.start(
+            "mlflow-server",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            mlflow_url.rsplit(":", 1)[1],
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "mlflow-artifacts"),
+        )
+        wait_until_up(f"{prefect_url}/health", server, server_log)
+        wait_until_up(f"{mlflow_url}/health", tracking, tracking_log)
+        processes.run("prefect", "work-pool", "create", "training-pool", "--type", "process")
+        processes.run("prefect", "--no-prompt", "deploy", "--all")
+        worker, worker_log = processes.start(
+            "worker", "prefect", "worker", "start", "--pool", "training-pool"
+        )
+        yield prefect_url, mlflow_url, worker_log
+    finally:
+        processes.stop_all()
+
+
+def run_and_wait(prefect_url: str, name: str, config: dict, worker_log: Path):
+    with temporary_settings({PREFECT_API_URL: prefect_url}):
+        flow_run = run_deployment(name, parameters={"config": config}, timeout=600, poll_interval=2)
+    assert flow_run.state.is_completed(), f"{name}: {flow_run.state}\n{worker_log.read_text()[-5000:]}"
+    return flow_run
+
+
+async def read_deployment(prefect_url: str, name: str):
+    with temporary_settings({PREFECT_API_URL: prefect_url}):
+        async with get_client() as client:
+            return await client.read_deployment_by_name(name)
+
+
+def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
+    prefect_url, mlflow_url, worker_log = deployed
+    import asyncio
+
+    nightly = asyncio.run(read_deployment(prefect_url, "train-image-classifier/train-nightly"))
+    [schedule] = nightly.schedules
+    assert schedule.active and schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
+    on_demand = asyncio.run(read_deployment(prefect_url, "train-image-classifier/train-on-demand"))
+    assert on_demand.schedules == [] and "config" in on_demand.parameter_openapi_schema["properties"]
+
+    folders = {"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "outputs")}
+    run_and_wait(
+        prefect_url,
+        "train-image-classifier/train-on-demand",
+        {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled", **folders},
+        worker_log,
+    )
+    client = MlflowClient(tracking_uri=mlflow_url)
+    for name in ("scheduled", "scheduled-onnx"):
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    output = tmp_path / "predictions.csv"
+    run_and_wait(
+        prefect_url,
+        "predict-images/predict-batch",
+        {"registered_model": "scheduled", "dataset": "synthetic", "output": str(output), **folders},
+        worker_log,
+    )
+    table = pd.read_csv(output)
+    assert len(table) == 1000 and table["correct"].mean() > 0.5
