@@ -3,7 +3,7 @@ import time
 import pytest
 from conftest import TRAIN_SCRIPT, run_train_script
 
-from flows.config import TrainConfig, build_parser, parse_config
+from flows.config import PredictConfig, TrainConfig, build_parser, parse_config
 
 
 def test_flags_fill_a_frozen_config():
@@ -76,9 +76,10 @@ def test_script_help_lists_flags(tmp_path):
         assert flag in result.stdout
 
 
-def test_readme_documents_every_flag():
+@pytest.mark.parametrize("config_class", [TrainConfig, PredictConfig])
+def test_readme_documents_every_flag(config_class):
     readme = (TRAIN_SCRIPT.parents[1] / "README.md").read_text()
-    for name in TrainConfig.model_fields:
+    for name in config_class.model_fields:
         assert f"`--{name.replace('_', '-')}`" in readme, name
 
 
@@ -94,3 +95,23 @@ def test_dataset_options_resolve_csv_paths(tmp_path, monkeypatch):
         "test_csv": tmp_path / "b.csv",
         "image_root": tmp_path / "img",
     }
+
+
+def test_predict_flags_need_a_model_and_exactly_one_input(capsys):
+    config = parse_config(["--registered-model", "m", "--image-dir", "imgs"], PredictConfig)
+    assert (config.alias, config.flavor, config.registry_name) == ("champion", "onnx", "m-onnx")
+    for flags, named in [
+        (["--image-dir", "imgs"], "--registered-model"),
+        (["--registered-model", "m"], "exactly one of --input-csv, --image-dir, --dataset"),
+        (["--registered-model", "m", "--image-dir", "a", "--dataset", "digits"], "exactly one"),
+        (["--registered-model", "m", "--dataset", "csv"], "invalid choice: 'csv'"),
+        (["--registered-model", "m", "--image-dir", "a", "--image-root", "b"], "--image-root applies only"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_config(flags, PredictConfig)
+        assert named in capsys.readouterr().err
+
+
+def test_predict_script_help(tmp_path):
+    result = run_train_script(tmp_path, "--help", script=TRAIN_SCRIPT.parent / "predict_flow.py")
+    assert result.returncode == 0 and "--registered-model" in result.stdout and "--flavor" in result.stdout

@@ -3,6 +3,8 @@ logging to a real MLflow server; every process is started here on 127.0.0.1 and 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -123,7 +125,7 @@ def deployed(tmp_path):
         worker, worker_log = processes.start(
             "worker", "prefect", "worker", "start", "--pool", "training-pool"
         )
-        yield prefect_url, mlflow_url, worker_log
+        yield processes, prefect_url, mlflow_url, worker_log
     finally:
         processes.stop_all()
 
@@ -142,9 +144,7 @@ async def read_deployment(prefect_url: str, name: str):
 
 
 def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
-    prefect_url, mlflow_url, worker_log = deployed
-    import asyncio
-
+    processes, prefect_url, mlflow_url, worker_log = deployed
     nightly = asyncio.run(read_deployment(prefect_url, "train-image-classifier/train-nightly"))
     [schedule] = nightly.schedules
     assert schedule.active and schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
@@ -152,12 +152,20 @@ def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
     assert on_demand.schedules == [] and "config" in on_demand.parameter_openapi_schema["properties"]
 
     folders = {"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "outputs")}
-    run_and_wait(
-        prefect_url,
+    # Triggered the way the README says, with custom parameters, watched until it ends.
+    config = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled", **folders}
+    watched = processes.run(
+        "prefect",
+        "deployment",
+        "run",
         "train-image-classifier/train-on-demand",
-        {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled", **folders},
-        worker_log,
+        "--param",
+        f"config={json.dumps(config)}",
+        "--watch",
+        "--watch-timeout",
+        "600",
     )
+    assert "Completed" in watched, worker_log.read_text()[-5000:]
     client = MlflowClient(tracking_uri=mlflow_url)
     for name in ("scheduled", "scheduled-onnx"):
         assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
