@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     config = parse_config(argv)
     try:
+        resolve_device(config.device)  # before starting any server: an absent GPU is a bad flag
         result = train_flow(config)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")

@@ -142,7 +142,7 @@ def test_script_reports_an_absent_device_before_any_work(tmp_path):
         pytest.skip("this machine has CUDA")
     result = run_train_script(tmp_path, "--dataset", "synthetic", "--device", "cuda", timeout=300)
     assert result.returncode == 1
-    assert "\nerror: device 'cuda' was requested but is not available here" in result.stderr
+    assert result.stderr.startswith("error: device 'cuda' was requested but is not available here")
     assert not (tmp_path / "data").exists()
 
 
