@@ -10,13 +10,12 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect import flow
-from prefect.runtime import flow_run
 
 from flows.config import PredictConfig, parse_config, resolve_path
-from flows.train_flow import USER_ERRORS, make_run_dir
+from flows.train_flow import USER_ERRORS
 from tasks.predict_steps import load_registered_model, predict_images, read_images
 from tasks.prediction import PredictionError
-from tasks.run_steps import close_mlflow_run, open_mlflow_run
+from tasks.run_steps import make_run_dir, mlflow_run
 
 
 def _optional_path(value: str | None) -> Path | None:
@@ -35,7 +34,7 @@ def predict_flow(config: PredictConfig) -> dict:
         resolve_path(config.data_dir),
         config.mirror,
     )
-    run_dir = make_run_dir(config.output_dir)
+    run_dir = make_run_dir(resolve_path(config.output_dir))
     link = {
         "model_uri": registered.uri,
         "model_name": config.registry_name,
@@ -44,15 +43,9 @@ def predict_flow(config: PredictConfig) -> dict:
         "model_flavor": config.flavor,
         "model_source_run_id": registered.source_run_id,
     }
-    params = config.model_dump()
-    run_id = open_mlflow_run(config.experiment, params, flow_run.id, flow_run.name, "cpu", run_dir, link)
-    try:
+    with mlflow_run(config.experiment, config.model_dump(), "cpu", run_dir, link) as run_id:
         output = _optional_path(config.output) or run_dir / "predictions.csv"
         result = predict_images(registered, inputs, config.batch_size, output, run_id)
-    except BaseException:
-        close_mlflow_run(run_id, succeeded=False)
-        raise
-    close_mlflow_run(run_id, succeeded=True)
     return {
         "mlflow_run_id": run_id,
         "model_uri": registered.uri,

@@ -10,14 +10,13 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect import flow
-from prefect.runtime import flow_run
 
 from flows.config import TrainConfig, parse_config, resolve_path
 from models import ModelSpec
 from tasks.csv_images import CsvDatasetError
 from tasks.export import OnnxMismatchError
 from tasks.mnist_files import ChecksumError, DownloadError
-from tasks.run_steps import close_mlflow_run, log_dataset, open_mlflow_run
+from tasks.run_steps import log_dataset, make_run_dir, mlflow_run
 from tasks.steps import (
     build_loaders,
     evaluate_model,
@@ -34,23 +33,12 @@ from tasks.training import DeviceUnavailableError, TrainSettings, resolve_device
 USER_ERRORS = (DownloadError, ChecksumError, CsvDatasetError, DeviceUnavailableError, OnnxMismatchError)
 
 
-def make_run_dir(output_dir: str) -> Path:
-    """A folder of this flow run's own, the same for every retry of it."""
-    started = flow_run.scheduled_start_time
-    run_dir = resolve_path(output_dir) / f"{started:%Y%m%d-%H%M%S}-{flow_run.name}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 @flow(name="train-image-classifier", log_prints=True)
 def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     """Fetch data, train, evaluate, save, export ONNX, validate it and register the model."""
     device = str(resolve_device(config.device))
-    run_dir = make_run_dir(config.output_dir)
-    run_id = open_mlflow_run(
-        config.experiment, config.model_dump(), flow_run.id, flow_run.name, device, run_dir
-    )
-    try:
+    run_dir = make_run_dir(resolve_path(config.output_dir))
+    with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
         dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
         log_dataset(run_id, dataset)
         spec = ModelSpec(
@@ -78,10 +66,6 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
             run_dir,
             run_id,
         )
-    except BaseException:
-        close_mlflow_run(run_id, succeeded=False)
-        raise
-    close_mlflow_run(run_id, succeeded=True)
     return {
         "mlflow_run_id": run_id,
         "run_dir": str(run_dir),

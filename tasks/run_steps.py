@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from mlflow.entities import RunStatus
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from tasks import tracking
 from tasks.datasets import DatasetRef
@@ -67,3 +69,28 @@ def log_dataset(run_id: str, dataset: DatasetRef) -> None:
 def close_mlflow_run(run_id: str, succeeded: bool) -> None:
     """Marks the run FINISHED or FAILED."""
     tracking.finish_run(run_id, succeeded)
+
+
+def make_run_dir(output_dir: Path) -> Path:
+    """A folder of this flow run's own, the same for every retry of it."""
+    run_dir = output_dir / f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{flow_run.name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@contextmanager
+def mlflow_run(
+    experiment: str,
+    params: Mapping[str, object],
+    device: str,
+    run_dir: Path,
+    extra_tags: Optional[Mapping[str, str]] = None,
+) -> Iterator[str]:
+    """The flow run's MLflow run: opened (or reopened) on entry, FINISHED or FAILED on exit."""
+    run_id = open_mlflow_run(experiment, params, flow_run.id, flow_run.name, device, run_dir, extra_tags)
+    try:
+        yield run_id
+    except BaseException:
+        close_mlflow_run(run_id, succeeded=False)
+        raise
+    close_mlflow_run(run_id, succeeded=True)
