@@ -1,22 +1,19 @@
-"""The training run's one parameter, and the command line that fills it."""
+"""The flows' parameters: one frozen pydantic model per flow, validated before any work."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Literal, Optional, TypeVar, get_args, get_origin
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DatasetName = Literal["fashion-mnist", "mnist", "csv", "synthetic", "digits"]
-_SCRIPTS = {"TrainConfig": "train_flow.py", "PredictConfig": "predict_flow.py"}
 
 
 class TrainConfig(BaseModel):
     """Train, evaluate, export and register an image classifier."""
 
     # Frozen, so a run cannot drift from the settings it logged.
-
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     dataset: DatasetName = Field("fashion-mnist", description="Dataset to train on.")
@@ -104,64 +101,6 @@ class TrainConfig(BaseModel):
     def model_name(self) -> str:
         """Registry name of the PyTorch flavor."""
         return self.registered_model or f"{self.dataset}-{self.model}"
-
-
-Config = TypeVar("Config", bound=BaseModel)
-
-
-def build_parser(config_class: type[BaseModel] = None) -> argparse.ArgumentParser:
-    """One flag per config field, with its description, choices and default."""
-    config_class = config_class or TrainConfig
-    parser = argparse.ArgumentParser(
-        prog=f"python flows/{_SCRIPTS[config_class.__name__]}",
-        description=config_class.__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    for name, field in config_class.model_fields.items():
-        choices = _literal_choices(field.annotation)
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=None if field.is_required() else field.default,
-            required=field.is_required(),
-            choices=choices,
-            help=field.description,
-            metavar=None if choices else name.upper(),
-        )
-    return parser
-
-
-def _literal_choices(annotation: object) -> Optional[tuple[str, ...]]:
-    """The strings of a Literal (also inside Optional), for argparse's choices."""
-    args = get_args(annotation)
-    if get_origin(annotation) is Literal:
-        return args
-    inner = [arg for arg in args if arg is not type(None)]
-    return _literal_choices(inner[0]) if len(inner) == 1 else None
-
-
-def parse_config(argv: Optional[list[str]] = None, config_class: type[Config] = None) -> Config:
-    """Parses flags into a validated config; exits with status 2 naming any bad value."""
-    config_class = config_class or TrainConfig
-    parser = build_parser(config_class)
-    values = vars(parser.parse_args(argv))
-    if isinstance(values.get("classes"), str):
-        values["classes"] = [c.strip() for c in values["classes"].split(",") if c.strip()]
-    try:
-        return config_class(**values)
-    except ValidationError as error:
-        parser.error(_describe(error))
-    raise AssertionError("unreachable: parser.error exits")
-
-
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for problem in error.errors():
-        flag = "--" + "-".join(str(part) for part in problem["loc"][:1]).replace("_", "-")
-        value = problem.get("input")
-        where = f"{flag} {value}: " if problem["loc"] else ""
-        lines.append(where + problem["msg"].removeprefix("Value error, "))
-    return "invalid settings:\n  " + "\n  ".join(lines)
 
 
 def resolve_path(path: str) -> Path:

@@ -11,7 +11,8 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 from prefect import flow
 
-from flows.config import PredictConfig, parse_config, resolve_path
+from flows.cli import parse_config
+from flows.config import PredictConfig, resolve_path
 from flows.train_flow import USER_ERRORS
 from tasks.predict_steps import load_registered_model, predict_images, read_images
 from tasks.prediction import PredictionError
@@ -57,7 +58,7 @@ def predict_flow(config: PredictConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: flags -> PredictConfig -> flow run."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
-    config = parse_config(argv, PredictConfig)
+    config = parse_config(argv, PredictConfig, prog="python flows/predict_flow.py")
     try:
         result = predict_flow(config)
     except (*USER_ERRORS, PredictionError) as error:

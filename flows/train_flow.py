@@ -11,7 +11,8 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 from prefect import flow
 
-from flows.config import TrainConfig, parse_config, resolve_path
+from flows.cli import parse_config
+from flows.config import TrainConfig, resolve_path
 from models import ModelSpec
 from tasks.csv_images import CsvDatasetError
 from tasks.export import OnnxMismatchError

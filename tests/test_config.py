@@ -3,7 +3,8 @@ import time
 import pytest
 from conftest import TRAIN_SCRIPT, run_train_script
 
-from flows.config import PredictConfig, TrainConfig, build_parser, parse_config
+from flows.cli import build_parser, parse_config
+from flows.config import PredictConfig, TrainConfig
 
 
 def test_flags_fill_a_frozen_config():
@@ -15,7 +16,7 @@ def test_flags_fill_a_frozen_config():
 
 
 def test_every_field_is_a_flag_with_help_and_default():
-    text = build_parser().format_help()
+    text = build_parser(TrainConfig, "train").format_help()
     for name, field in TrainConfig.model_fields.items():
         assert "--" + name.replace("_", "-") in text
         assert field.description.split()[0] in text
