@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_SCRIPT, run_train_script
+from conftest import EPOCH_METRICS, TRAIN_SCRIPT, run_train_script
 from mlflow import MlflowClient
 
 from flows.config import TrainConfig
@@ -15,15 +15,6 @@ from flows.train_flow import train_flow
 from tasks import export, training
 
 pytestmark = pytest.mark.slow
-EPOCH_METRICS = (
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "epoch_seconds",
-    "samples_per_second",
-    "lr",
-)
 ARTEFACTS = {
     "model_weights.pth",
     "model.onnx",
