@@ -77,13 +77,14 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 
 def load_tensors(path: str) -> ImageData:
-    """Reads tensors written by prepare_dataset (weights_only: no code runs on load)."""
-    return ImageData(**torch.load(path, weights_only=True))
+    """Maps tensors written by prepare_dataset (weights_only: no code runs on load); pages are
+    read from disk only when used."""
+    return ImageData(**torch.load(path, weights_only=True, mmap=True))
 
 
-def test_pixels(dataset: DatasetRef) -> torch.Tensor:
-    """The test images as float32 pixels in [0, 1], the models' input."""
-    return load_tensors(dataset.tensors_path).test_images.float() / 255
+def test_pixels(dataset: DatasetRef, limit: Optional[int] = None) -> torch.Tensor:
+    """The first `limit` (default: all) test images as float32 pixels in [0, 1], the models' input."""
+    return load_tensors(dataset.tensors_path).test_images[:limit].float() / 255
 
 
 def prepare_dataset(name: str, data_dir: Path, **options) -> DatasetRef:

@@ -133,7 +133,7 @@ def register_model(
 ) -> dict:
     """Logs and registers both flavors, then moves `champion` or `challenger` through the gate."""
     model = export.load_model(spec, weights_path)
-    example = test_pixels(dataset)[:4].numpy()
+    example = test_pixels(dataset, limit=4).numpy()
     signature = registry.pixel_signature(example, spec.num_classes)
     metadata = {
         "class_names": list(dataset.class_names),

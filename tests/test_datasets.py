@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks import datasets
 from tasks.datasets import channel_stats, load_source, load_tensors, prepare_dataset, tensor_digest
 from tasks.images import ImageData, check_image_data
 
@@ -44,3 +45,14 @@ def test_inconsistent_data_is_rejected():
     bad = ImageData(images, torch.tensor([0, 1, 2, 3]), images, torch.zeros(4, dtype=torch.long), ("a", "b"))
     with pytest.raises(ValueError, match=r"train labels must lie in \[0, 2\)"):
         check_image_data(bad)
+
+
+def test_test_pixels_scale_and_limit(tmp_path):
+    ref = prepare_dataset("synthetic", tmp_path)
+    first = datasets.test_pixels(ref, 3)
+    assert (
+        first.shape == (3, 1, 28, 28)
+        and first.dtype == torch.float32
+        and 0 <= first.min() <= first.max() <= 1
+    )
+    assert torch.equal(first, datasets.test_pixels(ref)[:3])
