@@ -155,6 +155,17 @@ class PredictConfig(BaseModel):
             raise ValueError("--image-root applies only to --input-csv")
         return self
 
+    def input_options(self) -> dict[str, object]:
+        """Where the images come from, with paths made absolute (None where not given), for read_images."""
+        paths = {"input_csv": self.input_csv, "image_root": self.image_root, "image_dir": self.image_dir}
+        options = {key: resolve_path(value) if value else None for key, value in paths.items()}
+        return {
+            **options,
+            "dataset": self.dataset,
+            "data_dir": resolve_path(self.data_dir),
+            "mirror": self.mirror,
+        }
+
     @property
     def registry_name(self) -> str:
         """The registered name of the chosen flavor."""

@@ -19,22 +19,11 @@ from tasks.prediction import PredictionError
 from tasks.run_steps import make_run_dir, mlflow_run
 
 
-def _optional_path(value: str | None) -> Path | None:
-    return resolve_path(value) if value else None
-
-
 @flow(name="predict-images", log_prints=True)
 def predict_flow(config: PredictConfig) -> dict:
     """Load the registered model, read the images, predict them and log the predictions."""
     registered = load_registered_model(config.registry_name, config.alias)
-    inputs = read_images(
-        _optional_path(config.input_csv),
-        _optional_path(config.image_root),
-        _optional_path(config.image_dir),
-        config.dataset,
-        resolve_path(config.data_dir),
-        config.mirror,
-    )
+    inputs = read_images(**config.input_options())
     run_dir = make_run_dir(resolve_path(config.output_dir))
     link = {
         "model_uri": registered.uri,
@@ -45,7 +34,7 @@ def predict_flow(config: PredictConfig) -> dict:
         "model_source_run_id": registered.source_run_id,
     }
     with mlflow_run(config.experiment, config.model_dump(), "cpu", run_dir, link) as run_id:
-        output = _optional_path(config.output) or run_dir / "predictions.csv"
+        output = resolve_path(config.output) if config.output else run_dir / "predictions.csv"
         result = predict_images(registered, inputs, config.batch_size, output, run_id)
     return {
         "mlflow_run_id": run_id,

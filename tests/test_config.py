@@ -116,3 +116,18 @@ def test_predict_flags_need_a_model_and_exactly_one_input(capsys):
 def test_predict_script_help(tmp_path):
     result = run_train_script(tmp_path, "--help", script=TRAIN_SCRIPT.parent / "predict_flow.py")
     assert result.returncode == 0 and "--registered-model" in result.stdout and "--flavor" in result.stdout
+
+
+def test_input_options_resolve_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(
+        ["--registered-model", "m", "--input-csv", "a.csv", "--image-root", "img"], PredictConfig
+    )
+    assert config.input_options() == {
+        "input_csv": tmp_path / "a.csv",
+        "image_root": tmp_path / "img",
+        "image_dir": None,
+        "dataset": None,
+        "data_dir": tmp_path / "data",
+        "mirror": None,
+    }
