@@ -8,6 +8,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DatasetName = Literal["fashion-mnist", "mnist", "csv", "synthetic", "digits"]
+RunnerName = Literal["threads", "processes", "dask", "ray"]
+_ADDRESS_SCHEMES = {"dask": ("tcp://", "tls://"), "ray": ("ray://", "auto")}
 
 
 class TrainConfig(BaseModel):
@@ -108,10 +110,38 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-class PredictConfig(BaseModel):
-    """Predict images with a model from the MLflow registry and write a predictions CSV."""
+class ClusterOptions(BaseModel):
+    """Where a flow's parallel tasks run."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_runner: RunnerName = Field(
+        "threads", description="Prefect's thread or process pool, or a Dask or Ray cluster."
+    )
+    address: Optional[str] = Field(
+        None,
+        description="An existing cluster: a Dask scheduler (tcp://HOST:PORT) or Ray (ray://HOST:PORT or "
+        "auto); default for dask and ray: start a local cluster and stop it at the end.",
+    )
+    max_parallel: Optional[int] = Field(
+        None, ge=1, le=4096, description="Tasks running at once; default: what the runner offers."
+    )
+
+    @model_validator(mode="after")
+    def _address_fits_runner(self) -> "ClusterOptions":
+        if self.address is None:
+            return self
+        schemes = _ADDRESS_SCHEMES.get(self.task_runner)
+        if schemes is None:
+            raise ValueError(f"--address applies only to --task-runner dask or ray, not {self.task_runner!r}")
+        if not self.address.startswith(schemes) or self.address.endswith("://"):
+            accepted = " or ".join(f"{scheme}HOST:PORT" if scheme.endswith("//") else scheme for scheme in schemes)
+            raise ValueError(f"--address {self.address!r}: --task-runner {self.task_runner} takes {accepted}")
+        return self
+
+
+class PredictConfig(ClusterOptions):
+    """Predict images with a model from the MLflow registry and write a predictions CSV."""
 
     registered_model: str = Field(
         ..., min_length=1, description="Registry name of the model, as trained (e.g. 'digits-cnn')."
@@ -136,6 +166,9 @@ class PredictConfig(BaseModel):
         None, pattern=r"^(https?|file)://", description="Download base URL for --dataset fashion-mnist/mnist."
     )
     batch_size: int = Field(512, ge=1, le=65536, description="Images per inference batch.")
+    partition_size: int = Field(
+        10000, ge=1, description="Images per partition, the unit of work a task runner hands out."
+    )
     output: Optional[str] = Field(
         None, description="Predictions CSV to write; default: predictions.csv in the run's folder."
     )

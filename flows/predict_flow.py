@@ -13,20 +13,24 @@ from prefect import flow
 
 from flows.cli import parse_config
 from flows.config import PredictConfig, resolve_path
+from flows.runners import RunnerUnavailableError, make_task_runner, submit_all
 from flows.train_flow import USER_ERRORS
-from tasks.predict_steps import load_registered_model, predict_images, read_images
-from tasks.prediction import PredictionError
+from tasks import tracking
+from tasks.predict_steps import list_images, load_registered_model, predict_partition, write_predictions
+from tasks.prediction import PredictionError, partitions
 from tasks.run_steps import make_run_dir, mlflow_run
 
 
 @flow(name="predict-images", log_prints=True)
 def predict_flow(config: PredictConfig) -> dict:
-    """Load the registered model, read the images, predict them and log the predictions."""
+    """Find the registered model, list the images, predict them in partitions and log the predictions."""
+    runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
     registered = load_registered_model(config.registry_name, config.alias)
-    inputs = read_images(**config.input_options())
+    inputs = list_images(**config.input_options(), class_names=registered.class_names)
     run_dir = make_run_dir(resolve_path(config.output_dir))
+    uri = f"models:/{config.registry_name}@{config.alias}"
     link = {
-        "model_uri": registered.uri,
+        "model_uri": uri,
         "model_name": config.registry_name,
         "model_alias": config.alias,
         "model_version": registered.version,
@@ -34,14 +38,21 @@ def predict_flow(config: PredictConfig) -> dict:
         "model_source_run_id": registered.source_run_id,
     }
     with mlflow_run(config.experiment, config.model_dump(), "cpu", run_dir, link) as run_id:
+        calls = [
+            dict(
+                registered=registered,
+                inputs=part,
+                batch_size=config.batch_size,
+                output=run_dir / "parts" / f"part-{index:05d}.csv",
+                tracking_uri=tracking.tracking_uri(),
+            )
+            for index, part in enumerate(partitions(inputs, config.partition_size))
+        ]
+        with runner:
+            counts = [f.result() for f in submit_all(runner, predict_partition, calls, config.max_parallel)]
         output = resolve_path(config.output) if config.output else run_dir / "predictions.csv"
-        result = predict_images(registered, inputs, config.batch_size, output, run_id)
-    return {
-        "mlflow_run_id": run_id,
-        "model_uri": registered.uri,
-        "model_version": registered.version,
-        **result,
-    }
+        result = write_predictions([call["output"] for call in calls], counts, output, run_id)
+    return {"mlflow_run_id": run_id, "model_uri": uri, "model_version": registered.version, **result}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv, PredictConfig, prog="python flows/predict_flow.py")
     try:
         result = predict_flow(config)
-    except (*USER_ERRORS, PredictionError) as error:
+    except (*USER_ERRORS, PredictionError, RunnerUnavailableError) as error:
         sys.exit(f"error: {error}")
     print(
         f"{result['model_uri']} (version {result['model_version']}): predictions in {result['predictions']}"

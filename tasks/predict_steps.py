@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -20,40 +20,53 @@ from tasks.retrying import retry_except
     **tracking.MLFLOW_RETRIES,
 )
 def load_registered_model(name: str, alias: str) -> RegisteredModel:
-    """Fetches `models:/name@alias` from the registry."""
-    return prediction.load_registered(name, alias)
+    """Resolves `models:/name@alias` to a version and reads its input shape and class names."""
+    return prediction.find_registered(name, alias)
 
 
-@task(name="read-images", cache_policy=NO_CACHE)
-def read_images(
+@task(name="list-images", cache_policy=NO_CACHE)
+def list_images(
     input_csv: Optional[Path],
     image_root: Optional[Path],
     image_dir: Optional[Path],
     dataset: Optional[str],
     data_dir: Path,
     mirror: Optional[str],
+    class_names: Sequence[str],
 ) -> Inputs:
-    """Reads the images to predict from a CSV, a folder, or a dataset's test split."""
+    """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels."""
     if input_csv:
-        return prediction.csv_inputs(input_csv, image_root or input_csv.parent)
-    if image_dir:
-        return prediction.folder_inputs(image_dir)
-    return prediction.dataset_inputs(dataset, data_dir, mirror)
+        inputs = prediction.csv_inputs(input_csv, image_root or input_csv.parent)
+    elif image_dir:
+        inputs = prediction.folder_inputs(image_dir)
+    else:
+        inputs = prediction.dataset_inputs(dataset, data_dir, mirror)
+    prediction.check_labels(inputs, class_names)
+    return inputs
 
 
-@task(name="predict-images", cache_policy=NO_CACHE)
-def predict_images(
-    registered: RegisteredModel, inputs: Inputs, batch_size: int, output: Path, run_id: str
-) -> dict:
-    """Predicts, writes the predictions CSV and logs it (and accuracy, when labels are known)."""
-    pixels = prediction.to_pixels(inputs, registered.input_shape)
-    logits = prediction.predict_logits(registered.model, pixels, batch_size)
-    table = prediction.predictions_table(logits, inputs, registered.class_names)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output, index=False)
+@task(name="predict-partition", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def predict_partition(
+    registered: RegisteredModel, inputs: Inputs, batch_size: int, output: Path, tracking_uri: str
+) -> dict[str, int]:
+    """Predicts one part of the images, wherever the task runner put it, into its own CSV."""
+    tracking.use_tracking_uri(tracking_uri)
+    model = prediction.load_pyfunc(tracking_uri, registered.uri)
+    return prediction.predict_to_csv(model, inputs, registered, batch_size, output)
+
+
+@task(name="write-predictions", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+def write_predictions(parts: list[Path], counts: list[dict[str, int]], output: Path, run_id: str) -> dict:
+    """Merges the parts in input order into the predictions CSV and logs it, with accuracy if known."""
+    prediction.merge_csvs(parts, output)
     tracking.log_artifacts(run_id, [output])
-    accuracy = prediction.accuracy(table)
-    metrics = {"images": len(table), **({"accuracy": accuracy} if accuracy is not None else {})}
+    total = prediction.add_tallies(counts)
+    metrics = {"images": total["images"]}
+    if total["labelled"]:
+        metrics["accuracy"] = total["correct"] / total["labelled"]
     tracking.log_metrics(run_id, metrics)
-    print(f"predicted {len(table)} images" + (f"; accuracy {accuracy:.4f}" if accuracy is not None else ""))
+    accuracy = f"; accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
+    print(f"predicted {total['images']} images{accuracy}")
+    for part in parts:
+        part.unlink()
     return {"predictions": str(output), **metrics}

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
@@ -20,6 +21,21 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 def get_client() -> MlflowClient:
     """A client on MLFLOW_TRACKING_URI, or MLflow's default local SQLite store (sqlite:///mlflow.db)."""
     return MlflowClient()
+
+
+def tracking_uri() -> str:
+    """This process's tracking URI, with a relative SQLite path made absolute, for other processes."""
+    uri = mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Points a worker process at the flow's tracking store (a no-op in the flow's own process)."""
+    if tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
 
 
 def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:

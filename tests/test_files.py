@@ -23,3 +23,16 @@ def test_failed_save_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypa
         atomic_save({"version": 2}, target)
     assert torch.load(target, weights_only=True) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_atomic_output_appears_only_when_complete(tmp_path):
+    target = tmp_path / "out" / "rows.csv"
+    with pytest.raises(RuntimeError):
+        with files.atomic_output(target) as handle:
+            handle.write("a,b\n")
+            raise RuntimeError("stopped half way")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with files.atomic_output(target) as handle:
+        handle.write("a,b\n")
+        assert not target.exists()
+    assert target.read_text() == "a,b\n"

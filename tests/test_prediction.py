@@ -1,17 +1,26 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torchvision.io import write_png
 
 from tasks.csv_images import CsvDatasetError
+from tasks.images import ImageData
 from tasks.prediction import (
+    COLUMNS,
     Inputs,
     PredictionError,
-    accuracy,
+    RegisteredModel,
+    check_labels,
     csv_inputs,
+    dataset_inputs,
+    find_registered,
     folder_inputs,
-    load_registered,
+    merge_csvs,
+    partitions,
+    predict_to_csv,
     predictions_table,
+    tally,
     to_pixels,
 )
 
@@ -20,9 +29,10 @@ def test_csv_without_labels_and_folder_inputs(png_dataset, tmp_path):
     csv = tmp_path / "unlabelled.csv"
     csv.write_text("img/000.png\nimg/001.png,\n")
     inputs = csv_inputs(csv, png_dataset["image_root"])
-    assert inputs.labels == [None, None] and len(inputs.images) == 2
+    assert inputs.labels == (None, None) and len(inputs.images()) == 2
     folder = folder_inputs(png_dataset["image_root"] / "img")
-    assert len(folder.images) == 48 and folder.sources[0].endswith("000.png")
+    assert len(folder) == 48 and folder.sources[0].endswith("000.png")
+    assert torch.equal(folder.part(5, 7).images()[1], folder.images()[6])
 
 
 def test_missing_inputs_are_named(png_dataset, tmp_path):
@@ -32,42 +42,88 @@ def test_missing_inputs_are_named(png_dataset, tmp_path):
         csv_inputs(csv, png_dataset["image_root"])
     with pytest.raises(PredictionError, match="does not exist"):
         folder_inputs(tmp_path / "absent")
+    with pytest.raises(PredictionError, match=r"labels \['bird'\] are not among the model's classes"):
+        check_labels(Inputs(("x", "y"), ("bird", None), "test"), ["cat", "dog"])
+
+
+def test_dataset_parts_read_their_own_slice_of_the_test_split(tmp_path):
+    inputs = dataset_inputs("synthetic", tmp_path)
+    parts = partitions(inputs, 300)
+    assert [len(p) for p in parts] == [300, 300, 300, 100] and parts[1].offset == 300
+    assert parts[2].sources[0] == "synthetic/test/600"
+    assert torch.equal(torch.stack(parts[2].images()), torch.stack(inputs.images()[600:900]))
 
 
 def test_pixels_are_scaled_and_channels_adapted():
     grey, rgb = torch.full((1, 4, 4), 255, dtype=torch.uint8), torch.zeros((3, 4, 4), dtype=torch.uint8)
-    inputs = Inputs([grey, rgb], ["a", "b"], [None, None])
-    pixels = to_pixels(inputs, (3, 4, 4))
+    pixels = to_pixels([grey, rgb], ["a", "b"], (3, 4, 4))
     assert pixels.dtype == np.float32 and pixels.shape == (2, 3, 4, 4) and pixels.max() == 1.0
-    assert to_pixels(inputs, (1, 4, 4)).shape == (2, 1, 4, 4)
+    assert to_pixels([grey, rgb], ["a", "b"], (1, 4, 4)).shape == (2, 1, 4, 4)
     with pytest.raises(PredictionError, match=r"a: image is \(4, 4\) pixels, the model takes \(8, 8\)"):
-        to_pixels(inputs, (1, 8, 8))
+        to_pixels([grey, rgb], ["a", "b"], (1, 8, 8))
 
 
-def test_table_and_accuracy():
+def test_table_and_tally():
     logits = np.array([[3.0, 0.0], [0.0, 1.0], [2.0, 0.0]], dtype=np.float32)
-    inputs = Inputs([torch.zeros(1)] * 3, ["x", "y", "z"], ["cat", "cat", None])
-    table = predictions_table(logits, inputs, ["cat", "dog"])
+    table = predictions_table(logits, Inputs(("x", "y", "z"), ("cat", "cat", None), "test"), ["cat", "dog"])
+    assert list(table.columns) == COLUMNS
     assert table["predicted_class"].tolist() == ["cat", "dog", "cat"]
     assert table["confidence"][0] == pytest.approx(np.exp(3) / (np.exp(3) + 1))
-    assert accuracy(table) == 0.5
-    assert (
-        accuracy(predictions_table(logits, Inputs([], ["x", "y", "z"], [None] * 3), ["cat", "dog"])) is None
-    )
-    with pytest.raises(PredictionError, match=r"labels \['bird'\] are not among"):
-        predictions_table(logits, Inputs([], ["x", "y", "z"], ["bird", None, None]), ["cat", "dog"])
+    assert tally(table) == {"images": 3, "labelled": 2, "correct": 1}
+
+
+class PixelSum:
+    """A stand-in pyfunc: class 1 when the image is bright; records batch sizes."""
+
+    def __init__(self):
+        self.batches = []
+
+    def predict(self, pixels):
+        self.batches.append(len(pixels))
+        bright = pixels.reshape(len(pixels), -1).mean(1) > 0.5
+        return np.stack([~bright, bright], axis=1).astype(np.float32)
+
+
+def test_streamed_parts_merge_into_the_table_of_one_pass(tmp_path):
+    images = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    images[::3] = 255
+    labels = torch.zeros(10, dtype=torch.int64)
+    path = tmp_path / "t.pt"
+    torch.save(ImageData(images, labels, images, labels, ("dark", "bright"))._asdict(), path)
+    inputs = Inputs(tuple(f"i{k}" for k in range(10)), ("dark",) * 9 + (None,), "t", str(path))
+    registered = RegisteredModel("models:/m/1", "1", "run", ("dark", "bright"), (1, 2, 2))
+
+    model = PixelSum()
+    whole = predict_to_csv(model, inputs, registered, 4, tmp_path / "whole.csv")
+    assert model.batches == [4, 4, 2] and whole == {"images": 10, "labelled": 9, "correct": 6}
+    parts = [tmp_path / f"p{k}.csv" for k in range(3)]
+    counts = [predict_to_csv(PixelSum(), p, registered, 3, out) for p, out in zip(partitions(inputs, 4), parts)]
+    merge_csvs(parts, tmp_path / "merged.csv")
+    assert (tmp_path / "merged.csv").read_text() == (tmp_path / "whole.csv").read_text()
+    assert [c["images"] for c in counts] == [4, 4, 2]
+    table = pd.read_csv(tmp_path / "merged.csv")
+    assert table["path"].tolist() == list(inputs.sources) and table["correct"].isna().tolist()[-1]
+
+
+def test_a_bad_image_leaves_no_output(tmp_path):
+    registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (1, 8, 8))
+    write_png(torch.zeros(1, 4, 4, dtype=torch.uint8), str(tmp_path / "small.png"))
+    inputs = folder_inputs(tmp_path)
+    with pytest.raises(PredictionError, match="small.png: image is"):
+        predict_to_csv(PixelSum(), inputs, registered, 2, tmp_path / "out" / "p.csv")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_missing_model_or_alias_is_a_clear_error(mlflow_store):
     with pytest.raises(PredictionError, match="no registered model 'ghost'"):
-        load_registered("ghost", "champion")
+        find_registered("ghost", "champion")
     from mlflow import MlflowClient
 
     MlflowClient().create_registered_model("real")
     with pytest.raises(PredictionError, match="model 'real' has no alias 'champion' \\(aliases: none\\)"):
-        load_registered("real", "champion")
+        find_registered("real", "champion")
 
 
 def test_write_png_helper_matches_decoder(tmp_path):
     write_png(torch.zeros(3, 5, 5, dtype=torch.uint8), str(tmp_path / "a.png"))
-    assert folder_inputs(tmp_path).images[0].shape == (3, 5, 5)
+    assert folder_inputs(tmp_path).images()[0].shape == (3, 5, 5)
