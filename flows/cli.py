@@ -8,8 +8,10 @@ from typing import Literal, Optional, TypeVar, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from flows.config import TrainConfig
+from flows.sweep_config import SearchRange, SweepConfig, sweepable_choices
 
 Config = TypeVar("Config", bound=BaseModel)
+_SWEEP_OWN = ("grid", "space")  # flags with a syntax of their own; SweepConfig's others are generated
 
 
 def build_parser(config_class: type[BaseModel], prog: str) -> argparse.ArgumentParser:
@@ -19,7 +21,15 @@ def build_parser(config_class: type[BaseModel], prog: str) -> argparse.ArgumentP
         description=config_class.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_fields(parser, config_class)
+    return parser
+
+
+def add_fields(parser: argparse._ActionsContainer, config_class: type[BaseModel], skip: tuple = ()) -> None:
+    """Adds a flag for each field of `config_class` not in `skip`."""
     for name, field in config_class.model_fields.items():
+        if name in skip:
+            continue
         choices = _literal_choices(field.annotation)
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -30,7 +40,6 @@ def build_parser(config_class: type[BaseModel], prog: str) -> argparse.ArgumentP
             help=field.description,
             metavar=None if choices else name.upper(),
         )
-    return parser
 
 
 def _literal_choices(annotation: object) -> Optional[tuple[str, ...]]:
@@ -49,7 +58,65 @@ def parse_config(
 ) -> Config:
     """Parses flags into a validated config; exits with status 2 naming any bad value."""
     parser = build_parser(config_class, prog)
+    return _validate(parser, config_class, vars(parser.parse_args(argv)))
+
+
+def parse_sweep_config(
+    argv: Optional[list[str]] = None, prog: str = "python flows/sweep_flow.py"
+) -> SweepConfig:
+    """train_flow's flags set the base config; --grid, --random and --space say what varies."""
+    parser = build_parser(TrainConfig, prog)
+    parser.description = SweepConfig.__doc__
+    sweep = parser.add_argument_group("sweep", f"Settings a trial can vary: {sweepable_choices()}.")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="Values to try for a setting (repeatable); the trials are the product of all grids.",
+    )
+    sweep.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="FIELD=LOW:HIGH[:log]",
+        help="A range for random search (repeatable), drawn --random N times; ':log' for log-uniform.",
+    )
+    add_fields(sweep, SweepConfig, skip=("base", *_SWEEP_OWN))
     values = vars(parser.parse_args(argv))
+    own = {name: values.pop(name) for name in SweepConfig.model_fields if name in values}
+    base = _validate(parser, TrainConfig, {name: values[name] for name in TrainConfig.model_fields})
+    grid = dict(_assignment(parser, "--grid", item) for item in own["grid"])
+    space = dict(_assignment(parser, "--space", item) for item in own["space"])
+    fields = {
+        **own,
+        "base": base,
+        "grid": {name: text.split(",") for name, text in grid.items()},
+        "space": {name: _search_range(parser, name, text) for name, text in space.items()},
+    }
+    return _validate(parser, SweepConfig, fields)
+
+
+def _assignment(parser: argparse.ArgumentParser, flag: str, item: str) -> tuple[str, str]:
+    """'batch-size=32,64' -> ('batch_size', '32,64')."""
+    name, equals, value = item.partition("=")
+    if not equals or not name.strip() or not value.strip():
+        parser.error(f"{flag} {item!r}: expected FIELD=VALUE")
+    return name.strip().replace("-", "_"), value.strip()
+
+
+def _search_range(parser: argparse.ArgumentParser, name: str, text: str) -> SearchRange:
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+            raise ValueError
+        return SearchRange(low=float(parts[0]), high=float(parts[1]), log=len(parts) == 3)
+    except ValueError:
+        parser.error(f"--space {name}={text}: expected LOW:HIGH or LOW:HIGH:log with numbers")
+    raise AssertionError("unreachable: parser.error exits")
+
+
+def _validate(parser: argparse.ArgumentParser, config_class: type[Config], values: dict) -> Config:
     if isinstance(values.get("classes"), str):
         values["classes"] = [c.strip() for c in values["classes"].split(",") if c.strip()]
     try:

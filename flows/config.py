@@ -135,7 +135,9 @@ class ClusterOptions(BaseModel):
         if schemes is None:
             raise ValueError(f"--address applies only to --task-runner dask or ray, not {self.task_runner!r}")
         if not self.address.startswith(schemes) or self.address.endswith("://"):
-            accepted = " or ".join(f"{scheme}HOST:PORT" if scheme.endswith("//") else scheme for scheme in schemes)
+            accepted = " or ".join(
+                f"{scheme}HOST:PORT" if scheme.endswith("//") else scheme for scheme in schemes
+            )
             raise ValueError(f"--address {self.address!r}: --task-runner {self.task_runner} takes {accepted}")
         return self
 

@@ -15,10 +15,13 @@ from flows.cli import parse_config
 from flows.config import TrainConfig, resolve_path
 from models import ModelSpec
 from tasks.csv_images import CsvDatasetError
+from tasks.datasets import DatasetRef
 from tasks.export import OnnxMismatchError
+from tasks.loaders import TensorLoader
 from tasks.mnist_files import ChecksumError, DownloadError
 from tasks.run_steps import log_dataset, make_run_dir, mlflow_run
 from tasks.steps import (
+    TrainedModel,
     build_loaders,
     evaluate_model,
     export_onnx,
@@ -42,35 +45,43 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
         dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
         log_dataset(run_id, dataset)
-        spec = ModelSpec(
-            config.model, dataset.channels, dataset.image_size, dataset.num_classes, dataset.mean, dataset.std
-        )
+        spec, settings = model_spec(config, dataset), train_settings(config)
         loaders = build_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
-        settings = TrainSettings(
-            config.epochs, config.optimizer, config.lr, config.weight_decay, config.scheduler, config.seed
-        )
         timeout = config.train_timeout_minutes and config.train_timeout_minutes * 60
         train = train_model.with_options(retries=config.train_retries, timeout_seconds=timeout)
         trained = train(spec, loaders, settings, run_dir, run_id)
-        metrics = evaluate_model(trained, loaders.test, dataset.class_names, run_dir, run_id)
-        weights = save_state_dict(trained, run_dir, run_id)
-        onnx_path = export_onnx(spec, weights, run_dir, run_id)
-        parity = validate_onnx(spec, weights, onnx_path, dataset, run_id)
-        registration = register_model(
-            spec,
-            weights,
-            onnx_path,
-            dataset,
-            metrics["test_accuracy"],
-            parity,
-            config.model_name,
-            run_dir,
-            run_id,
-        )
+        published = publish_model(trained, loaders.test, dataset, config.model_name, run_dir, run_id)
+    return {"mlflow_run_id": run_id, "run_dir": str(run_dir), **published}
+
+
+def model_spec(config: TrainConfig, dataset: DatasetRef) -> ModelSpec:
+    """The network `config` asks for, shaped for `dataset`."""
+    return ModelSpec(
+        config.model, dataset.channels, dataset.image_size, dataset.num_classes, dataset.mean, dataset.std
+    )
+
+
+def train_settings(config: TrainConfig) -> TrainSettings:
+    return TrainSettings(
+        config.epochs, config.optimizer, config.lr, config.weight_decay, config.scheduler, config.seed
+    )
+
+
+def publish_model(
+    trained: TrainedModel, test: TensorLoader, dataset: DatasetRef, name: str, run_dir: Path, run_id: str
+) -> dict:
+    """Tests the trained model, saves it, exports and checks the ONNX, and registers both flavors."""
+    spec = trained.spec
+    metrics = evaluate_model(trained, test, dataset.class_names, run_dir, run_id)
+    weights = save_state_dict(trained, run_dir, run_id)
+    onnx_path = export_onnx(spec, weights, run_dir, run_id)
+    parity = validate_onnx(spec, weights, onnx_path, dataset, run_id)
+    test_accuracy = metrics["test_accuracy"]
+    registration = register_model(
+        spec, weights, onnx_path, dataset, test_accuracy, parity, name, run_dir, run_id
+    )
     return {
-        "mlflow_run_id": run_id,
-        "run_dir": str(run_dir),
-        "test_accuracy": metrics["test_accuracy"],
+        "test_accuracy": test_accuracy,
         "test_loss": metrics["test_loss"],
         "onnx_max_abs_diff": parity["max_abs_diff"],
         **registration,

@@ -74,5 +74,13 @@ def make_loaders(
     return Loaders(
         TensorLoader(images[train], labels[train], batch_size, shuffle=True, seed=seed, device=device),
         TensorLoader(images[val], labels[val], eval_batch, device=device),
-        TensorLoader(data.test_images, data.test_labels, eval_batch, device=device),
+        make_test_loader(dataset, device, eval_batch),
     )
+
+
+def make_test_loader(
+    dataset: DatasetRef, device: torch.device | str, batch_size: int = _EVAL_BATCH
+) -> TensorLoader:
+    """The test split, in order."""
+    data = load_tensors(dataset.tensors_path)
+    return TensorLoader(data.test_images, data.test_labels, batch_size, device=device)

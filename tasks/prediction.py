@@ -103,7 +103,9 @@ def load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
 def csv_inputs(csv_path: Path, image_root: Path) -> Inputs:
     """Images named by a CSV (labels optional); a missing image names its row."""
     rows = read_rows(csv_path, image_root, labels_required=False)
-    return Inputs(tuple(str(row.path) for row in rows), tuple(row.label or None for row in rows), str(csv_path))
+    return Inputs(
+        tuple(str(row.path) for row in rows), tuple(row.label or None for row in rows), str(csv_path)
+    )
 
 
 def folder_inputs(folder: Path) -> Inputs:
@@ -132,7 +134,9 @@ def check_labels(inputs: Inputs, class_names: Sequence[str]) -> None:
     """Fails before any prediction when a known label is not one of the model's classes."""
     unknown = {label for label in inputs.labels if label is not None} - set(class_names)
     if unknown:
-        raise PredictionError(f"labels {sorted(unknown)} are not among the model's classes {list(class_names)}")
+        raise PredictionError(
+            f"labels {sorted(unknown)} are not among the model's classes {list(class_names)}"
+        )
 
 
 def partitions(inputs: Inputs, size: int) -> list[Inputs]:

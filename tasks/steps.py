@@ -55,6 +55,13 @@ def train_model(
     spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str
 ) -> TrainedModel:
     """Trains with per-epoch checkpoints (a retry resumes) and logs every epoch to MLflow."""
+    return train_logged(spec, loaders, settings, run_dir, run_id)
+
+
+def train_logged(
+    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str
+) -> TrainedModel:
+    """train() with checkpoints in run_dir, each epoch logged to the MLflow run and printed."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:

@@ -109,6 +109,36 @@ def find_run(experiment: str, flow_run_id: str) -> Optional[str]:
     return runs[0].info.run_id if runs else None
 
 
+def find_child_run(parent_run_id: str, trial: int) -> Optional[str]:
+    """The run of trial `trial` under a sweep's parent run, if one was started."""
+    client = get_client()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`sweep.trial` = '{trial}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def open_child_run(
+    parent_run_id: str, trial: int, run_name: str, tags: Mapping[str, str], params: Mapping[str, object]
+) -> str:
+    """Starts trial `trial`'s child run, or reopens the one an earlier attempt started; logs its
+    tags and params (the same values again on a retry, which MLflow accepts)."""
+    client = get_client()
+    run_id = find_child_run(parent_run_id, trial)
+    if run_id is None:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        identity = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(trial)}
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=identity).info.run_id
+    else:
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    log_tags(run_id, tags)
+    log_params(run_id, params)
+    return run_id
+
+
 def log_missing_steps(run_id: str, history: list[dict[str, float]]) -> None:
     """Logs each epoch's metrics (step = epoch, from 1) that the run does not hold yet."""
     client = get_client()

@@ -97,7 +97,9 @@ def test_streamed_parts_merge_into_the_table_of_one_pass(tmp_path):
     whole = predict_to_csv(model, inputs, registered, 4, tmp_path / "whole.csv")
     assert model.batches == [4, 4, 2] and whole == {"images": 10, "labelled": 9, "correct": 6}
     parts = [tmp_path / f"p{k}.csv" for k in range(3)]
-    counts = [predict_to_csv(PixelSum(), p, registered, 3, out) for p, out in zip(partitions(inputs, 4), parts)]
+    counts = [
+        predict_to_csv(PixelSum(), p, registered, 3, out) for p, out in zip(partitions(inputs, 4), parts)
+    ]
     merge_csvs(parts, tmp_path / "merged.csv")
     assert (tmp_path / "merged.csv").read_text() == (tmp_path / "whole.csv").read_text()
     assert [c["images"] for c in counts] == [4, 4, 2]

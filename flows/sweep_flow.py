@@ -1,0 +1,132 @@
+"""Hyperparameter sweep: trials train in parallel (threads, processes, Dask or Ray) as child MLflow
+runs of one parent run; the best is tested, exported, validated and registered like train_flow's."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefect import flow
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
+
+from flows.cli import parse_sweep_config
+from flows.config import TrainConfig, resolve_path
+from flows.runners import RunnerUnavailableError, make_task_runner, submit_all
+from flows.sweep_config import SweepConfig
+from flows.train_flow import USER_ERRORS, model_spec, publish_model, train_settings
+from tasks import tracking
+from tasks.datasets import DatasetRef
+from tasks.loaders import make_test_loader
+from tasks.run_steps import log_dataset, make_run_dir, mlflow_run
+from tasks.steps import TrainedModel, fetch_dataset
+from tasks.sweep_steps import Trial, report_trials, run_trial
+from tasks.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
+from tasks.training import resolve_device
+
+
+@flow(name="sweep-image-classifier", log_prints=True)
+def sweep_flow(config: SweepConfig) -> dict:
+    """Prepare the data once, train every trial, then publish the best one through the champion gate."""
+    base = config.base
+    runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
+    sweep_dir = make_run_dir(resolve_path(base.output_dir))
+    params = {**base.model_dump(), **config.model_dump(exclude={"base"})}
+    with mlflow_run(base.experiment, params, base.device, sweep_dir) as parent_id:
+        dataset = fetch_dataset(base.dataset, resolve_path(base.data_dir), **base.dataset_options())
+        log_dataset(parent_id, dataset)
+        trials = [
+            make_trial(index, trial_config, config.swept_fields, dataset)
+            for index, trial_config in enumerate(config.trial_configs(), 1)
+        ]
+        outcomes = run_trials(runner, trials, dataset, parent_id, sweep_dir, config)
+        key = base.registered_model or base.dataset
+        table = report_trials(outcomes, config.swept_fields, sweep_dir, parent_id, key)
+        best = outcomes[int(best_trial(table).trial) - 1]
+        winner = trials[best["trial"] - 1]
+        trained = TrainedModel(winner.spec, best["checkpoint"], best["history"])
+        name = TrainConfig(**winner.params).model_name
+        test = make_test_loader(dataset, "cpu")
+        published = publish_model(trained, test, dataset, name, sweep_dir / winner.name, best["run_id"])
+    return {
+        "mlflow_run_id": parent_id,
+        "run_dir": str(sweep_dir),
+        "trials": table.to_dict("records"),
+        "best_trial": winner.index,
+        "best_run_id": best["run_id"],
+        "best_settings": winner.swept,
+        **published,
+    }
+
+
+def make_trial(index: int, config: TrainConfig, swept: list[str], dataset: DatasetRef) -> Trial:
+    return Trial(
+        index=index,
+        swept={name: getattr(config, name) for name in swept},
+        params=config.model_dump(),
+        spec=model_spec(config, dataset),
+        settings=train_settings(config),
+        batch_size=config.batch_size,
+        val_fraction=config.val_fraction,
+        device=config.device,
+    )
+
+
+def run_trials(
+    runner: TaskRunner,
+    trials: list[Trial],
+    dataset: DatasetRef,
+    parent_id: str,
+    sweep_dir: Path,
+    config: SweepConfig,
+) -> list[dict]:
+    """Every trial on the runner, at most max_parallel at once; one outcome each, failures included."""
+    base = config.base
+    timeout = base.train_timeout_minutes and base.train_timeout_minutes * 60
+    task = run_trial.with_options(retries=base.train_retries, retry_delay_seconds=2, timeout_seconds=timeout)
+    uri = tracking.tracking_uri()
+    calls = [
+        dict(trial=t, dataset=dataset, parent_run_id=parent_id, sweep_dir=sweep_dir, tracking_uri=uri)
+        for t in trials
+    ]
+    with runner:
+        futures = submit_all(runner, task, calls, config.max_parallel)
+        return [outcome(trial, future, parent_id) for trial, future in zip(trials, futures)]
+
+
+def outcome(trial: Trial, future: PrefectFuture, parent_id: str) -> dict:
+    """The trial's result, or why it failed after its retries (which does not stop the sweep)."""
+    row = {"trial": trial.index, **trial.swept}
+    try:
+        return {**row, "status": FINISHED, **future.result()}
+    except Exception as error:
+        print(f"{trial.name} failed: {type(error).__name__}: {error}")
+        failed = {"status": FAILED, "error": f"{type(error).__name__}: {error}"}
+        return {**row, **failed, "run_id": tracking.find_child_run(parent_id, trial.index)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point: flags -> SweepConfig -> flow run."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
+    config = parse_sweep_config(argv)
+    try:
+        if config.task_runner in ("threads", "processes"):
+            resolve_device(config.base.device)  # trials run here: an absent GPU is a bad flag
+        make_task_runner(config.task_runner, config.address, config.max_parallel)  # its extra installed?
+        result = sweep_flow(config)
+    except (*USER_ERRORS, SweepFailedError, RunnerUnavailableError) as error:
+        sys.exit(f"error: {error}")
+    print(
+        f"best of {len(result['trials'])} trials: {result['best_trial']} {result['best_settings']}, "
+        f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
+        f"({result['reason']}); outputs in {result['run_dir']}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Prefect tasks of the sweep flow: one trial wherever the task runner puts it, and the report."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from models import ModelSpec
+from tasks import sweeps, tracking
+from tasks.datasets import DatasetRef
+from tasks.loaders import make_loaders
+from tasks.steps import train_logged
+from tasks.training import TrainSettings, resolve_device
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial of a sweep: what it varies and all it needs to train, small enough to ship."""
+
+    index: int
+    swept: dict[str, object]
+    params: dict[str, object]  # the trial's whole TrainConfig, logged as its child run's params
+    spec: ModelSpec
+    settings: TrainSettings
+    batch_size: int
+    val_fraction: float
+    device: str
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.index:03d}"
+
+
+def worker_name() -> str:
+    """<hostname>:<pid> of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@task(name="train-trial", task_run_name="trial-{trial.index}", cache_policy=NO_CACHE, retries=1)
+def run_trial(
+    trial: Trial, dataset: DatasetRef, parent_run_id: str, sweep_dir: Path, tracking_uri: str
+) -> dict:
+    """Trains one trial in its own child MLflow run; a retry resumes from its last checkpoint."""
+    tracking.use_tracking_uri(tracking_uri)
+    device = resolve_device(trial.device)
+    tags = {"worker": worker_name(), "device": str(device), "torch_version": torch.__version__}
+    label = ",".join(f"{key}={value}" for key, value in trial.swept.items())
+    run_id = tracking.open_child_run(parent_run_id, trial.index, f"{trial.name} {label}", tags, trial.params)
+    try:
+        loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, trial.settings.seed, device)
+        trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id)
+    except BaseException:
+        tracking.finish_run(run_id, succeeded=False)
+        raise
+    tracking.finish_run(run_id, succeeded=True)
+    last = trained.history[-1]
+    return {
+        "val_accuracy": last["val_accuracy"],
+        "val_loss": last["val_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "train_loss": last["train_loss"],
+        "epochs": len(trained.history),
+        "train_seconds": sum(epoch["epoch_seconds"] for epoch in trained.history),
+        "worker": tags["worker"],
+        "run_id": run_id,
+        "checkpoint": trained.checkpoint_path,
+        "history": trained.history,
+    }
+
+
+@task(name="report-trials", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+def report_trials(
+    outcomes: Sequence[dict], swept: Sequence[str], sweep_dir: Path, run_id: str, key: str
+) -> pd.DataFrame:
+    """Logs the trial table (CSV and Prefect table artifact), the accuracy plot and the best trial
+    to the parent run."""
+    table = sweeps.trials_table(outcomes, swept)
+    csv = sweep_dir / "trials.csv"
+    table.to_csv(csv, index=False)
+    plot = sweeps.plot_by_setting(table, swept, sweep_dir / "val_accuracy_by_setting.png")
+    tracking.log_artifacts(run_id, [csv] + ([plot] if plot else []))
+    finished = int((table["status"] == sweeps.FINISHED).sum())
+    tracking.log_metrics(run_id, {"trials_finished": finished, "trials_failed": len(table) - finished})
+    if finished:
+        best = sweeps.best_trial(table)
+        tracking.log_metrics(run_id, {"best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss})
+        tracking.log_tags(run_id, {"best_trial": best.trial, "best_run_id": best.run_id})
+    rows = [
+        {
+            name: None if isinstance(value, float) and math.isnan(value) else value
+            for name, value in row.items()
+        }
+        for row in table.to_dict("records")
+    ]
+    create_table_artifact(
+        rows,
+        key=re.sub(r"[^a-z0-9-]+", "-", f"sweep-{key}".lower()).strip("-"),
+        description=f"{finished} of {len(table)} trials finished; MLflow parent run {run_id}",
+    )
+    print(table.drop(columns=["run_id", "error"]).to_string(index=False))
+    return table
