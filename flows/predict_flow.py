@@ -13,7 +13,7 @@ from prefect import flow
 
 from flows.cli import parse_config
 from flows.config import PredictConfig, resolve_path
-from flows.runners import RunnerUnavailableError, make_task_runner, submit_all
+from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.train_flow import USER_ERRORS
 from tasks import tracking
 from tasks.predict_steps import list_images, load_registered_model, predict_partition, write_predictions
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
     config = parse_config(argv, PredictConfig, prog="python flows/predict_flow.py")
     try:
-        result = predict_flow(config)
+        with cluster_ready(config):
+            result = predict_flow(config)
     except (*USER_ERRORS, PredictionError, RunnerUnavailableError) as error:
         sys.exit(f"error: {error}")
     print(

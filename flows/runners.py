@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal, Optional
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
+import torch
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-RunnerName = Literal["threads", "processes", "dask", "ray"]
-ADDRESS_PATTERN = r"^((tcp|tls)://\S+:\d+|ray://\S+:\d+|auto)$"
+from flows.config import ClusterOptions, RunnerName
 
 
 class RunnerUnavailableError(RuntimeError):
@@ -32,7 +36,12 @@ def make_task_runner(kind: RunnerName, address: Optional[str], max_parallel: Opt
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=max_parallel)
     if kind == "processes":
-        return ProcessPoolTaskRunner(max_workers=max_parallel)
+        workers = max_parallel or os.cpu_count() or 1
+        # A share of the cores each: torch's default, all of them in every process, thrashes.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        return ProcessPoolTaskRunner(
+            max_workers=workers, initializer=torch.set_num_threads, initargs=(threads,)
+        )
     if kind == "dask":
         runner = _runner_class("prefect_dask", "DaskTaskRunner", "dask")
         if address:
@@ -46,6 +55,31 @@ def make_task_runner(kind: RunnerName, address: Optional[str], max_parallel: Opt
             return runner(address=address)
         return runner(init_kwargs={"num_cpus": max_parallel} if max_parallel else {})
     raise ValueError(f"unknown task runner {kind!r}; choose threads, processes, dask or ray")
+
+
+@contextmanager
+def cluster_ready(options: ClusterOptions) -> Iterator[None]:
+    """Checks the runner's package is installed and that a cluster's workers can report their task
+    runs to the flow's Prefect API, before any work.
+
+    Prefect's on-demand temporary server does not hand its address to worker processes (each
+    would start a server of its own), so for local ones this starts it up front and sets
+    PREFECT_API_URL; an existing cluster needs a Prefect server its workers can reach.
+    """
+    make_task_runner(options.task_runner, options.address, options.max_parallel)
+    if options.task_runner == "threads" or PREFECT_API_URL.value():
+        yield
+        return
+    if options.address:
+        raise RunnerUnavailableError(
+            f"--address {options.address}: the cluster's workers report task runs to a Prefect server; "
+            "start one (prefect server start --host 0.0.0.0) and set PREFECT_API_URL to an address the "
+            "workers can reach, e.g. prefect config set PREFECT_API_URL=http://HOST:4200/api"
+        )
+    server = SubprocessASGIServer()  # Prefect's own temporary server, stopped when the process exits
+    server.start()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def submit_all(

@@ -16,7 +16,7 @@ from prefect.task_runners import TaskRunner
 
 from flows.cli import parse_sweep_config
 from flows.config import TrainConfig, resolve_path
-from flows.runners import RunnerUnavailableError, make_task_runner, submit_all
+from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.sweep_config import SweepConfig
 from flows.train_flow import USER_ERRORS, model_spec, publish_model, train_settings
 from tasks import tracking
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if config.task_runner in ("threads", "processes"):
             resolve_device(config.base.device)  # trials run here: an absent GPU is a bad flag
-        make_task_runner(config.task_runner, config.address, config.max_parallel)  # its extra installed?
-        result = sweep_flow(config)
+        with cluster_ready(config):
+            result = sweep_flow(config)
     except (*USER_ERRORS, SweepFailedError, RunnerUnavailableError) as error:
         sys.exit(f"error: {error}")
     print(

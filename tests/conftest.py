@@ -6,10 +6,16 @@ import gzip
 import hashlib
 import http.server
 import os
+import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +44,21 @@ def run_train_script(
 ) -> subprocess.CompletedProcess:
     """Runs `python flows/train_flow.py FLAGS` (or another script) as a user would: its own
     temporary Prefect server, Prefect and MLflow state under `cwd`."""
+    command = [sys.executable, str(script), *flags]
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=cwd, env=script_env(cwd), timeout=timeout
+    )
+
+
+def script_env(cwd: Path) -> dict[str, str]:
+    """A user's shell in `cwd`: Prefect and MLflow state there, no Prefect server configured."""
     env = {
         **os.environ,
         "PREFECT_HOME": str(cwd / "prefect"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
     }
     env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, str(script), *flags]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return env
 
 
 @pytest.fixture
@@ -168,3 +181,142 @@ def file_server(tiny_fashion):
     yield state
     server.shutdown()
     server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited early:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+
+
+class Processes:
+    """Starts commands in their own process groups and stops them all, whatever happens."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env, self.started = folder, env, []
+
+    def start(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = self.folder / f"{name}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append(process)
+        return process, log
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"{args}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A real `dask scheduler` and two one-thread `dask worker` processes on 127.0.0.1."""
+    from distributed import Client
+
+    folder = tmp_path_factory.mktemp("dask")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    quiet = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")  # no clash on :8787
+    processes = Processes(folder, dict(os.environ))
+    try:
+        processes.start(
+            "scheduler",
+            "dask",
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            address.rsplit(":", 1)[1],
+            *quiet,
+        )
+        for index in range(2):
+            processes.start(
+                f"worker-{index}",
+                *("dask", "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1"),
+                *("--local-directory", str(folder / f"worker-{index}"), *quiet),
+            )
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        processes.stop_all()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A real Ray head node (`ray start --head --block`) on 127.0.0.1 with 2 CPUs; its ray:// address."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    folder = tmp_path_factory.mktemp("ray")
+    sessions = Path(
+        tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    )  # short: Ray's socket paths must fit 107 bytes
+    client_port = free_port()
+    # Token auth would follow a ~/.ray/auth_token left by any earlier local Ray; these tests need none.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")  # for the cluster and for this process, its client
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        processes = Processes(folder, dict(os.environ))
+        try:
+            head, log = processes.start(
+                "ray-head",
+                *("ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1"),
+                *(
+                    "--port",
+                    str(free_port()),
+                    "--ray-client-server-port",
+                    str(client_port),
+                    "--num-cpus",
+                    "2",
+                ),
+                *("--include-dashboard=false", "--disable-usage-stats", "--object-store-memory", "200000000"),
+                *("--temp-dir", str(sessions)),
+            )
+            wait_until_listening(client_port, head, log)
+            yield f"ray://127.0.0.1:{client_port}"
+        finally:
+            processes.stop_all()
+            shutil.rmtree(sessions, ignore_errors=True)
+
+
+def wait_until_listening(port: int, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,32 @@
+from tasks.search_space import Range, grid_points, random_draws, trial_overrides
+
+
+def test_grid_points_are_the_product_first_field_slowest():
+    points = grid_points({"lr": [0.1, 0.2], "model": ["mlp", "cnn"]})
+    assert points == [
+        {"lr": 0.1, "model": "mlp"},
+        {"lr": 0.1, "model": "cnn"},
+        {"lr": 0.2, "model": "mlp"},
+        {"lr": 0.2, "model": "cnn"},
+    ]
+    assert grid_points({}) == [{}]
+
+
+def test_random_draws_are_seeded_in_range_and_typed():
+    space = {"lr": Range(1e-4, 1e-1, log=True), "batch_size": Range(16, 256)}
+    draws = random_draws(space, 200, seed=3, integers=frozenset({"batch_size"}))
+    assert draws == random_draws(space, 200, seed=3, integers=frozenset({"batch_size"}))
+    assert draws != random_draws(space, 200, seed=4, integers=frozenset({"batch_size"}))
+    assert all(1e-4 <= d["lr"] <= 1e-1 and 16 <= d["batch_size"] <= 256 for d in draws)
+    assert all(isinstance(d["batch_size"], int) for d in draws)
+    # Log-uniform: about as many draws in each decade.
+    decades = [sum(10**k <= d["lr"] < 10 ** (k + 1) for d in draws) for k in (-4, -3, -2)]
+    assert min(decades) > 40, decades
+    assert all(d["lr"] == float(f"{d['lr']:.4g}") for d in draws)  # readable in tables
+
+
+def test_grid_crossed_with_the_same_draws():
+    trials = trial_overrides({"model": ["mlp", "cnn"]}, {"lr": Range(0.001, 0.01)}, 3, seed=0)
+    assert len(trials) == 6
+    assert [t["lr"] for t in trials[:3]] == [t["lr"] for t in trials[3:]]
+    assert trial_overrides({"model": ["mlp"]}, {}, 0, seed=0) == [{"model": "mlp"}]

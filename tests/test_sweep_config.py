@@ -1,0 +1,103 @@
+import pytest
+
+from flows.cli import parse_sweep_config
+from flows.config import TrainConfig
+from flows.sweep_config import SearchRange, SweepConfig
+
+
+def test_flags_set_the_base_and_the_grid():
+    config = parse_sweep_config(
+        ["--dataset", "digits", "--epochs", "2", "--grid", "lr=0.001,0.003", "--grid", "model=mlp,cnn"]
+    )
+    assert config.base.dataset == "digits" and config.base.epochs == 2
+    assert config.swept_fields == ["lr", "model"] and config.task_runner == "threads"
+    trials = config.trial_configs()
+    assert [(t.lr, t.model, t.epochs) for t in trials] == [
+        (0.001, "mlp", 2),
+        (0.001, "cnn", 2),
+        (0.003, "mlp", 2),
+        (0.003, "cnn", 2),
+    ]
+    assert all(isinstance(t, TrainConfig) for t in trials)
+
+
+def test_random_search_flags():
+    config = parse_sweep_config(
+        [
+            "--random",
+            "5",
+            "--space",
+            "lr=1e-4:1e-2:log",
+            "--space",
+            "batch-size=16:128",
+            "--max-parallel",
+            "2",
+        ]
+    )
+    assert config.space == {
+        "lr": SearchRange(low=1e-4, high=1e-2, log=True),
+        "batch_size": SearchRange(low=16, high=128),
+    }
+    trials = config.trial_configs()
+    assert len(trials) == 5 and len({t.lr for t in trials}) == 5
+    assert all(1e-4 <= t.lr <= 1e-2 and 16 <= t.batch_size <= 128 for t in trials)
+    assert trials == config.trial_configs()  # seeded by --seed
+    assert config.max_parallel == 2
+
+
+def test_cluster_flags():
+    config = parse_sweep_config(
+        ["--grid", "seed=0,1", "--task-runner", "dask", "--address", "tcp://10.0.0.5:8786"]
+    )
+    assert (config.task_runner, config.address) == ("dask", "tcp://10.0.0.5:8786")
+    assert (
+        parse_sweep_config(["--grid", "seed=0,1", "--task-runner", "ray", "--address", "auto"]).address
+        == "auto"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--grid", "lr=0.1,-1"], "--grid lr=-1: Input should be greater than 0"),
+        (["--grid", "lrr=0.1"], "--grid lrr: not a setting a trial can vary"),
+        (
+            ["--grid", "dataset=mnist"],
+            "--grid dataset: not a setting a trial can vary; choose from model (mlp|cnn)",
+        ),
+        (["--grid", "model=mlp,rnn"], "--grid model=rnn: Input should be 'mlp' or 'cnn'"),
+        (["--grid", "lr"], "--grid 'lr': expected FIELD=VALUE"),
+        (["--random", "3"], "--random N and --space go together"),
+        (["--random", "3", "--space", "lr=1:x"], "--space lr=1:x: expected LOW:HIGH or LOW:HIGH:log"),
+        (["--random", "3", "--space", "lr=0:1:log"], "a log range needs LOW > 0"),
+        (["--random", "3", "--space", "lr=0.1:0.01"], "LOW must be below HIGH"),
+        (
+            ["--random", "3", "--space", "epochs=0:4"],
+            "--space epochs=0:4: Input should be greater than or equal to 1",
+        ),
+        (["--random", "3", "--space", "model=0:1"], "model is not numeric; sweep it with --grid"),
+        (["--grid", "lr=0.1", "--random", "2", "--space", "lr=0.1:0.2"], "given to both --grid and --space"),
+        ([], "nothing to sweep"),
+        (["--grid", "seed=1", "--epochs", "0"], "--epochs 0"),
+        (
+            ["--grid", "seed=1", "--address", "tcp://h:1"],
+            "--address applies only to --task-runner dask or ray",
+        ),
+        (["--grid", "seed=1", "--task-runner", "dask", "--address", "ray://h:1"], "takes tcp://HOST:PORT"),
+        (["--grid", "seed=1", "--max-parallel", "0"], "--max-parallel 0"),
+        (["--grid", "seed=" + ",".join(map(str, range(1001)))], "1001 trials; a sweep runs at most 1000"),
+    ],
+)
+def test_bad_sweeps_exit_2_naming_the_value(flags, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_sweep_config(flags)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_the_prefect_form_takes_the_same_config_as_json():
+    config = SweepConfig.model_validate(
+        {"base": {"dataset": "digits"}, "grid": {"lr": [0.001, 0.01]}, "task_runner": "processes"}
+    )
+    assert [t.lr for t in config.trial_configs()] == [0.001, 0.01]
+    assert "grid" in SweepConfig.model_json_schema()["properties"]
