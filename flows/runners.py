@@ -33,12 +33,13 @@ def _runner_class(module: str, name: str, extra: str) -> type[TaskRunner]:
 def make_task_runner(kind: RunnerName, address: Optional[str], max_parallel: Optional[int]) -> TaskRunner:
     """The runner for `kind`, to use as a context manager; without an address, Dask and Ray start a
     local cluster that stops with the runner."""
+    cores = os.cpu_count() or 1
     if kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=max_parallel)
+        return ThreadPoolTaskRunner(max_workers=max_parallel or cores)  # Prefect's default: no limit
     if kind == "processes":
-        workers = max_parallel or os.cpu_count() or 1
+        workers = max_parallel or cores
         # A share of the cores each: torch's default, all of them in every process, thrashes.
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, cores // workers)
         return ProcessPoolTaskRunner(
             max_workers=workers, initializer=torch.set_num_threads, initargs=(threads,)
         )

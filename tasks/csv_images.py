@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
@@ -29,23 +29,31 @@ def read_rows(csv_path: Path, image_root: Path, labels_required: bool = True) ->
 
     Without `labels_required`, the label column may be absent or empty (label "").
     """
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        lines = [(number, cells) for number, cells in enumerate(csv.reader(handle), 1) if any(cells)]
-    if lines and Path(lines[0][1][0].strip()).suffix.lower() not in IMAGE_SUFFIXES:
-        lines = lines[1:]  # a header such as "image,label"
-    if not lines:
+    rows = list(iter_rows(csv_path, image_root, labels_required))
+    if not rows:
         raise CsvDatasetError(f"{csv_path}: no image rows")
-    rows = []
-    for number, cells in lines:
-        where = f"{csv_path} row {number}"
-        label = cells[1].strip() if len(cells) > 1 else ""
-        if labels_required and not label:
-            raise CsvDatasetError(f"{where}: expected 'image path,label', got {cells!r}")
-        path = image_root / cells[0].strip()
-        if not path.is_file():
-            raise CsvDatasetError(f"{where}: image {cells[0].strip()!r} not found under {image_root}")
-        rows.append(Row(number, path, label))
     return rows
+
+
+def iter_rows(csv_path: Path, image_root: Path, labels_required: bool = True) -> Iterator[Row]:
+    """read_rows one row at a time, so a CSV of any length streams."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        first = True
+        for number, cells in enumerate(csv.reader(handle), 1):
+            if not any(cells):
+                continue
+            if first and Path(cells[0].strip()).suffix.lower() not in IMAGE_SUFFIXES:
+                first = False
+                continue  # a header such as "image,label"
+            first = False
+            label = cells[1].strip() if len(cells) > 1 else ""
+            where = f"{csv_path} row {number}"
+            if labels_required and not label:
+                raise CsvDatasetError(f"{where}: expected 'image path,label', got {cells!r}")
+            path = image_root / cells[0].strip()
+            if not path.is_file():
+                raise CsvDatasetError(f"{where}: image {cells[0].strip()!r} not found under {image_root}")
+            yield Row(number, path, label)
 
 
 def label_set(labels: list[str]) -> tuple[str, ...]:

@@ -36,13 +36,10 @@ def list_images(
 ) -> Inputs:
     """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels."""
     if input_csv:
-        inputs = prediction.csv_inputs(input_csv, image_root or input_csv.parent)
-    elif image_dir:
-        inputs = prediction.folder_inputs(image_dir)
-    else:
-        inputs = prediction.dataset_inputs(dataset, data_dir, mirror)
-    prediction.check_labels(inputs, class_names)
-    return inputs
+        return prediction.csv_inputs(input_csv, image_root or input_csv.parent, class_names)
+    if image_dir:
+        return prediction.folder_inputs(image_dir)
+    return prediction.dataset_inputs(dataset, data_dir, class_names, mirror)
 
 
 @task(name="predict-partition", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)

@@ -4,10 +4,12 @@ chunk by chunk, so memory does not grow with the number of images."""
 from __future__ import annotations
 
 import functools
+import itertools
 import shutil
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import mlflow
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from tasks.csv_images import IMAGE_SUFFIXES, Row, decode_rows, read_rows
+from tasks.csv_images import IMAGE_SUFFIXES, Row, decode_rows, iter_rows
 from tasks.datasets import load_tensors, prepare_dataset
 from tasks.files import atomic_output
 from tasks.tracking import get_client
@@ -28,35 +30,50 @@ class PredictionError(ValueError):
     """The model, alias or images asked for cannot be used."""
 
 
+Batch = tuple[list[str], list[Optional[str]], list[torch.Tensor]]  # sources, labels, uint8 images
+
+
 @dataclass(frozen=True)
 class Inputs:
-    """Images to predict, named but not decoded: a part of them is small enough to send to a worker.
+    """Images start..stop of a CSV, a folder or a dataset's test split, described without their
+    pixels (nor, for a CSV, their names), so a part is small enough to send to any worker."""
 
-    Files are decoded from their paths; a dataset's test images are read by index from its
-    prepared tensors, starting at `offset`.
-    """
-
-    sources: tuple[str, ...]
-    labels: tuple[Optional[str], ...]
-    origin: str  # the CSV, folder or dataset, for error messages
-    tensors_path: Optional[str] = None
-    offset: int = 0
+    kind: Literal["csv", "folder", "dataset"]
+    origin: str  # the CSV, the folder, or the dataset's prepared tensors
+    start: int
+    stop: int
+    image_root: Optional[str] = None  # csv: the folder its paths are relative to
+    names: tuple[str, ...] = ()  # folder: the file names of images start..stop
+    dataset: str = ""  # dataset: its name
+    class_names: tuple[str, ...] = ()  # dataset: its label names
 
     def __len__(self) -> int:
-        return len(self.sources)
+        return self.stop - self.start
 
-    def part(self, start: int, stop: int) -> "Inputs":
-        """The images start..stop (a slice, like a list's)."""
-        return replace(
-            self, sources=self.sources[start:stop], labels=self.labels[start:stop], offset=self.offset + start
-        )
+    def part(self, begin: int, end: int) -> "Inputs":
+        """Images begin..end of these (clipped, like a slice)."""
+        begin, end = min(begin, len(self)), min(end, len(self))
+        return replace(self, start=self.start + begin, stop=self.start + end, names=self.names[begin:end])
 
-    def images(self) -> list[torch.Tensor]:
-        """Decodes every image of these inputs to uint8 (C, H, W)."""
-        if self.tensors_path:
-            return list(load_tensors(self.tensors_path).test_images[self.offset : self.offset + len(self)])
-        rows = [Row(self.offset + i + 1, Path(source), "") for i, source in enumerate(self.sources)]
-        return decode_rows(rows, Path(self.origin))
+    def batches(self, size: int) -> Iterator[Batch]:
+        """Decodes the images `size` at a time, in order."""
+        if self.kind == "dataset":
+            data = load_tensors(self.origin)
+            for begin in range(self.start, self.stop, size):
+                end = min(begin + size, self.stop)
+                labels = [self.class_names[k] for k in data.test_labels[begin:end].tolist()]
+                sources = [f"{self.dataset}/test/{i}" for i in range(begin, end)]
+                yield sources, labels, list(data.test_images[begin:end])
+            return
+        if self.kind == "csv":
+            rows = iter_rows(Path(self.origin), Path(self.image_root), labels_required=False)
+            rows = itertools.islice(rows, self.start, self.stop)
+        else:
+            folder = Path(self.origin)
+            rows = (Row(self.start + i + 1, folder / name, "") for i, name in enumerate(self.names))
+        while chunk := list(itertools.islice(rows, size)):
+            images = decode_rows(chunk, Path(self.origin))
+            yield [str(row.path) for row in chunk], [row.label or None for row in chunk], images
 
 
 @dataclass(frozen=True)
@@ -94,45 +111,57 @@ def find_registered(name: str, alias: str) -> RegisteredModel:
     )
 
 
-@functools.lru_cache(maxsize=4)
 def load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
-    """The pyfunc model (its predict returns (N, classes) logits), loaded once per process and store."""
+    """The pyfunc model (its predict returns (N, classes) logits), loaded once per process and store,
+    however many partitions ask for it at once."""
+    with _LOADING:
+        return _load_pyfunc(tracking_uri, model_uri)
+
+
+_LOADING = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def csv_inputs(csv_path: Path, image_root: Path) -> Inputs:
-    """Images named by a CSV (labels optional); a missing image names its row."""
-    rows = read_rows(csv_path, image_root, labels_required=False)
-    return Inputs(
-        tuple(str(row.path) for row in rows), tuple(row.label or None for row in rows), str(csv_path)
-    )
+def csv_inputs(csv_path: Path, image_root: Path, class_names: Sequence[str]) -> Inputs:
+    """Images named by a CSV (labels optional): every row is checked, none is kept in memory."""
+    count, labels = 0, set()
+    for row in iter_rows(csv_path, image_root, labels_required=False):
+        count += 1
+        labels.add(row.label or None)
+    if not count:
+        raise PredictionError(f"{csv_path}: no image rows")
+    check_labels(labels, class_names)
+    return Inputs("csv", str(csv_path), 0, count, image_root=str(image_root))
 
 
 def folder_inputs(folder: Path) -> Inputs:
     """Every image file directly in `folder`, in name order."""
     if not folder.is_dir():
         raise PredictionError(f"image folder {folder} does not exist")
-    paths = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
+    names = tuple(sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    if not names:
         raise PredictionError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return Inputs(tuple(paths), (None,) * len(paths), str(folder))
+    return Inputs("folder", str(folder), 0, len(names), names=names)
 
 
-def dataset_inputs(name: str, data_dir: Path, mirror: Optional[str] = None) -> Inputs:
+def dataset_inputs(
+    name: str, data_dir: Path, class_names: Sequence[str], mirror: Optional[str] = None
+) -> Inputs:
     """The test split of a named dataset, labelled."""
     dataset = prepare_dataset(name, data_dir, mirror=mirror)
-    labels = load_tensors(dataset.tensors_path).test_labels.tolist()
+    check_labels(set(dataset.class_names), class_names)
     return Inputs(
-        tuple(f"{name}/test/{i}" for i in range(len(labels))),
-        tuple(dataset.class_names[k] for k in labels),
-        name,
-        tensors_path=dataset.tensors_path,
+        "dataset", dataset.tensors_path, 0, dataset.test_size, dataset=name, class_names=dataset.class_names
     )
 
 
-def check_labels(inputs: Inputs, class_names: Sequence[str]) -> None:
+def check_labels(labels: set[Optional[str]], class_names: Sequence[str]) -> None:
     """Fails before any prediction when a known label is not one of the model's classes."""
-    unknown = {label for label in inputs.labels if label is not None} - set(class_names)
+    unknown = labels - {None} - set(class_names)
     if unknown:
         raise PredictionError(
             f"labels {sorted(unknown)} are not among the model's classes {list(class_names)}"
@@ -159,18 +188,20 @@ def to_pixels(images: list[torch.Tensor], sources: Sequence[str], shape: tuple[i
     return (torch.stack(ready).float() / 255).numpy()
 
 
-def predictions_table(logits: np.ndarray, inputs: Inputs, class_names: Sequence[str]) -> pd.DataFrame:
+def predictions_table(
+    logits: np.ndarray, sources: Sequence[str], labels: Sequence[Optional[str]], class_names: Sequence[str]
+) -> pd.DataFrame:
     """One row per image: source, predicted index and class, confidence, true label when known."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     predicted = probabilities.argmax(axis=1)
     table = pd.DataFrame(
         {
-            "path": inputs.sources,
+            "path": sources,
             "predicted_index": predicted,
             "predicted_class": [class_names[k] for k in predicted],
             "confidence": probabilities.max(axis=1),
-            "true_label": inputs.labels,
+            "true_label": labels,
         }
     )
     table["correct"] = (table["predicted_class"] == table["true_label"]).where(table["true_label"].notna())
@@ -194,10 +225,9 @@ def predict_to_csv(
     counts = []
     with atomic_output(output) as handle:
         handle.write(",".join(COLUMNS) + "\n")
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs.part(start, start + batch_size)
-            pixels = to_pixels(chunk.images(), chunk.sources, registered.input_shape)
-            table = predictions_table(model.predict(pixels), chunk, registered.class_names)
+        for sources, labels, images in inputs.batches(batch_size):
+            pixels = to_pixels(images, sources, registered.input_shape)
+            table = predictions_table(model.predict(pixels), sources, labels, registered.class_names)
             table.to_csv(handle, header=False, index=False)
             counts.append(tally(table))
     return add_tallies(counts)

@@ -1,16 +1,24 @@
 """End-to-end: predictions from a registry that a real training run filled."""
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pandas as pd
 import pytest
-from conftest import REPO, run_train_script
+from conftest import REPO, run_train_script, script_env
 from mlflow import MlflowClient
+from torchvision.io import write_png
 
 from flows.config import PredictConfig, TrainConfig
 from flows.predict_flow import predict_flow
 from flows.train_flow import train_flow
+from tasks.datasets import load_tensors, prepare_dataset
 from tasks.prediction import PredictionError
 
 pytestmark = pytest.mark.slow
+PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"
 
 
 @pytest.fixture
@@ -41,7 +49,7 @@ def test_script_predicts_a_csv_with_the_training_runs_accuracy(trained_csv_model
         str(png_dataset["image_root"]),
         "--output",
         str(output),
-        script=REPO / "flows" / "predict_flow.py",
+        script=PREDICT_SCRIPT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(output)
@@ -117,3 +125,82 @@ def test_dataset_test_split(prefect_server, mlflow_store, tmp_path):
         )
     )
     assert result["images"] == 1000 and result["accuracy"] > 0.5
+
+
+def test_dask_partitions_merge_in_input_order(dask_cluster, trained_csv_model, png_dataset, tmp_path):
+    def predict(output: str, **cluster) -> str:
+        config = PredictConfig(
+            registered_model="shapes",
+            input_csv=str(png_dataset["test_csv"]),
+            output=str(tmp_path / output),
+            output_dir=str(tmp_path / "out"),
+            **cluster,
+        )
+        return predict_flow(config)["predictions"]
+
+    local = predict("local.csv")
+    spread = predict("dask.csv", task_runner="dask", address=dask_cluster, partition_size=5)
+    assert open(spread).read() == open(local).read()
+    assert not list((tmp_path / "out").glob("*/parts/*"))  # partition files are merged away
+
+
+def write_labelled_pngs(dataset_dir, folder, count: int) -> list[str]:
+    """The first `count` synthetic test images as PNGs; returns 'path,label' rows."""
+    data = load_tensors(prepare_dataset("synthetic", dataset_dir).tensors_path)
+    folder.mkdir()
+    rows = []
+    for index in range(count):
+        write_png(data.test_images[index], str(folder / f"{index}.png"))
+        rows.append(f"{folder.name}/{index}.png,{data.class_names[int(data.test_labels[index])]}")
+    return rows
+
+
+def peak_rss_mb(cwd, *flags: str) -> float:
+    """Runs the predict script; returns its own process's peak resident memory (VmHWM), in MB.
+
+    Read from /proc while it runs: the rusage of a waited-for child would also count the
+    temporary Prefect server it starts and stops."""
+    peak = 0
+    with open(cwd / "predict.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(PREDICT_SCRIPT), *flags],
+            cwd=cwd,
+            env=script_env(cwd),
+            stdout=log,
+            stderr=log,
+        )
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except OSError:  # exited between poll and read
+                break
+            peak = max(
+                [peak, *(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))]
+            )
+            time.sleep(0.05)
+    assert process.returncode == 0, (cwd / "predict.log").read_text()[-3000:]
+    return peak / 1024  # kB
+
+
+def test_prediction_memory_does_not_grow_with_the_number_of_images(prefect_server, mlflow_store, tmp_path):
+    folders = {"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")}
+    train_flow(TrainConfig(dataset="synthetic", model="mlp", epochs=1, registered_model="mem", **folders))
+    rows = write_labelled_pngs(tmp_path / "data", tmp_path / "png", 500)
+    small = 6000  # each decoded image held at once would cost about 4 kB, so 6x as many ~ +120 MB
+    peaks = {}
+    for count in (small, 6 * small):
+        csv = tmp_path / f"{count}.csv"
+        csv.write_text("\n".join(rows[i % len(rows)] for i in range(count)) + "\n")
+        output = tmp_path / f"{count}-predictions.csv"
+        flags = ("--registered-model", "mem", "--input-csv", str(csv), "--output", str(output))
+        peaks[count] = peak_rss_mb(tmp_path, *flags, "--output-dir", folders["output_dir"])
+    print(f"peak RSS: {peaks}")
+    assert peaks[6 * small] - peaks[small] < 100, peaks
+
+    few, many = (
+        pd.read_csv(tmp_path / f"{small}-predictions.csv"),
+        pd.read_csv(tmp_path / f"{6 * small}-predictions.csv"),
+    )
+    assert len(few) == small and len(many) == 6 * small
+    pd.testing.assert_frame_equal(few, many.head(small))
+    assert few["correct"].mean() > 0.5
