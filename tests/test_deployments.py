@@ -115,3 +115,13 @@ def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
     )
     table = pd.read_csv(output)
     assert len(table) == 1000 and table["correct"].mean() > 0.5
+
+    # The sweep deployment, its trials on a local Dask cluster that the flow run starts and stops.
+    sweep = asyncio.run(read_deployment(prefect_url, "sweep-image-classifier/sweep"))
+    assert sweep.parameters["config"]["grid"] == {"lr": [0.001, 0.003], "model": ["mlp", "cnn"]}
+    base = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "swept", **folders}
+    sweep_config = {"base": base, "grid": {"lr": [0.001, 0.003]}, "task_runner": "dask", "max_parallel": 2}
+    run_and_wait(prefect_url, "sweep-image-classifier/sweep", sweep_config, worker_log)
+    champion = client.get_model_version_by_alias("swept", "champion")
+    parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["trials_finished"] == 2 and parent.data.params["task_runner"] == "dask"

@@ -1,4 +1,5 @@
 import pytest
+from conftest import REPO
 
 from flows.cli import parse_sweep_config
 from flows.config import TrainConfig
@@ -101,3 +102,10 @@ def test_the_prefect_form_takes_the_same_config_as_json():
     )
     assert [t.lr for t in config.trial_configs()] == [0.001, 0.01]
     assert "grid" in SweepConfig.model_json_schema()["properties"]
+
+
+def test_readme_documents_every_sweep_flag():
+    readme = (REPO / "README.md").read_text()
+    for name in SweepConfig.model_fields:
+        if name != "base":
+            assert f"`--{name.replace('_', '-')}" in readme, name
