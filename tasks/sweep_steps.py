@@ -96,12 +96,12 @@ def report_trials(
         best = sweeps.best_trial(table)
         tracking.log_metrics(run_id, {"best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss})
         tracking.log_tags(run_id, {"best_trial": best.trial, "best_run_id": best.run_id})
-    rows = [
+    rows = [  # 4 decimals are plenty to read; the CSV keeps every digit
         {
             name: None if isinstance(value, float) and math.isnan(value) else value
             for name, value in row.items()
         }
-        for row in table.to_dict("records")
+        for row in table.round(4).to_dict("records")
     ]
     create_table_artifact(
         rows,
