@@ -205,8 +205,8 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float
 class Processes:
     """Starts commands in their own process groups and stops them all, whatever happens."""
 
-    def __init__(self, folder: Path, env: dict[str, str]) -> None:
-        self.folder, self.env, self.started = folder, env, []
+    def __init__(self, folder: Path, env: dict[str, str], grace: float = 20) -> None:
+        self.folder, self.env, self.started, self.grace = folder, env, [], grace
 
     def start(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = self.folder / f"{name}.log"
@@ -235,7 +235,7 @@ class Processes:
                 os.killpg(process.pid, signal.SIGTERM)
         for process in self.started:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=self.grace)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
@@ -287,7 +287,8 @@ def ray_cluster(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")  # for the cluster and for this process, its client
         patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        processes = Processes(folder, dict(os.environ))
+        # Ray's GCS and agents sit out SIGTERM for long seconds; the group is killed after 3.
+        processes = Processes(folder, dict(os.environ), grace=3)
         try:
             head, log = processes.start(
                 "ray-head",
