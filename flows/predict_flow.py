@@ -17,7 +17,7 @@ from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runne
 from flows.train_flow import USER_ERRORS
 from tasks import tracking
 from tasks.predict_steps import list_images, load_registered_model, predict_partition, write_predictions
-from tasks.prediction import PredictionError, partitions
+from tasks.image_inputs import PredictionError, partitions
 from tasks.run_steps import make_run_dir, mlflow_run
 
 

@@ -8,15 +8,16 @@ from typing import Optional, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import prediction, tracking
-from tasks.prediction import Inputs, RegisteredModel
+from tasks import image_inputs, prediction, tracking
+from tasks.image_inputs import Inputs
+from tasks.prediction import RegisteredModel
 from tasks.retrying import retry_except
 
 
 @task(
     name="load-registered-model",
     cache_policy=NO_CACHE,
-    retry_condition_fn=retry_except(prediction.PredictionError),  # a missing alias stays missing
+    retry_condition_fn=retry_except(image_inputs.PredictionError),  # a missing alias stays missing
     **tracking.MLFLOW_RETRIES,
 )
 def load_registered_model(name: str, alias: str) -> RegisteredModel:
@@ -36,10 +37,10 @@ def list_images(
 ) -> Inputs:
     """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels."""
     if input_csv:
-        return prediction.csv_inputs(input_csv, image_root or input_csv.parent, class_names)
+        return image_inputs.csv_inputs(input_csv, image_root or input_csv.parent, class_names)
     if image_dir:
-        return prediction.folder_inputs(image_dir)
-    return prediction.dataset_inputs(dataset, data_dir, class_names, mirror)
+        return image_inputs.folder_inputs(image_dir)
+    return image_inputs.dataset_inputs(dataset, data_dir, class_names, mirror)
 
 
 @task(name="predict-partition", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)

@@ -4,12 +4,11 @@ chunk by chunk, so memory does not grow with the number of images."""
 from __future__ import annotations
 
 import functools
-import itertools
 import shutil
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mlflow
 import numpy as np
@@ -18,62 +17,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from tasks.csv_images import IMAGE_SUFFIXES, Row, decode_rows, iter_rows
-from tasks.datasets import load_tensors, prepare_dataset
 from tasks.files import atomic_output
+from tasks.image_inputs import Inputs, PredictionError
 from tasks.tracking import get_client
 
 COLUMNS = ["path", "predicted_index", "predicted_class", "confidence", "true_label", "correct"]
-
-
-class PredictionError(ValueError):
-    """The model, alias or images asked for cannot be used."""
-
-
-Batch = tuple[list[str], list[Optional[str]], list[torch.Tensor]]  # sources, labels, uint8 images
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """Images start..stop of a CSV, a folder or a dataset's test split, described without their
-    pixels (nor, for a CSV, their names), so a part is small enough to send to any worker."""
-
-    kind: Literal["csv", "folder", "dataset"]
-    origin: str  # the CSV, the folder, or the dataset's prepared tensors
-    start: int
-    stop: int
-    image_root: Optional[str] = None  # csv: the folder its paths are relative to
-    names: tuple[str, ...] = ()  # folder: the file names of images start..stop
-    dataset: str = ""  # dataset: its name
-    class_names: tuple[str, ...] = ()  # dataset: its label names
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def part(self, begin: int, end: int) -> "Inputs":
-        """Images begin..end of these (clipped, like a slice)."""
-        begin, end = min(begin, len(self)), min(end, len(self))
-        return replace(self, start=self.start + begin, stop=self.start + end, names=self.names[begin:end])
-
-    def batches(self, size: int) -> Iterator[Batch]:
-        """Decodes the images `size` at a time, in order."""
-        if self.kind == "dataset":
-            data = load_tensors(self.origin)
-            for begin in range(self.start, self.stop, size):
-                end = min(begin + size, self.stop)
-                labels = [self.class_names[k] for k in data.test_labels[begin:end].tolist()]
-                sources = [f"{self.dataset}/test/{i}" for i in range(begin, end)]
-                yield sources, labels, list(data.test_images[begin:end])
-            return
-        if self.kind == "csv":
-            rows = iter_rows(Path(self.origin), Path(self.image_root), labels_required=False)
-            rows = itertools.islice(rows, self.start, self.stop)
-        else:
-            folder = Path(self.origin)
-            rows = (Row(self.start + i + 1, folder / name, "") for i, name in enumerate(self.names))
-        while chunk := list(itertools.islice(rows, size)):
-            images = decode_rows(chunk, Path(self.origin))
-            yield [str(row.path) for row in chunk], [row.label or None for row in chunk], images
 
 
 @dataclass(frozen=True)
@@ -124,53 +72,6 @@ _LOADING = threading.Lock()
 @functools.lru_cache(maxsize=4)
 def _load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
     return mlflow.pyfunc.load_model(model_uri)
-
-
-def csv_inputs(csv_path: Path, image_root: Path, class_names: Sequence[str]) -> Inputs:
-    """Images named by a CSV (labels optional): every row is checked, none is kept in memory."""
-    count, labels = 0, set()
-    for row in iter_rows(csv_path, image_root, labels_required=False):
-        count += 1
-        labels.add(row.label or None)
-    if not count:
-        raise PredictionError(f"{csv_path}: no image rows")
-    check_labels(labels, class_names)
-    return Inputs("csv", str(csv_path), 0, count, image_root=str(image_root))
-
-
-def folder_inputs(folder: Path) -> Inputs:
-    """Every image file directly in `folder`, in name order."""
-    if not folder.is_dir():
-        raise PredictionError(f"image folder {folder} does not exist")
-    names = tuple(sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-    if not names:
-        raise PredictionError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return Inputs("folder", str(folder), 0, len(names), names=names)
-
-
-def dataset_inputs(
-    name: str, data_dir: Path, class_names: Sequence[str], mirror: Optional[str] = None
-) -> Inputs:
-    """The test split of a named dataset, labelled."""
-    dataset = prepare_dataset(name, data_dir, mirror=mirror)
-    check_labels(set(dataset.class_names), class_names)
-    return Inputs(
-        "dataset", dataset.tensors_path, 0, dataset.test_size, dataset=name, class_names=dataset.class_names
-    )
-
-
-def check_labels(labels: set[Optional[str]], class_names: Sequence[str]) -> None:
-    """Fails before any prediction when a known label is not one of the model's classes."""
-    unknown = labels - {None} - set(class_names)
-    if unknown:
-        raise PredictionError(
-            f"labels {sorted(unknown)} are not among the model's classes {list(class_names)}"
-        )
-
-
-def partitions(inputs: Inputs, size: int) -> list[Inputs]:
-    """Consecutive parts of at most `size` images, in input order."""
-    return [inputs.part(start, start + size) for start in range(0, len(inputs), size)]
 
 
 def to_pixels(images: list[torch.Tensor], sources: Sequence[str], shape: tuple[int, int, int]) -> np.ndarray:
