@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -9,7 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DatasetName = Literal["fashion-mnist", "mnist", "csv", "synthetic", "digits"]
 RunnerName = Literal["threads", "processes", "dask", "ray"]
-_ADDRESS_SCHEMES = {"dask": ("tcp://", "tls://"), "ray": ("ray://", "auto")}
+_HOST_PORT = r"[^\s:/]+:\d+"
+_ADDRESSES = {  # runner: (accepted address, as said in errors)
+    "dask": (rf"(tcp|tls)://{_HOST_PORT}", "tcp://HOST:PORT or tls://HOST:PORT"),
+    "ray": (rf"ray://{_HOST_PORT}|{_HOST_PORT}|auto", "ray://HOST:PORT, HOST:PORT (the head's GCS) or auto"),
+}
 
 
 class TrainConfig(BaseModel):
@@ -120,8 +125,9 @@ class ClusterOptions(BaseModel):
     )
     address: Optional[str] = Field(
         None,
-        description="An existing cluster: a Dask scheduler (tcp://HOST:PORT) or Ray (ray://HOST:PORT or "
-        "auto); default for dask and ray: start a local cluster and stop it at the end.",
+        description="An existing cluster: a Dask scheduler (tcp://HOST:PORT) or Ray (ray://HOST:PORT, "
+        "the head's HOST:PORT, or auto); default for dask and ray: start a local cluster and stop it at "
+        "the end.",
     )
     max_parallel: Optional[int] = Field(
         None, ge=1, le=4096, description="Tasks running at once; default: what the runner offers."
@@ -131,13 +137,10 @@ class ClusterOptions(BaseModel):
     def _address_fits_runner(self) -> "ClusterOptions":
         if self.address is None:
             return self
-        schemes = _ADDRESS_SCHEMES.get(self.task_runner)
-        if schemes is None:
+        if self.task_runner not in _ADDRESSES:
             raise ValueError(f"--address applies only to --task-runner dask or ray, not {self.task_runner!r}")
-        if not self.address.startswith(schemes) or self.address.endswith("://"):
-            accepted = " or ".join(
-                f"{scheme}HOST:PORT" if scheme.endswith("//") else scheme for scheme in schemes
-            )
+        pattern, accepted = _ADDRESSES[self.task_runner]
+        if not re.fullmatch(pattern, self.address):
             raise ValueError(f"--address {self.address!r}: --task-runner {self.task_runner} takes {accepted}")
         return self
 

@@ -16,8 +16,8 @@ from flows.config import PredictConfig, resolve_path
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.train_flow import USER_ERRORS
 from tasks import tracking
-from tasks.predict_steps import list_images, load_registered_model, predict_partition, write_predictions
 from tasks.image_inputs import PredictionError, partitions
+from tasks.predict_steps import list_images, load_registered_model, predict_partition, write_predictions
 from tasks.run_steps import make_run_dir, mlflow_run
 
 

@@ -276,13 +276,16 @@ def dask_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A real Ray head node (`ray start --head --block`) on 127.0.0.1 with 2 CPUs; its ray:// address."""
+    """A real Ray head node (`ray start --head --block`) on 127.0.0.1 with 2 CPUs; its GCS address.
+
+    Tests connect straight to the GCS: a `ray://` client connection makes the head start a client
+    server per connection, which on a loaded 2-core machine sometimes fails to come up in time."""
     pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
     folder = tmp_path_factory.mktemp("ray")
     sessions = Path(
         tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     )  # short: Ray's socket paths must fit 107 bytes
-    client_port = free_port()
+    gcs_port, client_port = free_port(), free_port()
     # Token auth would follow a ~/.ray/auth_token left by any earlier local Ray; these tests need none.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")  # for the cluster and for this process, its client
@@ -295,7 +298,7 @@ def ray_cluster(tmp_path_factory):
                 *("ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1"),
                 *(
                     "--port",
-                    str(free_port()),
+                    str(gcs_port),
                     "--ray-client-server-port",
                     str(client_port),
                     "--num-cpus",
@@ -304,8 +307,8 @@ def ray_cluster(tmp_path_factory):
                 *("--include-dashboard=false", "--disable-usage-stats", "--object-store-memory", "200000000"),
                 *("--temp-dir", str(sessions)),
             )
-            wait_until_listening(client_port, head, log)
-            yield f"ray://127.0.0.1:{client_port}"
+            wait_until_listening(gcs_port, head, log)
+            yield f"127.0.0.1:{gcs_port}"
         finally:
             processes.stop_all()
             shutil.rmtree(sessions, ignore_errors=True)
