@@ -111,9 +111,15 @@ def find_run(experiment: str, flow_run_id: str) -> Optional[str]:
 
 def find_child_run(parent_run_id: str, trial: int) -> Optional[str]:
     """The run of trial `trial` under a sweep's parent run, if one was started."""
-    client = get_client()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs(
+    return _find_child_run(_experiment_of(parent_run_id), parent_run_id, trial)
+
+
+def _experiment_of(run_id: str) -> str:
+    return get_client().get_run(run_id).info.experiment_id
+
+
+def _find_child_run(experiment_id: str, parent_run_id: str, trial: int) -> Optional[str]:
+    runs = get_client().search_runs(
         [experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`sweep.trial` = '{trial}'",
         max_results=1,
@@ -127,9 +133,9 @@ def open_child_run(
     """Starts trial `trial`'s child run, or reopens the one an earlier attempt started; logs its
     tags and params (the same values again on a retry, which MLflow accepts)."""
     client = get_client()
-    run_id = find_child_run(parent_run_id, trial)
+    experiment_id = _experiment_of(parent_run_id)
+    run_id = _find_child_run(experiment_id, parent_run_id, trial)
     if run_id is None:
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
         identity = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(trial)}
         run_id = client.create_run(experiment_id, run_name=run_name, tags=identity).info.run_id
     else:
