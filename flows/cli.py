@@ -30,11 +30,21 @@ def add_fields(parser: argparse._ActionsContainer, config_class: type[BaseModel]
     for name, field in config_class.model_fields.items():
         if name in skip:
             continue
+        flag, default = "--" + name.replace("_", "-"), None if field.is_required() else field.default
+        if field.annotation is bool:  # --flag / --no-flag
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=default,
+                action=argparse.BooleanOptionalAction,
+                help=field.description,
+            )
+            continue
         choices = _literal_choices(field.annotation)
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            flag,
             dest=name,
-            default=None if field.is_required() else field.default,
+            default=default,
             required=field.is_required(),
             choices=choices,
             help=field.description,

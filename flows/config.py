@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
         gt=0,
         description="Fail the train step (then retry it) after this many minutes; default: no limit.",
     )
+    system_metrics: bool = Field(
+        True, description="Record CPU, memory, disk and network (and GPU) use while training in MLflow."
+    )
     experiment: str = Field("image-classifier", min_length=1, description="MLflow experiment name.")
     registered_model: Optional[str] = Field(
         None,

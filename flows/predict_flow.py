@@ -17,7 +17,13 @@ from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runne
 from flows.train_flow import USER_ERRORS
 from tasks import tracking
 from tasks.image_inputs import PredictionError, partitions
-from tasks.predict_steps import list_images, load_registered_model, predict_partition, write_predictions
+from tasks.predict_steps import (
+    list_images,
+    load_registered_model,
+    predict_partition,
+    report_predictions,
+    write_predictions,
+)
 from tasks.run_steps import make_run_dir, mlflow_run
 
 
@@ -51,7 +57,9 @@ def predict_flow(config: PredictConfig) -> dict:
         with runner:
             counts = [f.result() for f in submit_all(runner, predict_partition, calls, config.max_parallel)]
         output = resolve_path(config.output) if config.output else run_dir / "predictions.csv"
-        result = write_predictions([call["output"] for call in calls], counts, output, run_id)
+        written = write_predictions([call["output"] for call in calls], counts, output, run_id)
+        report_predictions(config.registry_name, registered, uri, written, run_id)
+    result = {key: value for key, value in written.items() if key != "totals"}
     return {"mlflow_run_id": run_id, "model_uri": uri, "model_version": registered.version, **result}
 
 

@@ -51,7 +51,9 @@ def sweep_flow(config: SweepConfig) -> dict:
         trained = TrainedModel(winner.spec, best["checkpoint"], best["history"])
         name = TrainConfig(**winner.params).model_name
         test = make_test_loader(dataset, "cpu")
-        published = publish_model(trained, test, dataset, name, sweep_dir / winner.name, best["run_id"])
+        published = publish_model(
+            trained, test, dataset, name, winner.params, sweep_dir / winner.name, best["run_id"]
+        )
     return {
         "mlflow_run_id": parent_id,
         "run_dir": str(sweep_dir),

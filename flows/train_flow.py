@@ -19,14 +19,17 @@ from tasks.datasets import DatasetRef
 from tasks.export import OnnxMismatchError
 from tasks.loaders import TensorLoader
 from tasks.mnist_files import ChecksumError, DownloadError
+from tasks.reports import artifact_key
 from tasks.run_steps import log_dataset, make_run_dir, mlflow_run
 from tasks.steps import (
     TrainedModel,
+    Watch,
     build_loaders,
     evaluate_model,
     export_onnx,
     fetch_dataset,
     register_model,
+    report_run,
     save_state_dict,
     train_model,
     validate_onnx,
@@ -44,13 +47,16 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     run_dir = make_run_dir(resolve_path(config.output_dir))
     with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
         dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
-        log_dataset(run_id, dataset)
+        log_dataset(run_id, dataset, config.seed, config.val_fraction)
         spec, settings = model_spec(config, dataset), train_settings(config)
         loaders = build_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
         timeout = config.train_timeout_minutes and config.train_timeout_minutes * 60
         train = train_model.with_options(retries=config.train_retries, timeout_seconds=timeout)
-        trained = train(spec, loaders, settings, run_dir, run_id)
-        published = publish_model(trained, loaders.test, dataset, config.model_name, run_dir, run_id)
+        progress_key = artifact_key(config.model_name, "training")
+        watch = Watch(config.system_metrics, progress_key, console=sys.stdout.isatty())
+        trained = train(spec, loaders, settings, run_dir, run_id, watch)
+        params = config.model_dump()
+        published = publish_model(trained, loaders.test, dataset, config.model_name, params, run_dir, run_id)
     return {"mlflow_run_id": run_id, "run_dir": str(run_dir), **published}
 
 
@@ -68,21 +74,27 @@ def train_settings(config: TrainConfig) -> TrainSettings:
 
 
 def publish_model(
-    trained: TrainedModel, test: TensorLoader, dataset: DatasetRef, name: str, run_dir: Path, run_id: str
+    trained: TrainedModel,
+    test: TensorLoader,
+    dataset: DatasetRef,
+    name: str,
+    params: dict,
+    run_dir: Path,
+    run_id: str,
 ) -> dict:
-    """Tests the trained model, saves it, exports and checks the ONNX, and registers both flavors."""
+    """Tests the trained model, saves it, exports and checks the ONNX, registers both flavors and
+    reports the outcome in Prefect."""
     spec = trained.spec
-    metrics = evaluate_model(trained, test, dataset.class_names, run_dir, run_id)
+    evaluation = evaluate_model(trained, test, dataset.class_names, run_dir, run_id)
     weights = save_state_dict(trained, run_dir, run_id)
     onnx_path = export_onnx(spec, weights, run_dir, run_id)
     parity = validate_onnx(spec, weights, onnx_path, dataset, run_id)
-    test_accuracy = metrics["test_accuracy"]
-    registration = register_model(
-        spec, weights, onnx_path, dataset, test_accuracy, parity, name, run_dir, run_id
-    )
+    registration = register_model(spec, weights, onnx_path, dataset, evaluation, parity, params, name, run_id)
+    outputs = {"Outputs": str(run_dir), "Weights": str(weights), "ONNX": str(onnx_path)}
+    report_run(name, evaluation, parity, registration, outputs)
     return {
-        "test_accuracy": test_accuracy,
-        "test_loss": metrics["test_loss"],
+        "test_accuracy": evaluation.metrics["test_accuracy"],
+        "test_loss": evaluation.metrics["test_loss"],
         "onnx_max_abs_diff": parity["max_abs_diff"],
         **registration,
     }

@@ -30,6 +30,8 @@ class DatasetRef:
     test_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    train_origin: str  # where the data came from: a download URL, a CSV path or a generating function
+    test_origin: str
 
     @property
     def num_classes(self) -> int:
@@ -57,6 +59,21 @@ def load_source(
     raise ValueError(
         f"unknown dataset {name!r}; choose one of {', '.join([*SOURCES, 'csv', 'synthetic', 'digits'])}"
     )
+
+
+def data_origins(
+    name: str, mirror: Optional[str] = None, train_csv: Optional[Path] = None, test_csv=None, **_
+) -> tuple[str, str]:
+    """Where the training and test images come from, for the run's dataset lineage."""
+    if name in SOURCES:
+        source = SOURCES[name]
+        base = mirror.rstrip("/") + "/" if mirror else source.mirrors[0]
+        images = [archive for archive, _ in source.resources if "images" in archive]
+        return base + images[0], base + images[1]
+    if name == "csv":
+        return str(train_csv), str(test_csv)
+    generator = {"synthetic": make_synthetic, "digits": load_digits}[name]
+    return (f"{generator.__module__}.{generator.__name__}",) * 2
 
 
 def tensor_digest(data: ImageData) -> str:
@@ -109,4 +126,5 @@ def prepare_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
         test_size=len(data.test_labels),
         mean=mean,
         std=std,
+        **dict(zip(("train_origin", "test_origin"), data_origins(name, **options))),
     )

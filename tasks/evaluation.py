@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import itertools
 import re
-from pathlib import Path
+from dataclasses import dataclass
 
-import matplotlib
+import pandas as pd
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")  # headless: workers and CI have no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+@dataclass(frozen=True)
+class Evaluation:
+    """Test metrics (flat, MLflow-ready), the per-class table as rows, and when the metrics were
+    logged (milliseconds), so linking them to logged models later adds no second value."""
+
+    metrics: dict[str, float]
+    per_class: list[dict]
+    logged_at: int
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -70,25 +74,3 @@ def summarise(
 def metric_safe(name: str) -> str:
     """A class name as MLflow accepts it in a metric key: 'T-shirt/top' -> 'T-shirt_top'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
-
-
-def plot_confusion_matrix(matrix: torch.Tensor, class_names: tuple[str, ...], path: Path) -> Path:
-    """Saves a labelled heat map of the confusion matrix as a PNG."""
-    size = max(4.0, 0.6 * len(class_names) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
-    axes.imshow(matrix.numpy(), cmap="Blues")
-    ticks = range(len(class_names))
-    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
-    axes.set_yticks(ticks, class_names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    if len(class_names) <= 30:  # beyond that the counts are unreadable
-        threshold = matrix.max().item() / 2
-        for row, col in itertools.product(ticks, ticks):
-            count = matrix[row, col].item()
-            colour = "white" if count > threshold else "black"
-            axes.text(col, row, str(count), ha="center", va="center", color=colour, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

@@ -54,9 +54,14 @@ class Loaders(NamedTuple):
     test: TensorLoader
 
 
+def validation_size(count: int, val_fraction: float) -> int:
+    """How many of `count` training images are held out for validation; both parts keep one."""
+    return min(max(1, round(count * val_fraction)), count - 1)
+
+
 def split_indices(count: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded train/validation split; both parts keep at least one sample."""
-    val_count = min(max(1, round(count * val_fraction)), count - 1)
+    val_count = validation_size(count, val_fraction)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     return order[val_count:], order[:val_count]
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import image_inputs, prediction, tracking
+from tasks import image_inputs, prediction, reports, tracking
 from tasks.image_inputs import Inputs
 from tasks.prediction import RegisteredModel
 from tasks.retrying import retry_except
@@ -46,7 +46,7 @@ def list_images(
 @task(name="predict-partition", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def predict_partition(
     registered: RegisteredModel, inputs: Inputs, batch_size: int, output: Path, tracking_uri: str
-) -> dict[str, int]:
+) -> dict:
     """Predicts one part of the images, wherever the task runner put it, into its own CSV."""
     tracking.use_tracking_uri(tracking_uri)
     model = prediction.load_pyfunc(tracking_uri, registered.uri)
@@ -54,8 +54,9 @@ def predict_partition(
 
 
 @task(name="write-predictions", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
-def write_predictions(parts: list[Path], counts: list[dict[str, int]], output: Path, run_id: str) -> dict:
-    """Merges the parts in input order into the predictions CSV and logs it, with accuracy if known."""
+def write_predictions(parts: list[Path], counts: list[dict], output: Path, run_id: str) -> dict:
+    """Merges the parts in input order into the predictions CSV and logs it, with accuracy if known;
+    returns the metrics and the totals."""
     prediction.merge_csvs(parts, output)
     tracking.log_artifacts(run_id, [output])
     total = prediction.add_tallies(counts)
@@ -67,4 +68,14 @@ def write_predictions(parts: list[Path], counts: list[dict[str, int]], output: P
     print(f"predicted {total['images']} images{accuracy}")
     for part in parts:
         part.unlink()
-    return {"predictions": str(output), **metrics}
+    return {"predictions": str(output), **metrics, "totals": total}
+
+
+@task(name="report-predictions", cache_policy=NO_CACHE)
+def report_predictions(
+    name: str, registered: RegisteredModel, model_uri: str, written: dict, run_id: str
+) -> None:
+    """The prediction run's summary as a Prefect artifact, keyed by the registered name."""
+    reports.publish_prediction_summary(
+        name, model_uri, registered.version, written["totals"], written["predictions"], run_id
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import shutil
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -109,19 +110,29 @@ def predictions_table(
     return table
 
 
-def tally(table: pd.DataFrame) -> dict[str, int]:
-    """Counts that add up across chunks: images, labelled images, correct predictions."""
+def tally(table: pd.DataFrame) -> dict:
+    """Counts that add up across chunks: images, labelled images, correct predictions, and images
+    per predicted class."""
     known = table["correct"].dropna()
-    return {"images": len(table), "labelled": len(known), "correct": int(known.astype(bool).sum())}
+    return {
+        "images": len(table),
+        "labelled": len(known),
+        "correct": int(known.astype(bool).sum()),
+        "classes": {str(name): int(n) for name, n in table["predicted_class"].value_counts().items()},
+    }
 
 
-def add_tallies(tallies: Sequence[dict[str, int]]) -> dict[str, int]:
-    return {key: sum(t[key] for t in tallies) for key in ("images", "labelled", "correct")}
+def add_tallies(tallies: Sequence[dict]) -> dict:
+    classes: Counter[str] = Counter()
+    for part in tallies:
+        classes.update(part["classes"])
+    counts = {key: sum(t[key] for t in tallies) for key in ("images", "labelled", "correct")}
+    return {**counts, "classes": dict(classes)}
 
 
 def predict_to_csv(
     model: Any, inputs: Inputs, registered: RegisteredModel, batch_size: int, output: Path
-) -> dict[str, int]:
+) -> dict:
     """Predicts `inputs` a batch at a time, appending rows to `output` (complete, or not there)."""
     counts = []
     with atomic_output(output) as handle:

@@ -1,22 +1,27 @@
-"""register_model: log both flavors, register them, and move `champion` only through the gate."""
+"""register_model: log both flavors as MLflow logged models, register them with a model card, and
+move `champion` only through the gate."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlflow.onnx
 import mlflow.pytorch
 import numpy as np
 import onnx
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from torch import nn
 
 import models.logits_pyfunc
-from tasks.tracking import get_client, log_artifacts
+from tasks.tracking import get_client
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ONNX_SUFFIX = "-onnx"
@@ -66,59 +71,94 @@ def pixel_signature(example: np.ndarray, num_classes: int) -> ModelSignature:
     )
 
 
-def save_pytorch_flavor(
-    model: nn.Module, example: np.ndarray, signature: ModelSignature, metadata: dict, path: Path
-) -> Path:
-    """Saves the model as a torch.export program (no pickled classes to import on load)."""
+Save = Callable[..., None]  # save(path=..., mlflow_model=...) writes an MLflow model folder
+
+
+def save_pytorch(model: nn.Module, path: str, mlflow_model: Model, **options) -> None:
+    """Saves a torch.export program (no pickled classes to import on load)."""
     mlflow.pytorch.save_model(
         model.cpu().eval(),
-        str(path),
-        signature=signature,
-        input_example=example,
-        metadata=metadata,
+        path,
+        mlflow_model=mlflow_model,
         serialization_format="pt2",
         pip_requirements=mlflow.pytorch.get_default_pip_requirements(),  # inferring them costs seconds
+        **options,
     )
-    return path
 
 
-def save_onnx_flavor(
-    onnx_path: Path, example: np.ndarray, signature: ModelSignature, metadata: dict, path: Path
-) -> Path:
-    """Saves the ONNX model with a pyfunc loader whose predict returns the logits array."""
+def save_onnx_logits(onnx_path: Path, path: str, mlflow_model: Model, **options) -> None:
+    """Saves the ONNX flavor with models/logits_pyfunc.py as its pyfunc loader."""
+    # MLflow's own ONNX pyfunc answers a numpy batch with {output name: array} where the PyTorch
+    # flavor answers with the array itself, so batch and served predictions would change shape with
+    # the flavor; the loader makes both return the (N, classes) logits array.
     loader = Path(models.logits_pyfunc.__file__)
     mlflow.onnx.save_model(
         onnx.load(str(onnx_path)),
-        str(path),
-        signature=signature,
-        input_example=example,
-        metadata=metadata,
+        path,
+        mlflow_model=mlflow_model,
         code_paths=[str(loader)],
         pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+        **options,
     )
-    meta = Model.load(str(path / "MLmodel"))
-    meta.flavors["python_function"]["loader_module"] = loader.stem
-    meta.save(str(path / "MLmodel"))
-    return path
+    mlflow_model.flavors["python_function"]["loader_module"] = loader.stem
+    mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
-def register_version(run_id: str, local_model: Path, name: str, tags: dict[str, str]) -> str:
-    """Uploads a saved MLflow model into the run and registers it under `name`; returns the version.
-
-    Idempotent, so a retried task never registers the same run twice.
-    """
+def log_model_once(run_id: str, name: str, tags: dict[str, str], save: Save) -> str:
+    """Id of the run's logged model `name`: the one an earlier attempt completed, else a new one,
+    with the run's params, that `save` fills; it is recorded as an output of the run."""
     client = get_client()
-    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        return str(existing.version)
-    log_artifacts(run_id, [local_model])
+    run = client.get_run(run_id)
+    experiment_id = run.info.experiment_id
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"
+    )
+    for model in found:
+        if model.status == LoggedModelStatus.READY:
+            return model.model_id
+        client.delete_logged_model(model.model_id)  # left half-logged by an attempt that died
+    model = client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, params=run.data.params, tags=tags
+    )
+    meta = Model(
+        artifact_path=model.artifact_location,
+        model_uuid=model.model_id,
+        run_id=run_id,
+        model_id=model.model_id,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        save(path=f"{folder}/model", mlflow_model=meta)
+        client.log_model_artifacts(model.model_id, f"{folder}/model")
+    client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=0)])
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def register_version(
+    run_id: str, model_id: str, name: str, tags: dict[str, str], card: str, contract: str
+) -> str:
+    """Registers logged model `model_id` under `name` with `card` as its description, and `contract`
+    as the registered model's; returns the version. Idempotent: a retry finds its version again."""
+    client = get_client()
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=contract)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{local_model.name}"
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    return str(version.version)
+        client.update_registered_model(name, description=contract)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = str(existing[0].version)
+    else:
+        created = client.create_model_version(
+            name, f"models:/{model_id}", run_id=run_id, tags=tags, description=card, model_id=model_id
+        )
+        version = str(created.version)
+    # The link from the logged model to its versions, as mlflow.register_model records it.
+    client.set_logged_model_tags(
+        model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": version}])}
+    )
+    return version
 
 
 def champion_tags(name: str) -> Optional[dict[str, str]]:

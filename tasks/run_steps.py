@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks import tracking
+from tasks import lineage, tracking
 from tasks.datasets import DatasetRef
 
 
@@ -51,8 +51,13 @@ def open_mlflow_run(
 
 
 @task(name="log-dataset", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
-def log_dataset(run_id: str, dataset: DatasetRef) -> None:
-    """Tags the run with the data it trained on."""
+def log_dataset(
+    run_id: str, dataset: DatasetRef, seed: Optional[int] = None, val_fraction: Optional[float] = None
+) -> None:
+    """Tags the run with the data it trained on and, given the split, logs the training, validation
+    and test splits as its dataset inputs."""
+    if val_fraction is not None:
+        lineage.log_splits(run_id, dataset, seed, val_fraction)
     tracking.log_tags(
         run_id,
         {

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models import ModelSpec
-from tasks import evaluation, export, registry, tracking
+from tasks import evaluation, export, lineage, model_card, plots, registry, reports, tracking
 from tasks.datasets import DatasetRef, prepare_dataset, test_pixels
+from tasks.evaluation import Evaluation
 from tasks.loaders import Loaders, TensorLoader, make_loaders
 from tasks.mnist_files import DownloadError
+from tasks.progress import TrainingProgress
 from tasks.retrying import retry_on
 from tasks.training import TrainSettings, predict_logits, train
 
@@ -50,25 +54,42 @@ def build_loaders(
     return make_loaders(dataset, batch_size, val_fraction, seed, device)
 
 
+@dataclass(frozen=True)
+class Watch:
+    """How a training run is watched besides its per-epoch metrics."""
+
+    system_metrics: bool = False  # MLflow system/* metrics while training
+    progress_key: Optional[str] = None  # Prefect progress artifact key
+    console: bool = False  # a progress bar within each epoch (for a terminal)
+
+
 @task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_model(
-    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str
+    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str, watch: Watch
 ) -> TrainedModel:
     """Trains with per-epoch checkpoints (a retry resumes) and logs every epoch to MLflow."""
-    return train_logged(spec, loaders, settings, run_dir, run_id)
+    return train_logged(spec, loaders, settings, run_dir, run_id, watch)
 
 
 def train_logged(
-    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str
+    spec: ModelSpec,
+    loaders: Loaders,
+    settings: TrainSettings,
+    run_dir: Path,
+    run_id: str,
+    watch: Watch = Watch(),
 ) -> TrainedModel:
     """train() with checkpoints in run_dir, each epoch logged to the MLflow run and printed."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
+    progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, watch.console)
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(run_id, metrics, step=epoch)
+        progress.epoch_done(epoch)
         print(f"epoch {epoch}/{settings.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
-    _, history = train(spec, loaders, settings, checkpoint, log_epoch)
+    with tracking.system_metrics(run_id, watch.system_metrics), progress:
+        _, history = train(spec, loaders, settings, checkpoint, log_epoch, progress.batch_done)
     # An attempt that died between checkpointing an epoch and logging it left a gap.
     tracking.log_missing_steps(run_id, history)
     return TrainedModel(spec, str(checkpoint), history)
@@ -77,16 +98,26 @@ def train_logged(
 @task(name="evaluate-model", cache_policy=NO_CACHE)
 def evaluate_model(
     trained: TrainedModel, test_loader: TensorLoader, class_names: tuple[str, ...], run_dir: Path, run_id: str
-) -> dict[str, float]:
-    """Test metrics, per-class table and confusion matrix, logged to MLflow."""
+) -> Evaluation:
+    """Test metrics, per-class table and plots (confusion matrix, learning curves, misclassified
+    images), logged to MLflow."""
     model = export.load_model(trained.spec, trained.weights())
     logits, labels = predict_logits(model.to(test_loader.labels.device), test_loader)
     metrics, table, matrix = evaluation.summarise(logits, labels, class_names)
     table.to_csv(run_dir / "per_class_metrics.csv", index=False)
-    plot = evaluation.plot_confusion_matrix(matrix, class_names, run_dir / "confusion_matrix.png")
-    tracking.log_metrics(run_id, metrics)
-    tracking.log_artifacts(run_id, [run_dir / "per_class_metrics.csv", plot])
-    return metrics
+    images = test_loader.images.cpu()
+    artefacts = [
+        run_dir / "per_class_metrics.csv",
+        plots.plot_confusion_matrix(matrix, class_names, run_dir / "confusion_matrix.png"),
+        plots.plot_learning_curves(trained.history, run_dir / "learning_curves.png"),
+        plots.plot_misclassified(
+            images, labels, logits.argmax(1), class_names, run_dir / "misclassified.png"
+        ),
+    ]
+    logged_at = tracking.now_ms()
+    tracking.log_metrics(run_id, metrics, timestamp=logged_at)
+    tracking.log_artifacts(run_id, artefacts)
+    return Evaluation(metrics, table.to_dict("records"), logged_at)
 
 
 @task(name="save-state-dict", cache_policy=NO_CACHE)
@@ -132,13 +163,14 @@ def register_model(
     weights_path: Path,
     onnx_path: Path,
     dataset: DatasetRef,
-    test_accuracy: float,
+    evaluation: Evaluation,
     parity: dict,
+    params: dict,
     name: str,
-    run_dir: Path,
     run_id: str,
 ) -> dict:
-    """Logs and registers both flavors, then moves `champion` or `challenger` through the gate."""
+    """Logs both flavors as logged models of the run, registers them with a model card, then moves
+    `champion` or `challenger` through the gate."""
     model = export.load_model(spec, weights_path)
     example = test_pixels(dataset, limit=4).numpy()
     signature = registry.pixel_signature(example, spec.num_classes)
@@ -147,13 +179,7 @@ def register_model(
         "dataset": dataset.name,
         "dataset_sha256": dataset.sha256,
     }
-    saved = run_dir / "mlflow-models"
-    flavors = {
-        name: registry.save_pytorch_flavor(model, example, signature, metadata, saved / "pytorch-model"),
-        name + registry.ONNX_SUFFIX: registry.save_onnx_flavor(
-            onnx_path, example, signature, metadata, saved / "onnx-model"
-        ),
-    }
+    test_accuracy = evaluation.metrics["test_accuracy"]
     tags = {
         "dataset": dataset.name,
         "dataset_sha256": dataset.sha256,
@@ -161,9 +187,50 @@ def register_model(
         "onnx_max_abs_diff": repr(parity["max_abs_diff"]),
         "onnx_validated": str(parity["passed"]).lower(),
     }
+    options = dict(signature=signature, input_example=example, metadata=metadata)
+    savers = {
+        name: functools.partial(registry.save_pytorch, model, **options),
+        name + registry.ONNX_SUFFIX: functools.partial(registry.save_onnx_logits, onnx_path, **options),
+    }
+    model_ids = {}
+    for registered, save in savers.items():
+        model_ids[registered] = registry.log_model_once(run_id, registered, tags, save)
+        tracking.log_metrics(
+            run_id, evaluation.metrics, model_id=model_ids[registered], timestamp=evaluation.logged_at
+        )
     candidate = registry.Candidate(test_accuracy, dataset.sha256, parity["passed"])
     decision = registry.decide_promotion(candidate, registry.champion_tags(name))
-    versions = {reg: registry.register_version(run_id, path, reg, tags) for reg, path in flavors.items()}
+    outcome = f"{registry.CHAMPION if decision.promote else registry.CHALLENGER}: {decision.reason}"
+    sizes = lineage.split_sizes(dataset, float(params["val_fraction"]))
+    card = model_card.version_card(
+        dataset,
+        sizes,
+        params,
+        evaluation.metrics,
+        evaluation.per_class,
+        parity,
+        outcome,
+        reports.provenance(run_id),
+    )
+    contract = model_card.model_contract(spec.in_channels, spec.image_size, dataset.class_names)
+    versions = {
+        reg: registry.register_version(run_id, model_id, reg, tags, card, contract)
+        for reg, model_id in model_ids.items()
+    }
     alias = registry.apply_decision(decision, versions)
     print(f"registered {versions} as {alias!r}: {decision.reason}")
-    return {"versions": versions, "alias": alias, "reason": decision.reason}
+    return {
+        "versions": versions,
+        "model_ids": model_ids,
+        "alias": alias,
+        "reason": decision.reason,
+        "run_id": run_id,
+    }
+
+
+@task(name="report-run", cache_policy=NO_CACHE)
+def report_run(
+    name: str, evaluation: Evaluation, parity: dict, registration: dict, outputs: dict[str, str]
+) -> None:
+    """The run's summary and per-class table as Prefect artifacts, keyed by the registered name."""
+    reports.publish_run_summary(name, evaluation, parity, registration, outputs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from models import ModelSpec
-from tasks import sweeps, tracking
+from tasks import lineage, reports, sweeps, tracking
 from tasks.datasets import DatasetRef
 from tasks.loaders import make_loaders
-from tasks.steps import train_logged
+from tasks.steps import Watch, train_logged
 from tasks.training import TrainSettings, resolve_device
 
 
@@ -58,8 +57,10 @@ def run_trial(
     label = ",".join(f"{key}={value}" for key, value in trial.swept.items())
     run_id = tracking.open_child_run(parent_run_id, trial.index, f"{trial.name} {label}", tags, trial.params)
     try:
+        lineage.log_splits(run_id, dataset, trial.settings.seed, trial.val_fraction)
         loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, trial.settings.seed, device)
-        trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id)
+        watch = Watch(system_metrics=trial.params["system_metrics"])
+        trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id, watch)
     except BaseException:
         tracking.finish_run(run_id, succeeded=False)
         raise
@@ -105,7 +106,7 @@ def report_trials(
     ]
     create_table_artifact(
         rows,
-        key=re.sub(r"[^a-z0-9-]+", "-", f"sweep-{key}".lower()).strip("-"),
+        key=reports.artifact_key("sweep", key),
         description=f"{finished} of {len(table)} trials finished; MLflow parent run {run_id}",
     )
     print(table.drop(columns=["run_id", "error"]).to_string(index=False))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import mlflow
 from mlflow import MlflowClient
@@ -30,6 +32,12 @@ def tracking_uri() -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri.removeprefix(prefix)).resolve())
     return uri
+
+
+def web_url(*parts: str) -> Optional[str]:
+    """A page of the MLflow UI (`#/experiments/1/runs/<id>`), when the tracking server speaks HTTP."""
+    uri = tracking_uri()
+    return f"{uri.rstrip('/')}/#/" + "/".join(parts) if uri.startswith(("http://", "https://")) else None
 
 
 def use_tracking_uri(uri: str) -> None:
@@ -63,13 +71,24 @@ def log_tags(run_id: str, tags: Mapping[str, object]) -> None:
     get_client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Logs metrics at one step, in batches MLflow accepts."""
-    timestamp = int(time.time() * 1000)
-    batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+def log_metrics(
+    run_id: str,
+    metrics: Mapping[str, float],
+    step: int = 0,
+    model_id: Optional[str] = None,
+    timestamp: Optional[int] = None,
+) -> None:
+    """Logs metrics at one step (of the logged model `model_id` too, if given), in batches MLflow
+    accepts. The same values at the same timestamp are stored once in the run's history."""
+    timestamp = timestamp or now_ms()
+    batch = [Metric(key, float(value), timestamp, step, model_id=model_id) for key, value in metrics.items()]
     client = get_client()
     for start in range(0, len(batch), _MAX_BATCH):
         client.log_batch(run_id, metrics=batch[start : start + _MAX_BATCH])
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def log_artifacts(run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
@@ -153,3 +172,25 @@ def log_missing_steps(run_id: str, history: list[dict[str, float]]) -> None:
         for epoch, metrics in enumerate(history, 1):
             if epoch not in logged:
                 log_metrics(run_id, {name: metrics[name]}, step=epoch)
+
+
+@contextmanager
+def system_metrics(run_id: str, enabled: bool = True, interval: float = 5.0) -> Iterator[None]:
+    """Records CPU, memory, disk, network (and GPU, with pynvml) usage as the run's system/* metrics
+    while the block runs, through MLflow's SystemMetricsMonitor (MLFLOW_SYSTEM_METRICS_* env vars
+    override the interval). A last sample is taken at the end, so a short block still leaves one."""
+    if not enabled:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop chatter
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from tasks.files import atomic_save
 from tasks.loaders import Loaders, TensorLoader
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+BatchCallback = Callable[[int], None]  # the number of batches done so far in the epoch
 
 
 @dataclass(frozen=True)
@@ -89,12 +91,13 @@ def train_one_epoch(
     loader: TensorLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    on_batch: Optional[BatchCallback] = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns mean loss and accuracy."""
     model.train()
     loss_sum = torch.zeros((), device=loader.labels.device)
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.int64)
-    for images, labels in loader:
+    for batch, (images, labels) in enumerate(loader, 1):
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -104,6 +107,8 @@ def train_one_epoch(
         # Accumulate on the device: a .item() per batch would stall a GPU every step.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
+        if on_batch is not None:
+            on_batch(batch)
     return {"loss": loss_sum.item() / loader.num_samples, "accuracy": correct.item() / loader.num_samples}
 
 
@@ -133,6 +138,7 @@ def fit(
     epochs: int,
     checkpoint_path: Path,
     on_epoch: Optional[EpochCallback] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> list[dict[str, float]]:
     """Trains for `epochs`, resuming from `checkpoint_path` when it holds earlier epochs."""
     history: list[dict[str, float]] = []
@@ -142,7 +148,8 @@ def fit(
         history = restore_checkpoint(checkpoint_path, model, optimizer, scheduler, train_loader)
     for epoch in range(len(history) + 1, epochs + 1):
         started = time.perf_counter()
-        train = train_one_epoch(model, train_loader, optimizer, scheduler)
+        step = functools.partial(on_batch, epoch) if on_batch else None
+        train = train_one_epoch(model, train_loader, optimizer, scheduler, step)
         seconds = time.perf_counter() - started
         val = evaluate_loss(model, val_loader)
         metrics = {
@@ -167,8 +174,11 @@ def train(
     settings: TrainSettings,
     checkpoint_path: Path,
     on_epoch: Optional[EpochCallback] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Seeds, builds and trains a network; returns it with one metrics dict per epoch."""
+    """Seeds, builds and trains a network; returns it with one metrics dict per epoch.
+
+    `on_epoch(epoch, metrics)` follows each checkpointed epoch, `on_batch(epoch, batch)` each step."""
     torch.manual_seed(settings.seed)
     loaders.train.generator.manual_seed(settings.seed)  # a retried attempt reshuffles as the first did
     model = build_from_spec(spec).to(loaders.train.labels.device)
@@ -176,6 +186,14 @@ def train(
     total_steps = settings.epochs * len(loaders.train)
     scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
     history = fit(
-        model, loaders.train, loaders.val, optimizer, scheduler, settings.epochs, checkpoint_path, on_epoch
+        model,
+        loaders.train,
+        loaders.val,
+        optimizer,
+        scheduler,
+        settings.epochs,
+        checkpoint_path,
+        on_epoch,
+        on_batch,
     )
     return model, history

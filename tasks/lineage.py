@@ -1,0 +1,82 @@
+"""Dataset lineage: a run's training, validation and test splits as MLflow dataset inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from tasks.datasets import DatasetRef
+from tasks.loaders import validation_size
+from tasks.tracking import get_client
+
+TRAINING, VALIDATION, TEST = "training", "validation", "test"
+
+
+class ImageSplit(Dataset):
+    """One split of a prepared image dataset, described by its origin, fingerprint and sizes."""
+
+    def __init__(self, source: DatasetSource, name: str, digest: str, profile: dict) -> None:
+        self._profile = profile
+        super().__init__(source=source, name=name, digest=digest)
+
+    def _compute_digest(self) -> str:
+        return self.digest  # always given: derived from the prepared data's sha256
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def origin_source(origin: str) -> DatasetSource:
+    """A download URL, a local file, or the dotted name of the function that generates the data."""
+    if origin.startswith(("http://", "https://")):
+        return HTTPDatasetSource(origin)
+    if origin.startswith(("/", "file://")):
+        return get_dataset_source_from_json(json.dumps({"uri": origin}), "local")
+    return CodeDatasetSource({"generator": origin})
+
+
+def image_splits(dataset: DatasetRef, seed: int, val_fraction: float) -> dict[str, ImageSplit]:
+    """The three splits of a run. The test split's digest is the data's sha256 (first 16 hex digits);
+    training and validation, drawn from the training images by seed and fraction, append a hash of
+    that recipe, so a run with another split never shares their digest (and MLflow's stored profile)."""
+    shape = [dataset.channels, *dataset.image_size]
+    sizes = split_sizes(dataset, val_fraction)
+    splits = {}
+    for context, rows in sizes.items():
+        digest = dataset.sha256[:16]
+        if context != TEST:
+            recipe = f"{context}:{seed}:{val_fraction}".encode()
+            digest += "-" + hashlib.sha256(recipe).hexdigest()[:8]
+        origin = dataset.test_origin if context == TEST else dataset.train_origin
+        profile = {"num_rows": rows, "num_classes": dataset.num_classes, "image_shape": shape}
+        if context != TEST:
+            profile.update(seed=seed, val_fraction=val_fraction)
+        splits[context] = ImageSplit(origin_source(origin), dataset.name, digest, profile)
+    return splits
+
+
+def split_sizes(dataset: DatasetRef, val_fraction: float) -> dict[str, int]:
+    """Images per split, by context."""
+    val_size = validation_size(dataset.train_size, val_fraction)
+    return {TRAINING: dataset.train_size - val_size, VALIDATION: val_size, TEST: dataset.test_size}
+
+
+def log_splits(run_id: str, dataset: DatasetRef, seed: int, val_fraction: float) -> None:
+    """Logs the splits as the run's dataset inputs, each tagged with its context."""
+    inputs = [
+        DatasetInput(split._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for context, split in image_splits(dataset, seed, val_fraction).items()
+    ]
+    get_client().log_inputs(run_id, datasets=inputs)

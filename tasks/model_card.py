@@ -1,0 +1,82 @@
+"""Markdown for the registry: a model card per version and the contract of a registered model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+from tasks.datasets import DatasetRef
+
+PER_CLASS_COLUMNS = ("class_name", "precision", "recall", "f1", "support")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model came from; the URLs are set only when the servers are reachable over HTTP."""
+
+    run_id: str
+    run_url: Optional[str] = None
+    flow_run_id: Optional[str] = None
+    flow_run_url: Optional[str] = None
+    git_commit: Optional[str] = None
+
+
+def link(text: str, url: Optional[str]) -> str:
+    return f"[{text}]({url})" if url else f"`{text}`"
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
+    """A GitHub-flavoured table; floats to 4 decimals."""
+
+    def cell(value: object) -> str:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[column]) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def version_card(
+    dataset: DatasetRef,
+    split_sizes: Mapping[str, int],
+    params: Mapping[str, object],
+    metrics: Mapping[str, float],
+    per_class: Sequence[Mapping[str, object]],
+    parity: Mapping[str, object],
+    outcome: str,
+    provenance: Provenance,
+) -> str:
+    """What a registered version was trained on, how good it is, how it was checked and why it got
+    its alias; `outcome` is the gate's sentence (e.g. "champion: there is no champion yet")."""
+    sizes = ", ".join(f"{context} {count}" for context, count in split_sizes.items())
+    settings = ", ".join(f"`{key}={value}`" for key, value in params.items() if value is not None)
+    return "\n".join(
+        [
+            f"## {dataset.name}: test accuracy {metrics['test_accuracy']:.4f}",
+            f"- **Dataset** `{dataset.name}`, sha256 `{dataset.sha256}`; images: {sizes}",
+            f"- **Test** accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_macro_f1']:.4f}, "
+            f"loss {metrics['test_loss']:.4f}",
+            f"- **ONNX parity** max |logit diff| {parity['max_abs_diff']:.3g} on {parity['samples']} "
+            f"images in batches and {parity['single_samples']} at batch 1, top-1 agreement "
+            f"{parity['top1_agreement']:.4f}: {'passed' if parity['passed'] else 'failed'}",
+            f"- **Promotion** {outcome}",
+            f"- **Provenance** MLflow run {link(provenance.run_id, provenance.run_url)}, Prefect flow run "
+            f"{link(provenance.flow_run_id or 'none', provenance.flow_run_url)}, git commit "
+            f"`{provenance.git_commit or 'unknown'}`",
+            f"- **Config** {settings}",
+            "",
+            "### Per class (test split)",
+            markdown_table(per_class, PER_CLASS_COLUMNS),
+        ]
+    )
+
+
+def model_contract(channels: int, image_size: Sequence[int], class_names: Sequence[str]) -> str:
+    """What every version of a registered model takes and returns."""
+    height, width = image_size
+    return (
+        f"Image classifier. Input: float32 pixels in [0, 1], shape (N, {channels}, {height}, {width}) "
+        f"(N, C, H, W). Output: float32 logits, shape (N, {len(class_names)}); softmax gives "
+        f"probabilities. Classes in index order: {', '.join(class_names)}."
+    )
