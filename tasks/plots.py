@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_confusion_matrix(matrix: torch.Tensor, class_names: tuple[str, ...], path: Path) -> Path:
@@ -41,6 +42,7 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: Path) -> Pat
         for split in ("train", "val"):
             axis.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend()
@@ -57,7 +59,7 @@ def plot_misclassified(
 ) -> Path:
     """A grid of the first `limit` misclassified images (uint8 N, C, H, W), titled true -> predicted."""
     wrong = (predictions != labels).nonzero().flatten()[:limit].tolist()
-    columns = 6
+    columns = min(6, max(1, len(wrong)))
     rows = max(1, -(-len(wrong) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
     for axis in axes.flat:

@@ -8,16 +8,18 @@ from typing import Optional
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingProgress:
-    """Receives the training loop's (epoch, batch) ticks; shows them on the console and in Prefect.
+    """Receives the training loop's (epoch, batch) ticks; shows them as a bar on `console` (none:
+    no bar) and as the Prefect progress artifact `artifact_key` (none: no artifact).
 
-    The artifact is updated at most every `interval` seconds within an epoch and at every epoch's
-    end, so a long epoch shows movement without an API call per batch.
+        The artifact is updated at most every `interval` seconds within an epoch and at every epoch's
+        end, so a long epoch shows movement without an API call per batch.
     """
 
     def __init__(
@@ -25,7 +27,7 @@ class TrainingProgress:
         epochs: int,
         batches: int,
         artifact_key: Optional[str] = None,
-        console: bool = False,
+        console: Optional[Console] = None,
         interval: float = 2.0,
     ) -> None:
         self.epochs, self.batches, self.interval = epochs, batches, interval
@@ -36,8 +38,9 @@ class TrainingProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
+            console=console,
             transient=True,
-            disable=not console,
+            disable=console is None,
         )
         self.task: Optional[TaskID] = None
         self.updated = 0.0

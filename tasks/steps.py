@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from rich.console import Console
 
 from models import ModelSpec
 from tasks import evaluation, export, lineage, model_card, plots, registry, reports, tracking
@@ -81,7 +82,8 @@ def train_logged(
 ) -> TrainedModel:
     """train() with checkpoints in run_dir, each epoch logged to the MLflow run and printed."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
-    progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, watch.console)
+    console = Console() if watch.console else None
+    progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, console)
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(run_id, metrics, step=epoch)

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -77,6 +78,25 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def prefect_artifacts(key: Optional[str] = None, flow_run_id: Optional[str] = None) -> list:
+    """The artifacts the Prefect API holds, by key and/or flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    filters = {}
+    if key:
+        filters["artifact_filter"] = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+    if flow_run_id:
+        filters["flow_run_filter"] = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(**filters)
 
 
 def write_image_folder(
@@ -209,15 +229,18 @@ class Processes:
         self.folder, self.env, self.started, self.grace = folder, env, [], grace
 
     def start(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        """`python -m ARGS` in the repository."""
+        return self._start(name, [sys.executable, "-m", *args], REPO)
+
+    def start_shell(self, name: str, command: str, cwd: Path) -> tuple[subprocess.Popen, Path]:
+        """A shell command line, as a user types it, in `cwd`."""
+        return self._start(name, ["bash", "-c", f"exec {command}"], cwd)
+
+    def _start(self, name: str, command: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
         log = self.folder / f"{name}.log"
         with open(log, "w") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", *args],
-                cwd=REPO,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                command, cwd=cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.started.append(process)
         return process, log

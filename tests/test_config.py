@@ -15,6 +15,12 @@ def test_flags_fill_a_frozen_config():
         config.epochs = 4
 
 
+def test_boolean_fields_are_on_off_flags():
+    assert parse_config([]).system_metrics is True
+    assert parse_config(["--no-system-metrics"]).system_metrics is False
+    assert "--system-metrics, --no-system-metrics" in build_parser(TrainConfig, "train").format_help()
+
+
 def test_every_field_is_a_flag_with_help_and_default():
     text = build_parser(TrainConfig, "train").format_help()
     for name, field in TrainConfig.model_fields.items():

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.evaluation import confusion_matrix, metric_safe, per_class_table, plot_confusion_matrix, summarise
+from tasks.evaluation import confusion_matrix, metric_safe, per_class_table, summarise
 
 
 def test_confusion_matrix_rows_are_true_classes():
@@ -37,8 +37,3 @@ def test_summary_metrics_and_keys():
 
 def test_metric_safe_names():
     assert metric_safe("T-shirt/top") == "T-shirt_top" and metric_safe("???") == "class"
-
-
-def test_plot_writes_a_png(tmp_path):
-    path = plot_confusion_matrix(torch.tensor([[5, 1], [0, 7]]), ("a", "b"), tmp_path / "cm.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ from tasks.images import ImageData
 from tasks.prediction import (
     COLUMNS,
     RegisteredModel,
+    add_tallies,
     find_registered,
     merge_csvs,
     predict_to_csv,
@@ -33,7 +34,9 @@ def test_table_and_tally():
     assert list(table.columns) == COLUMNS
     assert table["predicted_class"].tolist() == ["cat", "dog", "cat"]
     assert table["confidence"][0] == pytest.approx(np.exp(3) / (np.exp(3) + 1))
-    assert tally(table) == {"images": 3, "labelled": 2, "correct": 1}
+    assert tally(table) == {"images": 3, "labelled": 2, "correct": 1, "classes": {"cat": 2, "dog": 1}}
+    total = add_tallies([tally(table), tally(table.iloc[1:])])
+    assert total == {"images": 5, "labelled": 3, "correct": 1, "classes": {"cat": 3, "dog": 2}}
 
 
 class PixelSum:
@@ -59,14 +62,19 @@ def test_streamed_parts_merge_into_the_table_of_one_pass(tmp_path):
 
     model = PixelSum()
     whole = predict_to_csv(model, inputs, registered, 4, tmp_path / "whole.csv")
-    assert model.batches == [4, 4, 2] and whole == {"images": 10, "labelled": 10, "correct": 6}
+    assert model.batches == [4, 4, 2] and whole == {
+        "images": 10,
+        "labelled": 10,
+        "correct": 6,
+        "classes": {"bright": 4, "dark": 6},
+    }
     parts = [tmp_path / f"p{k}.csv" for k in range(3)]
     counts = [
         predict_to_csv(PixelSum(), p, registered, 3, out) for p, out in zip(partitions(inputs, 4), parts)
     ]
     merge_csvs(parts, tmp_path / "merged.csv")
     assert (tmp_path / "merged.csv").read_text() == (tmp_path / "whole.csv").read_text()
-    assert [c["images"] for c in counts] == [4, 4, 2]
+    assert [c["images"] for c in counts] == [4, 4, 2] and add_tallies(counts) == whole
     table = pd.read_csv(tmp_path / "merged.csv")
     assert table["path"].tolist() == [f"t/test/{k}" for k in range(10)]
 

@@ -1,8 +1,12 @@
+import functools
+import json
+
 import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from models import ModelSpec, build_from_spec
 from tasks import registry, tracking
@@ -33,36 +37,78 @@ def test_gate(candidate, champion, promote, why):
     assert decision.promote is promote and why in decision.reason
 
 
-def test_both_flavors_register_and_predict_the_same_logits(mlflow_store, tmp_path):
+def log_both(model, onnx_path, run_id, names=("m", "m-onnx")):
+    example = np.random.rand(4, 1, 28, 28).astype(np.float32)
+    options = dict(signature=registry.pixel_signature(example, 10), input_example=example, metadata=META)
+    savers = [
+        functools.partial(registry.save_pytorch, model, **options),
+        functools.partial(registry.save_onnx_logits, onnx_path, **options),
+    ]
+    return {name: registry.log_model_once(run_id, name, {}, save) for name, save in zip(names, savers)}
+
+
+def test_both_flavors_log_register_and_predict_the_same_logits(mlflow_store, tmp_path):
     spec = ModelSpec("mlp", 1, (28, 28), 10)
     model = build_from_spec(spec).eval()
     onnx_path = write_onnx(model, torch.rand(2, 1, 28, 28), tmp_path / "model.onnx")
-    example = np.random.rand(4, 1, 28, 28).astype(np.float32)
-    signature = registry.pixel_signature(example, 10)
     run_id = tracking.start_run("exp", "r", {})
-    saved = {
-        "m": registry.save_pytorch_flavor(model, example, signature, META, tmp_path / "pytorch-model"),
-        "m-onnx": registry.save_onnx_flavor(onnx_path, example, signature, META, tmp_path / "onnx-model"),
-    }
+    tracking.log_params(run_id, {"lr": 0.5})
+    model_ids = log_both(model, onnx_path, run_id)
+    client = MlflowClient()
+    for name, model_id in model_ids.items():
+        logged = client.get_logged_model(model_id)
+        assert (logged.name, logged.source_run_id, logged.params) == (name, run_id, {"lr": "0.5"})
+        assert mlflow.models.get_model_info(f"models:/{model_id}").model_id == model_id
+    assert [output.model_id for output in client.get_run(run_id).outputs.model_outputs] == list(
+        model_ids.values()
+    )
+    # A retried step finds the models it logged instead of logging them again.
+    assert log_both(model, onnx_path, run_id) == model_ids
     assert registry.champion_tags("m") is None
+    tags = {"test_accuracy": "0.5", "dataset_sha256": SHA}
     versions = {
-        name: registry.register_version(run_id, path, name, {"test_accuracy": "0.5", "dataset_sha256": SHA})
-        for name, path in saved.items()
+        name: registry.register_version(run_id, model_id, name, tags, f"card of {name}", "contract")
+        for name, model_id in model_ids.items()
     }
     assert registry.apply_decision(decide_promotion(Candidate(0.5, SHA, True), None), versions) == "champion"
     assert registry.champion_tags("m")["test_accuracy"] == "0.5"
+    version = client.get_model_version("m-onnx", "1")
+    assert (version.source, version.description) == (f"models:/{model_ids['m-onnx']}", "card of m-onnx")
+    assert client.get_registered_model("m").description == "contract"
+    linked = json.loads(client.get_logged_model(model_ids["m"]).tags["mlflow.modelVersions"])
+    assert linked == [{"name": "m", "version": "1"}]
     x = np.random.rand(7, 1, 28, 28).astype(np.float32)
-    logits = [mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(x) for name in saved]
+    logits = [mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(x) for name in model_ids]
     assert all(isinstance(out, np.ndarray) and out.shape == (7, 10) for out in logits)
     assert np.abs(logits[0] - logits[1]).max() < 1e-4
     assert np.abs(logits[0] - model(torch.from_numpy(x)).detach().numpy()).max() < 1e-4
     assert mlflow.models.get_model_info("models:/m-onnx@champion").metadata["class_names"][9] == "9"
     # Registering the same run again (a retried task) returns the version it already has.
-    assert registry.register_version(run_id, saved["m"], "m", {}) == "1"
+    assert registry.register_version(run_id, model_ids["m"], "m", {}, "card", "contract") == "1"
     second_run = tracking.start_run("exp", "r2", {})
-    again = {name: registry.register_version(second_run, path, name, {}) for name, path in saved.items()}
+    again = {
+        name: registry.register_version(second_run, model_id, name, {}, "card", "contract")
+        for name, model_id in log_both(model, onnx_path, second_run).items()
+    }
     registry.apply_decision(decide_promotion(Candidate(0.4, SHA, True), registry.champion_tags("m")), again)
-    client = MlflowClient()
     assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("m-onnx", "challenger").version) == "2"
     assert "below" in client.get_model_version("m", "2").tags["promotion"]
+
+
+def test_a_half_logged_model_is_replaced(mlflow_store, tmp_path):
+    model = build_from_spec(ModelSpec("mlp", 1, (28, 28), 10)).eval()
+    onnx_path = write_onnx(model, torch.rand(2, 1, 28, 28), tmp_path / "model.onnx")
+    run_id = tracking.start_run("exp", "r", {})
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+
+    def dies(**_):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        registry.log_model_once(run_id, "m", {}, dies)
+    [dead] = MlflowClient().search_logged_models([experiment])
+    assert dead.status != LoggedModelStatus.READY
+    model_ids = log_both(model, onnx_path, run_id)
+    remaining = MlflowClient().search_logged_models([experiment])
+    assert sorted(m.model_id for m in remaining) == sorted(model_ids.values())

@@ -8,10 +8,8 @@ import socket
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_train_script
+from conftest import REPO, prefect_artifacts, run_train_script
 from mlflow import MlflowClient
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.config import TrainConfig
 from flows.sweep_config import SweepConfig
@@ -82,13 +80,6 @@ def sweep(tmp_path, **fields) -> SweepConfig:
     return SweepConfig(base=base, **fields)
 
 
-def prefect_table_artifacts(key: str) -> list:
-    """The Prefect API's table artifacts under `key`."""
-    artifact_filter = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-    with get_client(sync_client=True) as client:
-        return [a for a in client.read_artifacts(artifact_filter=artifact_filter) if a.type == "table"]
-
-
 def fail_trials(monkeypatch, once: float, always: float) -> dict[float, int]:
     """Trials with learning rate `once` crash in their second epoch on the first attempt only;
     those with `always` crash every time. Returns epochs started per learning rate."""
@@ -124,7 +115,7 @@ def test_a_failing_trial_is_retried_from_its_checkpoint_and_one_that_keeps_faili
     assert result["best_run_id"] in {children[0].info.run_id, children[1].info.run_id}
     csv = pd.read_csv(os.path.join(result["run_dir"], "trials.csv"))
     assert csv["status"].tolist() == ["finished", "finished", "failed"]
-    [artifact] = prefect_table_artifacts("sweep-swept")
+    [artifact] = [a for a in prefect_artifacts(key="sweep-swept") if a.type == "table"]
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     assert [row["status"] for row in rows] == ["finished", "finished", "failed"] and rows[2][
         "val_accuracy"

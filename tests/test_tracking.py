@@ -1,4 +1,5 @@
 import subprocess
+import time
 
 from mlflow import MlflowClient
 
@@ -44,3 +45,37 @@ def test_git_tags_name_the_commit_or_nothing(tmp_path):
     )
     tags = tracking.git_tags(tmp_path)
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] == "false"
+
+
+def test_system_metrics_are_sampled_while_a_block_runs(mlflow_store):
+    run_id = tracking.start_run("exp", "r", {})
+    with tracking.system_metrics(run_id, interval=0.2):
+        time.sleep(0.7)
+    client = MlflowClient()
+    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 2 and [m.step for m in history] == list(range(len(history)))
+    assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
+    # A retried block goes on from the last step; a disabled one records nothing.
+    with tracking.system_metrics(run_id, interval=10):
+        pass
+    assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) == len(history) + 1
+    quiet = tracking.start_run("exp", "quiet", {})
+    with tracking.system_metrics(quiet, enabled=False):
+        time.sleep(0.3)
+    assert client.get_run(quiet).data.metrics == {}
+
+
+def test_metrics_linked_to_a_logged_model_stay_single_in_the_run(mlflow_store):
+    run_id = tracking.start_run("exp", "r", {})
+    client = MlflowClient()
+    model = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id, name="m", source_run_id=run_id
+    )
+    logged_at = tracking.now_ms()
+    tracking.log_metrics(run_id, {"test_accuracy": 0.9}, timestamp=logged_at)
+    for _ in range(2):
+        tracking.log_metrics(run_id, {"test_accuracy": 0.9}, model_id=model.model_id, timestamp=logged_at)
+    assert len(client.get_metric_history(run_id, "test_accuracy")) == 1
+    assert [(m.key, m.value) for m in client.get_logged_model(model.model_id).metrics] == [
+        ("test_accuracy", 0.9)
+    ]

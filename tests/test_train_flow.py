@@ -1,28 +1,31 @@
 """End-to-end: the whole flow on offline data against a real SQLite MLflow store and a Prefect server."""
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
-from conftest import EPOCH_METRICS, TRAIN_SCRIPT, run_train_script
+from conftest import EPOCH_METRICS, TRAIN_SCRIPT, prefect_artifacts, run_train_script
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from flows.config import TrainConfig
 from flows.train_flow import train_flow
-from tasks import export, training
+from tasks import export, registry, training
 
 pytestmark = pytest.mark.slow
 ARTEFACTS = {
     "model_weights.pth",
     "model.onnx",
     "confusion_matrix.png",
+    "learning_curves.png",
+    "misclassified.png",
     "per_class_metrics.csv",
     "config.json",
-    "pytorch-model",
-    "onnx-model",
 }
 
 
@@ -72,6 +75,12 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(
         Path(strong["run_dir"]).parent == tmp_path / "outputs"
         and Path(strong["run_dir"], "model.onnx").exists()
     )
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
+    check_logged_and_registered(run, strong)
+    check_dataset_inputs(run)
+    check_prefect_artifacts(tags["prefect.flow_run_id"], "digits-cnn")
 
     # Users run the README's snippet in a fresh process: both flavors agree on plain [0, 1] pixels.
     fresh = subprocess.run(
@@ -86,6 +95,52 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(
     assert alias_version("digits-cnn", "champion") == "2" and alias_version("digits-cnn", "challenger") == "3"
 
 
+def check_logged_and_registered(run, result: dict) -> None:
+    """Both flavors are logged models of the run with test metrics, registered from models:/<id>
+    with a model card; the registered models describe their contract."""
+    client = MlflowClient()
+    logged = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    assert {model.name: model.model_id for model in logged} == result["model_ids"]
+    sha = run.data.tags["dataset_sha256"]
+    for model in logged:
+        metrics = {metric.key: metric.value for metric in model.metrics}
+        assert metrics["test_accuracy"] == result["test_accuracy"] and "test_f1_7_7" in metrics
+        assert model.params["epochs"] == "3" and model.status == LoggedModelStatus.READY
+        version = client.get_model_version(model.name, result["versions"][model.name])
+        assert version.source == f"models:/{model.model_id}" and version.run_id == run.info.run_id
+        assert mlflow.models.get_model_info(f"models:/{model.name}@champion").model_id == model.model_id
+        card = version.description
+        assert f"{result['test_accuracy']:.4f}" in card and sha[:12] in card
+        assert "| 7 |" in card and "champion: test accuracy" in card and run.info.run_id in card
+        contract = client.get_registered_model(model.name).description
+        assert "(N, 1, 28, 28)" in contract and "(N, 10)" in contract and "0, 1, 2" in contract
+
+
+def check_dataset_inputs(run) -> None:
+    inputs = {
+        tag.value: entry.dataset
+        for entry in run.inputs.dataset_inputs
+        for tag in entry.tags
+        if tag.key == "mlflow.data.context"
+    }
+    assert set(inputs) == {"training", "validation", "test"}
+    sha = run.data.tags["dataset_sha256"]
+    assert inputs["test"].digest == sha[:16] and inputs["training"].digest.startswith(sha[:16])
+    assert json.loads(inputs["test"].profile)["num_rows"] == int(run.data.tags["dataset_test_size"])
+    assert json.loads(inputs["training"].source) == {"tags": {"generator": "tasks.offline_data.load_digits"}}
+
+
+def check_prefect_artifacts(flow_run_id: str, name: str) -> None:
+    artifacts = {a.key: a for a in prefect_artifacts(flow_run_id=flow_run_id)}
+    assert artifacts[f"{name}-summary"].type == "markdown"
+    assert "test accuracy" in artifacts[f"{name}-summary"].data
+    assert artifacts[f"{name}-per-class"].type == "table"
+    assert artifacts[f"{name}-training"].type == "progress"
+    assert float(artifacts[f"{name}-training"].data) == 100.0
+
+
 def test_csv_dataset_trains_end_to_end(prefect_server, mlflow_store, png_dataset, tmp_path):
     result = train_flow(
         config(
@@ -94,10 +149,15 @@ def test_csv_dataset_trains_end_to_end(prefect_server, mlflow_store, png_dataset
             model="mlp",
             epochs=2,
             batch_size=8,
+            system_metrics=False,
             **{key: str(value) for key, value in png_dataset.items()},
         )
     )
     assert result["versions"] == {"csv-mlp": "1", "csv-mlp-onnx": "1"}
+    run = MlflowClient().get_run(result["mlflow_run_id"])
+    assert not [key for key in run.data.metrics if key.startswith("system/")]
+    sources = {json.loads(entry.dataset.source)["uri"] for entry in run.inputs.dataset_inputs}
+    assert sources == {str(png_dataset["train_csv"]), str(png_dataset["test_csv"])}
     table = Path(result["run_dir"], "per_class_metrics.csv").read_text()
     assert "left" in table and "right" in table
 
@@ -187,6 +247,26 @@ def test_train_task_retry_resumes_from_its_checkpoint(prefect_server, mlflow_sto
     assert len(calls) == 4 and result["alias"] == "champion"
     history = MlflowClient().get_metric_history(result["mlflow_run_id"], "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_retried_registration_logs_each_flavor_once(prefect_server, mlflow_store, tmp_path, monkeypatch):
+    real, calls = registry.register_version, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the ONNX flavor, after the PyTorch flavor registered
+            raise ConnectionError("simulated registry outage")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_version", flaky)
+    result = train_flow(config(tmp_path, dataset="synthetic", model="mlp", epochs=1))
+    assert len(calls) == 4 and result["versions"] == {"synthetic-mlp": "1", "synthetic-mlp-onnx": "1"}
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    logged = client.search_logged_models([run.info.experiment_id])
+    assert sorted(model.name for model in logged) == ["synthetic-mlp", "synthetic-mlp-onnx"]
+    assert len(run.outputs.model_outputs) == 2
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [0]
 
 
 def test_train_timeout_fails_the_run(prefect_server, mlflow_store, tmp_path):

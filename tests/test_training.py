@@ -53,15 +53,18 @@ def test_schedules_and_bad_names():
 
 def test_learns_real_digits_far_above_chance(digits, tmp_path):
     loaders = make_loaders(digits, 64, 0.1, seed=0, device="cpu")
-    seen = []
+    seen, steps = [], []
     model, history = train(
         spec_for(digits, "cnn"),
         loaders,
         TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", 0),
         tmp_path / "last.pt",
         on_epoch=lambda epoch, metrics: seen.append(epoch),
+        on_batch=lambda epoch, batch: steps.append((epoch, batch)),
     )
     assert seen == [1, 2, 3] and len(history) == 3
+    batches = len(loaders.train)
+    assert steps == [(epoch, batch) for epoch in (1, 2, 3) for batch in range(1, batches + 1)]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert set(history[0]) == set(EPOCH_METRICS)
     assert evaluate_loss(model, loaders.test)["accuracy"] > 0.9  # chance is 0.1

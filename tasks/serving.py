@@ -1,0 +1,45 @@
+"""A request body for MLflow's scoring server from image files:
+
+    python -m tasks.serving "models:/NAME-onnx@champion" shirt.png boot.png > request.json
+
+prints {"inputs": float32 pixels in [0, 1], shaped as the model's signature says}, which
+`curl -d @request.json http://HOST:PORT/invocations` posts to `mlflow models serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlflow
+
+from tasks.csv_images import CsvDatasetError, Row, decode_rows
+from tasks.image_inputs import PredictionError
+from tasks.prediction import to_pixels
+
+
+def request_body(model_uri: str, paths: Sequence[Path]) -> dict:
+    """The scoring server's tensor input for `paths`, checked against the model's input shape."""
+    rows = [Row(index, path, "") for index, path in enumerate(paths, 1)]
+    images = decode_rows(rows, Path("the command line"))
+    shape = tuple(mlflow.models.get_model_info(model_uri).signature.inputs.inputs[0].shape[1:])
+    return {"inputs": to_pixels(images, [str(path) for path in paths], shape).tolist()}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_uri", help='the model to be served, e.g. "models:/NAME-onnx@champion"')
+    parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
+    args = parser.parse_args(argv)
+    try:
+        body = request_body(args.model_uri, args.images)
+    except (CsvDatasetError, PredictionError, mlflow.exceptions.MlflowException) as error:
+        sys.exit(f"error: {error}")
+    json.dump(body, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
