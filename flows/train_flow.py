@@ -28,6 +28,7 @@ from tasks.steps import (
     evaluate_model,
     export_onnx,
     fetch_dataset,
+    log_models,
     register_model,
     report_run,
     save_state_dict,
@@ -89,7 +90,8 @@ def publish_model(
     weights = save_state_dict(trained, run_dir, run_id)
     onnx_path = export_onnx(spec, weights, run_dir, run_id)
     parity = validate_onnx(spec, weights, onnx_path, dataset, run_id)
-    registration = register_model(spec, weights, onnx_path, dataset, evaluation, parity, params, name, run_id)
+    model_ids = log_models(spec, weights, onnx_path, dataset, evaluation, parity, name, run_id)
+    registration = register_model(model_ids, spec, dataset, evaluation, parity, params, run_id)
     outputs = {"Outputs": str(run_dir), "Weights": str(weights), "ONNX": str(onnx_path)}
     report_run(name, evaluation, parity, registration, outputs)
     return {

@@ -11,6 +11,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from tasks.datasets import DatasetRef
@@ -79,4 +80,10 @@ def log_splits(run_id: str, dataset: DatasetRef, seed: int, val_fraction: float)
         DatasetInput(split._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for context, split in image_splits(dataset, seed, val_fraction).items()
     ]
-    get_client().log_inputs(run_id, datasets=inputs)
+    try:
+        get_client().log_inputs(run_id, datasets=inputs)
+    except MlflowException:
+        # Runs that log the same new dataset at once (a sweep's trials) race in MLflow's insert,
+        # and the later one fails on a unique constraint; the dataset exists now, so once more
+        # links it (any other error comes back again).
+        get_client().log_inputs(run_id, datasets=inputs)

@@ -71,6 +71,7 @@ class TrainingProgress:
     def epoch_done(self, epoch: int) -> None:
         if self.task is not None:
             self.bar.remove_task(self.task)
+            self.bar.refresh()  # clears the bar before the epoch's log line is written
             self.task = None
         self._publish(self.percent(epoch, self.batches))
 

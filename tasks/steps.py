@@ -159,65 +159,67 @@ def validate_onnx(
     return asdict(report)
 
 
-@task(name="register-model", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
-def register_model(
+@task(name="log-models", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+def log_models(
     spec: ModelSpec,
     weights_path: Path,
     onnx_path: Path,
     dataset: DatasetRef,
     evaluation: Evaluation,
     parity: dict,
-    params: dict,
     name: str,
     run_id: str,
-) -> dict:
-    """Logs both flavors as logged models of the run, registers them with a model card, then moves
-    `champion` or `challenger` through the gate."""
-    model = export.load_model(spec, weights_path)
+) -> dict[str, str]:
+    """Logs both flavors as logged models of the run, with the test metrics; returns their ids by
+    registry name. A retry reuses what an earlier attempt logged."""
     example = test_pixels(dataset, limit=4).numpy()
-    signature = registry.pixel_signature(example, spec.num_classes)
-    metadata = {
-        "class_names": list(dataset.class_names),
-        "dataset": dataset.name,
-        "dataset_sha256": dataset.sha256,
-    }
-    test_accuracy = evaluation.metrics["test_accuracy"]
-    tags = {
-        "dataset": dataset.name,
-        "dataset_sha256": dataset.sha256,
-        "test_accuracy": repr(test_accuracy),
-        "onnx_max_abs_diff": repr(parity["max_abs_diff"]),
-        "onnx_validated": str(parity["passed"]).lower(),
-    }
-    options = dict(signature=signature, input_example=example, metadata=metadata)
+    options = dict(
+        signature=registry.pixel_signature(example, spec.num_classes),
+        input_example=example,
+        metadata={
+            "class_names": list(dataset.class_names),
+            "dataset": dataset.name,
+            "dataset_sha256": dataset.sha256,
+        },
+    )
     savers = {
-        name: functools.partial(registry.save_pytorch, model, **options),
+        name: functools.partial(registry.save_pytorch, export.load_model(spec, weights_path), **options),
         name + registry.ONNX_SUFFIX: functools.partial(registry.save_onnx_logits, onnx_path, **options),
     }
+    tags = model_tags(dataset, evaluation, parity)
     model_ids = {}
     for registered, save in savers.items():
         model_ids[registered] = registry.log_model_once(run_id, registered, tags, save)
         tracking.log_metrics(
             run_id, evaluation.metrics, model_id=model_ids[registered], timestamp=evaluation.logged_at
         )
-    candidate = registry.Candidate(test_accuracy, dataset.sha256, parity["passed"])
+    return model_ids
+
+
+@task(name="register-model", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+def register_model(
+    model_ids: dict[str, str],
+    spec: ModelSpec,
+    dataset: DatasetRef,
+    evaluation: Evaluation,
+    parity: dict,
+    params: dict,
+    run_id: str,
+) -> dict:
+    """Registers the logged models with a model card, then moves `champion` (or `challenger`) of
+    both names through the gate, which the first name's champion decides."""
+    name = next(iter(model_ids))
+    candidate = registry.Candidate(evaluation.metrics["test_accuracy"], dataset.sha256, parity["passed"])
     decision = registry.decide_promotion(candidate, registry.champion_tags(name))
     outcome = f"{registry.CHAMPION if decision.promote else registry.CHALLENGER}: {decision.reason}"
     sizes = lineage.split_sizes(dataset, float(params["val_fraction"]))
-    card = model_card.version_card(
-        dataset,
-        sizes,
-        params,
-        evaluation.metrics,
-        evaluation.per_class,
-        parity,
-        outcome,
-        reports.provenance(run_id),
-    )
+    facts = (evaluation.metrics, evaluation.per_class, parity, outcome, reports.provenance(run_id))
+    card = model_card.version_card(dataset, sizes, params, *facts)
     contract = model_card.model_contract(spec.in_channels, spec.image_size, dataset.class_names)
+    tags = model_tags(dataset, evaluation, parity)
     versions = {
-        reg: registry.register_version(run_id, model_id, reg, tags, card, contract)
-        for reg, model_id in model_ids.items()
+        registered: registry.register_version(run_id, model_id, registered, tags, card, contract)
+        for registered, model_id in model_ids.items()
     }
     alias = registry.apply_decision(decision, versions)
     print(f"registered {versions} as {alias!r}: {decision.reason}")
@@ -227,6 +229,17 @@ def register_model(
         "alias": alias,
         "reason": decision.reason,
         "run_id": run_id,
+    }
+
+
+def model_tags(dataset: DatasetRef, evaluation: Evaluation, parity: dict) -> dict[str, str]:
+    """What the gate and registry users read off a logged model or version."""
+    return {
+        "dataset": dataset.name,
+        "dataset_sha256": dataset.sha256,
+        "test_accuracy": repr(evaluation.metrics["test_accuracy"]),
+        "onnx_max_abs_diff": repr(parity["max_abs_diff"]),
+        "onnx_validated": str(parity["passed"]).lower(),
     }
 
 
