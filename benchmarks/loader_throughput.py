@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms.functional import to_tensor  # noqa: E402
 
-from tasks.loaders import TensorLoader  # noqa: E402
+from tasks.data.loaders import TensorLoader  # noqa: E402
 
 
 class PilDataset(Dataset):

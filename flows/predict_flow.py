@@ -15,16 +15,16 @@ from flows.cli import parse_config
 from flows.config import PredictConfig, resolve_path
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.train_flow import USER_ERRORS
-from tasks import tracking
-from tasks.image_inputs import PredictionError, partitions
-from tasks.predict_steps import (
+from tasks.predict.image_inputs import PredictionError, partitions
+from tasks.predict.steps import (
     list_images,
     load_registered_model,
     predict_partition,
     report_predictions,
     write_predictions,
 )
-from tasks.run_steps import make_run_dir, mlflow_run
+from tasks.track import tracking
+from tasks.track.steps import make_run_dir, mlflow_run
 
 
 @flow(name="predict-images", log_prints=True)

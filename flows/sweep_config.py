@@ -7,7 +7,7 @@ from typing import Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.config import ClusterOptions, TrainConfig
-from tasks.search_space import Range, trial_overrides
+from tasks.train.search_space import Range, trial_overrides
 
 # Settings a trial may change; the data, folders and registry name stay those of the sweep.
 SWEEPABLE = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "seed")

@@ -19,14 +19,15 @@ from flows.config import TrainConfig, resolve_path
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.sweep_config import SweepConfig
 from flows.train_flow import USER_ERRORS, model_spec, publish_model, train_settings
-from tasks import tracking
-from tasks.datasets import DatasetRef
-from tasks.loaders import make_test_loader
-from tasks.run_steps import log_dataset, make_run_dir, mlflow_run
-from tasks.steps import TrainedModel, fetch_dataset
-from tasks.sweep_steps import Trial, report_trials, run_trial
-from tasks.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
-from tasks.training import resolve_device
+from tasks.data.datasets import DatasetRef
+from tasks.data.loaders import make_test_loader
+from tasks.data.steps import fetch_dataset
+from tasks.track import tracking
+from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
+from tasks.train.steps import TrainedModel
+from tasks.train.sweep_steps import Trial, report_trials, run_trial
+from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
+from tasks.train.training import resolve_device
 
 
 @flow(name="sweep-image-classifier", log_prints=True)

@@ -14,28 +14,24 @@ from prefect import flow
 from flows.cli import parse_config
 from flows.config import TrainConfig, resolve_path
 from models import ModelSpec
-from tasks.csv_images import CsvDatasetError
-from tasks.datasets import DatasetRef
-from tasks.export import OnnxMismatchError
-from tasks.loaders import TensorLoader
-from tasks.mnist_files import ChecksumError, DownloadError
-from tasks.reports import artifact_key
-from tasks.run_steps import log_dataset, make_run_dir, mlflow_run
-from tasks.steps import (
-    TrainedModel,
-    Watch,
-    build_loaders,
+from tasks.data.csv_images import CsvDatasetError
+from tasks.data.datasets import DatasetRef
+from tasks.data.loaders import TensorLoader
+from tasks.data.mnist_files import ChecksumError, DownloadError
+from tasks.data.steps import build_loaders, fetch_dataset
+from tasks.publish.export import OnnxMismatchError
+from tasks.publish.steps import (
     evaluate_model,
     export_onnx,
-    fetch_dataset,
     log_models,
     register_model,
-    report_run,
     save_state_dict,
-    train_model,
     validate_onnx,
 )
-from tasks.training import DeviceUnavailableError, TrainSettings, resolve_device
+from tasks.track.reports import artifact_key
+from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
+from tasks.train.steps import TrainedModel, Watch, train_model
+from tasks.train.training import DeviceUnavailableError, TrainSettings, resolve_device
 
 # Failures a user can act on: the CLI prints their message instead of a traceback.
 USER_ERRORS = (DownloadError, ChecksumError, CsvDatasetError, DeviceUnavailableError, OnnxMismatchError)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from models import ModelSpec
-from tasks.datasets import prepare_dataset
-from tasks.loaders import make_loaders
-from tasks.training import TrainSettings, train
+from tasks.data.datasets import prepare_dataset
+from tasks.data.loaders import make_loaders
+from tasks.train.training import TrainSettings, train
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", seed=0)
@@ -21,9 +21,9 @@ import pathlib, sys, time
 import torch
 sys.path.insert(0, {repo!r})
 from models import ModelSpec
-from tasks.datasets import prepare_dataset
-from tasks.loaders import make_loaders
-from tasks.training import TrainSettings, train
+from tasks.data.datasets import prepare_dataset
+from tasks.data.loaders import make_loaders
+from tasks.train.training import TrainSettings, train
 
 real_save, writes = torch.save, []
 def stalling_save(obj, handle):

@@ -3,7 +3,7 @@ import torch
 from conftest import write_csv, write_image_folder
 from torchvision.io import write_png
 
-from tasks.csv_images import CsvDatasetError, label_set, load_csv_dataset
+from tasks.data.csv_images import CsvDatasetError, label_set, load_csv_dataset
 
 
 def test_reads_pngs_with_string_labels_and_header(png_dataset):

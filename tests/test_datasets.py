@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import datasets
-from tasks.datasets import channel_stats, load_source, load_tensors, prepare_dataset, tensor_digest
-from tasks.images import ImageData, check_image_data
+from tasks.data import datasets
+from tasks.data.datasets import channel_stats, load_source, load_tensors, prepare_dataset, tensor_digest
+from tasks.data.images import ImageData, check_image_data
 
 
 def test_prepare_stores_tensors_and_describes_them(tmp_path):

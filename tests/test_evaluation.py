@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.evaluation import confusion_matrix, metric_safe, per_class_table, summarise
+from tasks.publish.evaluation import confusion_matrix, metric_safe, per_class_table, summarise
 
 
 def test_confusion_matrix_rows_are_true_classes():

@@ -6,7 +6,7 @@ from onnx import numpy_helper
 
 from models import ModelSpec, build_from_spec
 from models.logits_pyfunc import OnnxLogits
-from tasks.export import compare_onnx, load_model, load_weights, write_onnx, write_state_dict
+from tasks.publish.export import compare_onnx, load_model, load_weights, write_onnx, write_state_dict
 
 SPEC = ModelSpec("cnn", 1, (28, 28), 10, (0.3,), (0.4,))
 

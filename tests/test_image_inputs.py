@@ -2,8 +2,8 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from tasks.csv_images import CsvDatasetError
-from tasks.image_inputs import (
+from tasks.data.csv_images import CsvDatasetError
+from tasks.predict.image_inputs import (
     PredictionError,
     check_labels,
     csv_inputs,

@@ -2,15 +2,16 @@ import json
 
 from mlflow import MlflowClient
 
-from tasks import tracking
-from tasks.datasets import DatasetRef, data_origins
-from tasks.lineage import image_splits, log_splits, origin_source
+from tasks.data.datasets import DatasetRef, data_origins
+from tasks.track import tracking
+from tasks.track.lineage import image_splits, log_splits, origin_source
 
 SHA = "0123456789abcdef" * 4
 
 
 def ref(
-    train_origin: str = "tasks.offline_data.load_digits", test_origin: str = "tasks.offline_data.load_digits"
+    train_origin: str = "tasks.data.offline_data.load_digits",
+    test_origin: str = "tasks.data.offline_data.load_digits",
 ):
     return DatasetRef(
         "digits",
@@ -60,11 +61,11 @@ def test_origins_of_each_kind_of_dataset(tmp_path):
     assert data_origins("csv", train_csv=tmp_path / "a.csv", test_csv=tmp_path / "b.csv")[1] == str(
         tmp_path / "b.csv"
     )
-    assert data_origins("synthetic")[0] == "tasks.offline_data.make_synthetic"
+    assert data_origins("synthetic")[0] == "tasks.data.offline_data.make_synthetic"
     assert origin_source("https://x/y.gz").to_dict() == {"url": "https://x/y.gz"}
     assert origin_source("/data/train.csv").to_dict() == {"uri": "/data/train.csv"}
-    assert origin_source("tasks.offline_data.load_digits").to_dict() == {
-        "tags": {"generator": "tasks.offline_data.load_digits"}
+    assert origin_source("tasks.data.offline_data.load_digits").to_dict() == {
+        "tags": {"generator": "tasks.data.offline_data.load_digits"}
     }
 
 

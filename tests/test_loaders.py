@@ -1,7 +1,7 @@
 import torch
 
-from tasks.datasets import prepare_dataset
-from tasks.loaders import TensorLoader, make_loaders, split_indices
+from tasks.data.datasets import prepare_dataset
+from tasks.data.loaders import TensorLoader, make_loaders, split_indices
 
 
 def test_batches_cover_every_sample_once_scaled_to_unit_range():

@@ -5,9 +5,9 @@ import pytest
 from prefect import flow
 from torchvision import datasets
 
-from tasks import mnist_files
-from tasks.mnist_files import ChecksumError, DownloadError, download_file, load_mnist_family
-from tasks.steps import fetch_dataset
+from tasks.data import mnist_files
+from tasks.data.mnist_files import ChecksumError, DownloadError, download_file, load_mnist_family
+from tasks.data.steps import fetch_dataset
 
 
 def test_downloads_verifies_and_loads_through_torchvision(file_server, tmp_path):

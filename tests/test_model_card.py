@@ -1,5 +1,5 @@
-from tasks.datasets import DatasetRef
-from tasks.model_card import Provenance, markdown_table, model_contract, version_card
+from tasks.data.datasets import DatasetRef
+from tasks.publish.model_card import Provenance, markdown_table, model_contract, version_card
 
 SHA = "abcdef0123456789" * 4
 DATASET = DatasetRef("digits", "/x.pt", SHA, ("zero", "one"), 1, (28, 28), 100, 20, (0.5,), (0.2,), "g", "g")

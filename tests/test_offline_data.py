@@ -1,6 +1,6 @@
 import torch
 
-from tasks.offline_data import DIGIT_CLASSES, SYNTHETIC_CLASSES, load_digits, make_synthetic
+from tasks.data.offline_data import DIGIT_CLASSES, SYNTHETIC_CLASSES, load_digits, make_synthetic
 
 
 def test_synthetic_is_deterministic_balanced_and_28x28():

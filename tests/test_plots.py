@@ -1,6 +1,6 @@
 import torch
 
-from tasks.plots import plot_confusion_matrix, plot_learning_curves, plot_misclassified
+from tasks.publish.plots import plot_confusion_matrix, plot_learning_curves, plot_misclassified
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

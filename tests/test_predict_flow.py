@@ -14,8 +14,8 @@ from torchvision.io import write_png
 from flows.config import PredictConfig, TrainConfig
 from flows.predict_flow import predict_flow
 from flows.train_flow import train_flow
-from tasks.datasets import load_tensors, prepare_dataset
-from tasks.prediction import PredictionError
+from tasks.data.datasets import load_tensors, prepare_dataset
+from tasks.predict.prediction import PredictionError
 
 pytestmark = pytest.mark.slow
 PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from tasks.image_inputs import Inputs, PredictionError, folder_inputs, partitions
-from tasks.images import ImageData
-from tasks.prediction import (
+from tasks.data.images import ImageData
+from tasks.predict.image_inputs import Inputs, PredictionError, folder_inputs, partitions
+from tasks.predict.prediction import (
     COLUMNS,
     RegisteredModel,
     add_tallies,

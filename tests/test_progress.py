@@ -5,7 +5,7 @@ from conftest import prefect_artifacts
 from prefect import flow
 from rich.console import Console
 
-from tasks.progress import TrainingProgress
+from tasks.train.progress import TrainingProgress
 
 
 def drive(progress: TrainingProgress, epochs: int, batches: int, first_epoch: int = 1) -> None:

@@ -9,9 +9,10 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
 from models import ModelSpec, build_from_spec
-from tasks import registry, tracking
-from tasks.export import write_onnx
-from tasks.registry import Candidate, decide_promotion
+from tasks.publish import registry
+from tasks.publish.export import write_onnx
+from tasks.publish.registry import Candidate, decide_promotion
+from tasks.track import tracking
 
 SHA = "a" * 64
 META = {"class_names": [str(k) for k in range(10)], "dataset": "digits"}

@@ -1,5 +1,5 @@
-from tasks import tracking
-from tasks.reports import artifact_key, version_url
+from tasks.track import tracking
+from tasks.track.reports import artifact_key, version_url
 
 
 def test_artifact_keys_are_what_prefect_accepts():

@@ -1,4 +1,4 @@
-from tasks.search_space import Range, grid_points, random_draws, trial_overrides
+from tasks.train.search_space import Range, grid_points, random_draws, trial_overrides
 
 
 def test_grid_points_are_the_product_first_field_slowest():

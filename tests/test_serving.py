@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO, Processes, free_port, run_train_script, script_env, wait_until_up
 from torchvision.io import write_png
 
-from tasks.offline_data import load_digits
-from tasks.serving import main
+from tasks.data.offline_data import load_digits
+from tasks.predict.serving import main
 
 PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"
 
@@ -56,7 +56,9 @@ def test_readme_serving_commands_answer_what_batch_prediction_does(tmp_path):
         "PYTHONPATH": str(REPO),  # the README runs these from the repository root
     }
     serve, request, post = readme_serving_commands()
-    assert serve.startswith("mlflow models serve") and serve.endswith("&") and "tasks.serving" in request
+    assert (
+        serve.startswith("mlflow models serve") and serve.endswith("&") and "tasks.predict.serving" in request
+    )
     served = {}
     for flavor in ("digits-cnn-onnx", "digits-cnn"):
         port = str(free_port())

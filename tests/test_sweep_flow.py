@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from flows.config import TrainConfig
 from flows.sweep_config import SweepConfig
 from flows.sweep_flow import sweep_flow
-from tasks import training
-from tasks.sweeps import SweepFailedError
+from tasks.train import training
+from tasks.train.sweeps import SweepFailedError
 
 pytestmark = pytest.mark.slow
 SWEEP_SCRIPT = REPO / "flows" / "sweep_flow.py"

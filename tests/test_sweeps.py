@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.sweeps import FAILED, FINISHED, SweepFailedError, best_trial, plot_by_setting, trials_table
+from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial, plot_by_setting, trials_table
 
 
 def outcome(trial, status=FINISHED, **values):

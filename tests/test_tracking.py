@@ -3,7 +3,7 @@ import time
 
 from mlflow import MlflowClient
 
-from tasks import tracking
+from tasks.track import tracking
 
 
 def test_run_lifecycle_in_a_real_store(mlflow_store, tmp_path):

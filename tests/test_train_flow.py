@@ -15,7 +15,8 @@ from mlflow.entities import LoggedModelStatus
 
 from flows.config import TrainConfig
 from flows.train_flow import train_flow
-from tasks import export, registry, training
+from tasks.publish import export, registry
+from tasks.train import training
 
 pytestmark = pytest.mark.slow
 ARTEFACTS = {
@@ -129,7 +130,9 @@ def check_dataset_inputs(run) -> None:
     sha = run.data.tags["dataset_sha256"]
     assert inputs["test"].digest == sha[:16] and inputs["training"].digest.startswith(sha[:16])
     assert json.loads(inputs["test"].profile)["num_rows"] == int(run.data.tags["dataset_test_size"])
-    assert json.loads(inputs["training"].source) == {"tags": {"generator": "tasks.offline_data.load_digits"}}
+    assert json.loads(inputs["training"].source) == {
+        "tags": {"generator": "tasks.data.offline_data.load_digits"}
+    }
 
 
 def check_prefect_artifacts(flow_run_id: str, name: str) -> None:

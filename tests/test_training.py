@@ -3,9 +3,9 @@ import torch
 from conftest import EPOCH_METRICS
 
 from models import ModelSpec
-from tasks.datasets import prepare_dataset
-from tasks.loaders import make_loaders
-from tasks.training import (
+from tasks.data.datasets import prepare_dataset
+from tasks.data.loaders import make_loaders
+from tasks.train.training import (
     TrainSettings,
     evaluate_loss,
     make_optimizer,

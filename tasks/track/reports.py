@@ -11,9 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from tasks import tracking
-from tasks.evaluation import Evaluation
-from tasks.model_card import PER_CLASS_COLUMNS, Provenance, link, markdown_table
+from tasks.publish.evaluation import Evaluation
+from tasks.publish.model_card import PER_CLASS_COLUMNS, Provenance, link, markdown_table
+from tasks.track import tracking
 
 
 def artifact_key(*parts: str) -> str:

@@ -6,7 +6,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from tasks.datasets import DatasetRef, load_tensors
+from tasks.data.datasets import DatasetRef, load_tensors
 
 _EVAL_BATCH = 1024
 

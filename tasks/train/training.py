@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ModelSpec, build_from_spec
-from tasks.checkpoints import checkpoint_state, restore_checkpoint
+from tasks.data.loaders import Loaders, TensorLoader
 from tasks.files import atomic_save
-from tasks.loaders import Loaders, TensorLoader
+from tasks.train.checkpoints import checkpoint_state, restore_checkpoint
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 BatchCallback = Callable[[int], None]  # the number of batches done so far in the epoch

@@ -16,11 +16,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from models import ModelSpec
-from tasks import lineage, reports, sweeps, tracking
-from tasks.datasets import DatasetRef
-from tasks.loaders import make_loaders
-from tasks.steps import Watch, train_logged
-from tasks.training import TrainSettings, resolve_device
+from tasks.data.datasets import DatasetRef
+from tasks.data.loaders import make_loaders
+from tasks.track import lineage, reports, tracking
+from tasks.train import sweeps
+from tasks.train.steps import Watch, train_logged
+from tasks.train.training import TrainSettings, resolve_device
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 
-from tasks.csv_images import IMAGE_SUFFIXES, Row, decode_rows, iter_rows
-from tasks.datasets import load_tensors, prepare_dataset
+from tasks.data.csv_images import IMAGE_SUFFIXES, Row, decode_rows, iter_rows
+from tasks.data.datasets import load_tensors, prepare_dataset
 
 
 class PredictionError(ValueError):

@@ -1,6 +1,6 @@
 """A request body for MLflow's scoring server from image files:
 
-    python -m tasks.serving "models:/NAME-onnx@champion" shirt.png boot.png > request.json
+    python -m tasks.predict.serving "models:/NAME-onnx@champion" shirt.png boot.png > request.json
 
 prints {"inputs": float32 pixels in [0, 1], shaped as the model's signature says}, which
 `curl -d @request.json http://HOST:PORT/invocations` posts to `mlflow models serve`.
@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 
 import mlflow
 
-from tasks.csv_images import CsvDatasetError, Row, decode_rows
-from tasks.image_inputs import PredictionError
-from tasks.prediction import to_pixels
+from tasks.data.csv_images import CsvDatasetError, Row, decode_rows
+from tasks.predict.image_inputs import PredictionError
+from tasks.predict.prediction import to_pixels
 
 
 def request_body(model_uri: str, paths: Sequence[Path]) -> dict:
@@ -30,7 +30,9 @@ def request_body(model_uri: str, paths: Sequence[Path]) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.serving", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.predict.serving", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("model_uri", help='the model to be served, e.g. "models:/NAME-onnx@champion"')
     parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tasks.images import ImageData
+from tasks.data.images import ImageData
 
 SYNTHETIC_CLASSES = tuple(f"pattern-{k}" for k in range(10))
 DIGIT_CLASSES = tuple(str(k) for k in range(10))

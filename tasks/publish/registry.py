@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from torch import nn
 
 import models.logits_pyfunc
-from tasks.tracking import get_client
+from tasks.track.tracking import get_client
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ONNX_SUFFIX = "-onnx"

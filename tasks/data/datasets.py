@@ -9,11 +9,11 @@ from typing import Optional
 
 import torch
 
-from tasks.csv_images import load_csv_dataset
+from tasks.data.csv_images import load_csv_dataset
+from tasks.data.images import ImageData, check_image_data
+from tasks.data.mnist_files import SOURCES, load_mnist_family
+from tasks.data.offline_data import load_digits, make_synthetic
 from tasks.files import atomic_save
-from tasks.images import ImageData, check_image_data
-from tasks.mnist_files import SOURCES, load_mnist_family
-from tasks.offline_data import load_digits, make_synthetic
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Optional
 
 from torchvision import datasets
 
-from tasks.images import ImageData
+from tasks.data.images import ImageData
 
 SOURCES: dict[str, type[datasets.MNIST]] = {
     "fashion-mnist": datasets.FashionMNIST,

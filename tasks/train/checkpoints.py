@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.loaders import TensorLoader
+from tasks.data.loaders import TensorLoader
 
 
 def checkpoint_state(

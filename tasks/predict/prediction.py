@@ -19,8 +19,8 @@ from mlflow.exceptions import MlflowException
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from tasks.files import atomic_output
-from tasks.image_inputs import Inputs, PredictionError
-from tasks.tracking import get_client
+from tasks.predict.image_inputs import Inputs, PredictionError
+from tasks.track.tracking import get_client
 
 COLUMNS = ["path", "predicted_index", "predicted_class", "confidence", "true_label", "correct"]
 

@@ -1,100 +1,24 @@
-"""The pipeline's Prefect tasks: thin wrappers that add retries, names and MLflow logging."""
+"""Prefect tasks of the publishing stage: evaluate, save, export and check ONNX, log the models
+and register them through the promotion gate."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from rich.console import Console
 
 from models import ModelSpec
-from tasks import evaluation, export, lineage, model_card, plots, registry, reports, tracking
-from tasks.datasets import DatasetRef, prepare_dataset, test_pixels
-from tasks.evaluation import Evaluation
-from tasks.loaders import Loaders, TensorLoader, make_loaders
-from tasks.mnist_files import DownloadError
-from tasks.progress import TrainingProgress
-from tasks.retrying import retry_on
-from tasks.training import TrainSettings, predict_logits, train
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    spec: ModelSpec
-    checkpoint_path: str
-    history: list[dict[str, float]]
-
-    def weights(self) -> dict:
-        """The trained state_dict, read from the last checkpoint."""
-        return export.load_weights(Path(self.checkpoint_path))["model"]
-
-
-@task(
-    name="fetch-dataset",
-    retries=2,
-    retry_delay_seconds=[1, 3],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on(DownloadError),  # a bad checksum or CSV will not fix itself
-    cache_policy=NO_CACHE,
-)
-def fetch_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
-    """Fetches the dataset and stores it as uint8 tensors for the loaders."""
-    return prepare_dataset(name, data_dir, **options)
-
-
-@task(name="build-loaders", cache_policy=NO_CACHE)
-def build_loaders(
-    dataset: DatasetRef, batch_size: int, val_fraction: float, seed: int, device: str
-) -> Loaders:
-    """Builds the run's train/validation/test loaders; they stay in this process."""
-    return make_loaders(dataset, batch_size, val_fraction, seed, device)
-
-
-@dataclass(frozen=True)
-class Watch:
-    """How a training run is watched besides its per-epoch metrics."""
-
-    system_metrics: bool = False  # MLflow system/* metrics while training
-    progress_key: Optional[str] = None  # Prefect progress artifact key
-    console: bool = False  # a progress bar within each epoch (for a terminal)
-
-
-@task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def train_model(
-    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str, watch: Watch
-) -> TrainedModel:
-    """Trains with per-epoch checkpoints (a retry resumes) and logs every epoch to MLflow."""
-    return train_logged(spec, loaders, settings, run_dir, run_id, watch)
-
-
-def train_logged(
-    spec: ModelSpec,
-    loaders: Loaders,
-    settings: TrainSettings,
-    run_dir: Path,
-    run_id: str,
-    watch: Watch = Watch(),
-) -> TrainedModel:
-    """train() with checkpoints in run_dir, each epoch logged to the MLflow run and printed."""
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    console = Console() if watch.console else None
-    progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, console)
-
-    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(run_id, metrics, step=epoch)
-        progress.epoch_done(epoch)
-        print(f"epoch {epoch}/{settings.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-
-    with tracking.system_metrics(run_id, watch.system_metrics), progress:
-        _, history = train(spec, loaders, settings, checkpoint, log_epoch, progress.batch_done)
-    # An attempt that died between checkpointing an epoch and logging it left a gap.
-    tracking.log_missing_steps(run_id, history)
-    return TrainedModel(spec, str(checkpoint), history)
+from tasks.data.datasets import DatasetRef, test_pixels
+from tasks.data.loaders import TensorLoader
+from tasks.publish import evaluation, export, model_card, plots, registry
+from tasks.publish.evaluation import Evaluation
+from tasks.track import lineage, reports, tracking
+from tasks.train.steps import TrainedModel
+from tasks.train.training import predict_logits
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
@@ -241,11 +165,3 @@ def model_tags(dataset: DatasetRef, evaluation: Evaluation, parity: dict) -> dic
         "onnx_max_abs_diff": repr(parity["max_abs_diff"]),
         "onnx_validated": str(parity["passed"]).lower(),
     }
-
-
-@task(name="report-run", cache_policy=NO_CACHE)
-def report_run(
-    name: str, evaluation: Evaluation, parity: dict, registration: dict, outputs: dict[str, str]
-) -> None:
-    """The run's summary and per-class table as Prefect artifacts, keyed by the registered name."""
-    reports.publish_run_summary(name, evaluation, parity, registration, outputs)

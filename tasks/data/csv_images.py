@@ -9,7 +9,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
-from tasks.images import ImageData
+from tasks.data.images import ImageData
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 

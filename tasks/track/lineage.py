@@ -14,9 +14,9 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from tasks.datasets import DatasetRef
-from tasks.loaders import validation_size
-from tasks.tracking import get_client
+from tasks.data.datasets import DatasetRef
+from tasks.data.loaders import validation_size
+from tasks.track.tracking import get_client
 
 TRAINING, VALIDATION, TEST = "training", "validation", "test"
 

@@ -1,4 +1,4 @@
-"""Prefect tasks that open, annotate and close the flow run's one MLflow run."""
+"""Prefect tasks that open, annotate and close the flow run's one MLflow run, and report on it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks import lineage, tracking
-from tasks.datasets import DatasetRef
+from tasks.data.datasets import DatasetRef
+from tasks.publish.evaluation import Evaluation
+from tasks.track import lineage, reports, tracking
 
 
 @task(name="open-mlflow-run", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
@@ -99,3 +100,11 @@ def mlflow_run(
         close_mlflow_run(run_id, succeeded=False)
         raise
     close_mlflow_run(run_id, succeeded=True)
+
+
+@task(name="report-run", cache_policy=NO_CACHE)
+def report_run(
+    name: str, evaluation: Evaluation, parity: dict, registration: dict, outputs: dict[str, str]
+) -> None:
+    """The run's summary and per-class table as Prefect artifacts, keyed by the registered name."""
+    reports.publish_run_summary(name, evaluation, parity, registration, outputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from tasks.datasets import DatasetRef
+from tasks.data.datasets import DatasetRef
 
 PER_CLASS_COLUMNS = ("class_name", "precision", "recall", "f1", "support")
 

@@ -1,0 +1,1 @@
+"""Data: fetching and preparing datasets, and the tensor loaders."""

@@ -1,0 +1,1 @@
+"""Prediction: listing images, batch prediction and serving requests."""

@@ -1,0 +1,1 @@
+"""Evaluation, export and registry: test metrics, plots, ONNX, logged models and versions."""

@@ -1,0 +1,1 @@
+"""Tracking and reports: MLflow runs, dataset lineage and Prefect artifacts."""

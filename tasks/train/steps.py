@@ -1,0 +1,71 @@
+"""Prefect tasks of the training stage: train with checkpoints, log and show every epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from rich.console import Console
+
+from models import ModelSpec
+from tasks.data.loaders import Loaders
+from tasks.publish import export
+from tasks.track import tracking
+from tasks.train.progress import TrainingProgress
+from tasks.train.training import TrainSettings, train
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    spec: ModelSpec
+    checkpoint_path: str
+    history: list[dict[str, float]]
+
+    def weights(self) -> dict:
+        """The trained state_dict, read from the last checkpoint."""
+        return export.load_weights(Path(self.checkpoint_path))["model"]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How a training run is watched besides its per-epoch metrics."""
+
+    system_metrics: bool = False  # MLflow system/* metrics while training
+    progress_key: Optional[str] = None  # Prefect progress artifact key
+    console: bool = False  # a progress bar within each epoch (for a terminal)
+
+
+@task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def train_model(
+    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str, watch: Watch
+) -> TrainedModel:
+    """Trains with per-epoch checkpoints (a retry resumes) and logs every epoch to MLflow."""
+    return train_logged(spec, loaders, settings, run_dir, run_id, watch)
+
+
+def train_logged(
+    spec: ModelSpec,
+    loaders: Loaders,
+    settings: TrainSettings,
+    run_dir: Path,
+    run_id: str,
+    watch: Watch = Watch(),
+) -> TrainedModel:
+    """train() with checkpoints in run_dir, each epoch logged to the MLflow run and printed."""
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    console = Console() if watch.console else None
+    progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, console)
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics(run_id, metrics, step=epoch)
+        progress.epoch_done(epoch)
+        print(f"epoch {epoch}/{settings.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    with tracking.system_metrics(run_id, watch.system_metrics), progress:
+        _, history = train(spec, loaders, settings, checkpoint, log_epoch, progress.batch_done)
+    # An attempt that died between checkpointing an epoch and logging it left a gap.
+    tracking.log_missing_steps(run_id, history)
+    return TrainedModel(spec, str(checkpoint), history)
