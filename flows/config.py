@@ -56,6 +56,15 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where to train: auto picks cuda, then mps, then cpu."
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training arithmetic: auto is bf16 autocast where the CPU (AVX512-BF16 or AMX) or "
+        "GPU computes bf16 natively, else fp32; fp16 needs CUDA. Saved models are fp32 either way.",
+    )
+    compile: bool = Field(False, description="torch.compile the training step (pays a warm-up first).")
+    threads: Optional[int] = Field(
+        None, ge=1, le=1024, description="CPU threads for torch; default: one per physical core."
+    )
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the training split held out for validation."
     )

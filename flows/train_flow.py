@@ -30,17 +30,26 @@ from tasks.publish.steps import (
 )
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
+from tasks.train.speed import PrecisionUnavailableError, resolve_precision, set_threads
 from tasks.train.steps import TrainedModel, Watch, train_model
 from tasks.train.training import DeviceUnavailableError, TrainSettings, resolve_device
 
 # Failures a user can act on: the CLI prints their message instead of a traceback.
-USER_ERRORS = (DownloadError, ChecksumError, CsvDatasetError, DeviceUnavailableError, OnnxMismatchError)
+USER_ERRORS = (
+    DownloadError,
+    ChecksumError,
+    CsvDatasetError,
+    DeviceUnavailableError,
+    PrecisionUnavailableError,
+    OnnxMismatchError,
+)
 
 
 @flow(name="train-image-classifier", log_prints=True)
 def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     """Fetch data, train, evaluate, save, export ONNX, validate it and register the model."""
     device = str(resolve_device(config.device))
+    set_threads(config.threads)
     run_dir = make_run_dir(resolve_path(config.output_dir))
     with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
         dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
@@ -66,7 +75,14 @@ def model_spec(config: TrainConfig, dataset: DatasetRef) -> ModelSpec:
 
 def train_settings(config: TrainConfig) -> TrainSettings:
     return TrainSettings(
-        config.epochs, config.optimizer, config.lr, config.weight_decay, config.scheduler, config.seed
+        config.epochs,
+        config.optimizer,
+        config.lr,
+        config.weight_decay,
+        config.scheduler,
+        config.seed,
+        precision=config.precision,
+        compile=config.compile,
     )
 
 
@@ -105,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     config = parse_config(argv)
     try:
-        resolve_device(config.device)  # before starting any server: an absent GPU is a bad flag
+        # Before starting any server: an absent GPU, or fp16 without one, is a bad flag.
+        resolve_precision(config.precision, resolve_device(config.device))
         result = train_flow(config)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")

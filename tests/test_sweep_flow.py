@@ -86,12 +86,12 @@ def fail_trials(monkeypatch, once: float, always: float) -> dict[float, int]:
     real = training.train_one_epoch
     started: dict[float, int] = {}
 
-    def flaky(model, loader, optimizer, *rest):
-        lr = optimizer.defaults["lr"]
+    def flaky(model, loader, optimisation, *rest):
+        lr = optimisation.optimizer.defaults["lr"]
         started[lr] = started.get(lr, 0) + 1
         if lr == always or (lr == once and started[lr] == 2):
             raise RuntimeError(f"simulated crash at lr={lr}")
-        return real(model, loader, optimizer, *rest)
+        return real(model, loader, optimisation, *rest)
 
     monkeypatch.setattr(training, "train_one_epoch", flaky)
     return started

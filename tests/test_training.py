@@ -70,8 +70,11 @@ def test_learns_real_digits_far_above_chance(digits, tmp_path):
     assert evaluate_loss(model, loaders.test)["accuracy"] > 0.9  # chance is 0.1
 
 
-def test_resumed_training_equals_uninterrupted(digits, tmp_path):
-    settings = TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", seed=5)
+@pytest.mark.parametrize(
+    "model, precision", [("mlp", "fp32"), pytest.param("cnn", "bf16", id="cnn-bf16-channels-last")]
+)
+def test_resumed_training_equals_uninterrupted(digits, tmp_path, model, precision):
+    settings = TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", seed=5, precision=precision)
 
     def run(checkpoint, stop_after=None):
         loaders = make_loaders(digits, 64, 0.1, seed=5, device="cpu")
@@ -80,7 +83,7 @@ def test_resumed_training_equals_uninterrupted(digits, tmp_path):
             if epoch == stop_after:
                 raise KeyboardInterrupt("simulated crash")
 
-        return train(spec_for(digits), loaders, settings, checkpoint, maybe_stop)
+        return train(spec_for(digits, model), loaders, settings, checkpoint, maybe_stop)
 
     straight, straight_history = run(tmp_path / "a.pt")
     with pytest.raises(KeyboardInterrupt):
@@ -90,3 +93,27 @@ def test_resumed_training_equals_uninterrupted(digits, tmp_path):
     assert resumed_history[2]["train_loss"] == straight_history[2]["train_loss"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_bf16_channels_last_training_keeps_fp32_weights_and_refuses_a_resume_in_another_precision(
+    digits, tmp_path
+):
+    loaders = make_loaders(digits, 64, 0.1, seed=0, device="cpu")
+    settings = TrainSettings(1, "adamw", 3e-3, 1e-4, "onecycle", 0, precision="bf16")
+    model, _ = train(spec_for(digits, "cnn"), loaders, settings, tmp_path / "last.pt")
+    conv = model[1].features[0][0].weight
+    assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
+    assert evaluate_loss(model, loaders.test)["accuracy"] > 0.5  # fp32 inference of bf16-trained weights
+    longer = TrainSettings(2, "adamw", 3e-3, 1e-4, "onecycle", 0, precision="fp32")
+    with pytest.raises(ValueError, match="trained in bf16.*--precision bf16"):
+        train(spec_for(digits, "cnn"), loaders, longer, tmp_path / "last.pt")
+
+
+@pytest.mark.slow
+def test_compiled_training_learns_and_checkpoints_the_plain_module(digits, tmp_path):
+    loaders = make_loaders(digits, 64, 0.1, seed=0, device="cpu")
+    settings = TrainSettings(2, "adamw", 3e-3, 1e-4, "onecycle", 0, compile=True)
+    model, history = train(spec_for(digits, "cnn"), loaders, settings, tmp_path / "last.pt")
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    assert set(saved) == set(model.state_dict())  # no "_orig_mod." prefixes
+    assert evaluate_loss(model, loaders.test)["accuracy"] > 0.9

@@ -6,16 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from rich.console import Console
 
-from models import ModelSpec
+from models import ModelSpec, build_from_spec
 from tasks.data.loaders import Loaders
 from tasks.publish import export
 from tasks.track import tracking
 from tasks.train.progress import TrainingProgress
-from tasks.train.training import TrainSettings, train
+from tasks.train.training import TrainSettings, settings_levers, train
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def train_logged(
         progress.epoch_done(epoch)
         print(f"epoch {epoch}/{settings.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
+    levers = settings_levers(build_from_spec(spec), loaders.train.labels.device, settings)
+    tracking.log_tags(run_id, {**levers.tags(), "threads": str(torch.get_num_threads())})
     with tracking.system_metrics(run_id, watch.system_metrics), progress:
         _, history = train(spec, loaders, settings, checkpoint, log_epoch, progress.batch_done)
     # An attempt that died between checkpointing an epoch and logging it left a gap.

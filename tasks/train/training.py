@@ -16,6 +16,7 @@ from torch import nn
 from models import ModelSpec, build_from_spec
 from tasks.data.loaders import Loaders, TensorLoader
 from tasks.files import atomic_save
+from tasks.train import speed
 from tasks.train.checkpoints import checkpoint_state, restore_checkpoint
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -32,6 +33,9 @@ class TrainSettings:
     weight_decay: float
     scheduler: str
     seed: int
+    precision: str = "fp32"  # auto, fp32, bf16 or fp16: see speed.resolve_precision
+    channels_last: bool = True  # for models with convolutions
+    compile: bool = False  # torch.compile the training step
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -86,24 +90,37 @@ def make_scheduler(
     raise ValueError(f"unknown scheduler {name!r}; choose onecycle, cosine or constant")
 
 
+@dataclass
+class Optimisation:
+    """What a training step updates besides the weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: TensorLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimisation: Optimisation,
     on_batch: Optional[BatchCallback] = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns mean loss and accuracy."""
     model.train()
-    loss_sum = torch.zeros((), device=loader.labels.device)
-    correct = torch.zeros((), device=loader.labels.device, dtype=torch.int64)
+    device = loader.labels.device
+    optimizer, scaler = optimisation.optimizer, optimisation.scaler
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
     for batch, (images, labels) in enumerate(loader, 1):
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        with speed.autocast(device, optimisation.precision):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimisation.scheduler.step()
         # Accumulate on the device: a .item() per batch would stall a GPU every step.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
@@ -113,56 +130,66 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: TensorLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for every sample of `loader`, in order, on the CPU."""
+def predict_logits(
+    model: nn.Module, loader: TensorLoader, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits and labels for every sample of `loader`, in order, on the CPU."""
     model.eval()
-    logits, labels = zip(*[(model(images).cpu(), targets.cpu()) for images, targets in loader])
+    with speed.autocast(loader.labels.device, precision):
+        logits, labels = zip(*[(model(images).float().cpu(), targets.cpu()) for images, targets in loader])
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate_loss(model: nn.Module, loader: TensorLoader) -> dict[str, float]:
+def evaluate_loss(model: nn.Module, loader: TensorLoader, precision: str = "fp32") -> dict[str, float]:
     """Mean loss and accuracy of `model` on `loader`."""
-    logits, labels = predict_logits(model, loader)
+    logits, labels = predict_logits(model, loader, precision)
     return {
         "loss": F.cross_entropy(logits, labels).item(),
         "accuracy": (logits.argmax(1) == labels).float().mean().item(),
     }
 
 
+def settings_levers(model: nn.Module, device: torch.device, settings: TrainSettings) -> speed.Levers:
+    """The speed levers `settings` ask for, as they apply to `model` on `device`."""
+    return speed.choose_levers(model, device, settings.precision, settings.channels_last, settings.compile)
+
+
 def fit(
     model: nn.Module,
-    train_loader: TensorLoader,
-    val_loader: TensorLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loaders: Loaders,
+    optimisation: Optimisation,
     epochs: int,
     checkpoint_path: Path,
     on_epoch: Optional[EpochCallback] = None,
     on_batch: Optional[Callable[[int, int], None]] = None,
+    step_model: Optional[nn.Module] = None,
 ) -> list[dict[str, float]]:
-    """Trains for `epochs`, resuming from `checkpoint_path` when it holds earlier epochs."""
+    """Trains for `epochs`, resuming from `checkpoint_path` when it holds earlier epochs.
+
+    `step_model` runs the forward passes (a compiled `model`); checkpoints hold `model`'s weights."""
+    step_model = step_model or model
     history: list[dict[str, float]] = []
     for stale in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.part"):
         stale.unlink()  # left by an attempt killed while writing; the last complete file stands
     if checkpoint_path.exists():
-        history = restore_checkpoint(checkpoint_path, model, optimizer, scheduler, train_loader)
+        history = restore_checkpoint(checkpoint_path, model, optimisation, loaders.train)
     for epoch in range(len(history) + 1, epochs + 1):
         started = time.perf_counter()
         step = functools.partial(on_batch, epoch) if on_batch else None
-        train = train_one_epoch(model, train_loader, optimizer, scheduler, step)
+        train = train_one_epoch(step_model, loaders.train, optimisation, step)
         seconds = time.perf_counter() - started
-        val = evaluate_loss(model, val_loader)
+        val = evaluate_loss(step_model, loaders.val, optimisation.precision)
         metrics = {
             "train_loss": train["loss"],
             "train_accuracy": train["accuracy"],
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "epoch_seconds": seconds,
-            "samples_per_second": train_loader.num_samples / seconds,
-            "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_second": loaders.train.num_samples / seconds,
+            "lr": optimisation.optimizer.param_groups[0]["lr"],
         }
         history.append(metrics)
-        atomic_save(checkpoint_state(model, optimizer, scheduler, train_loader, history), checkpoint_path)
+        atomic_save(checkpoint_state(model, optimisation, loaders.train, history), checkpoint_path)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     return history
@@ -179,21 +206,20 @@ def train(
     """Seeds, builds and trains a network; returns it with one metrics dict per epoch.
 
     `on_epoch(epoch, metrics)` follows each checkpointed epoch, `on_batch(epoch, batch)` each step."""
+    device = loaders.train.labels.device
     torch.manual_seed(settings.seed)
     loaders.train.generator.manual_seed(settings.seed)  # a retried attempt reshuffles as the first did
-    model = build_from_spec(spec).to(loaders.train.labels.device)
+    model = build_from_spec(spec).to(device)
+    levers = settings_levers(model, device, settings)
+    if levers.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, settings.optimizer, settings.lr, settings.weight_decay)
     total_steps = settings.epochs * len(loaders.train)
     scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
+    scaler = speed.grad_scaler(device, levers.precision)
+    optimisation = Optimisation(optimizer, scheduler, scaler, levers.precision)
+    step_model = torch.compile(model) if levers.compile else model
     history = fit(
-        model,
-        loaders.train,
-        loaders.val,
-        optimizer,
-        scheduler,
-        settings.epochs,
-        checkpoint_path,
-        on_epoch,
-        on_batch,
+        model, loaders, optimisation, settings.epochs, checkpoint_path, on_epoch, on_batch, step_model
     )
     return model, history

@@ -1,0 +1,104 @@
+"""Overhead: a train_flow.py run's wall clock minus its training, by step.
+
+Runs `python flows/train_flow.py` as a user would, twice: with Prefect's temporary server (no
+PREFECT_API_URL) and against a running `prefect server start` on 127.0.0.1 (started and stopped
+here). Training is the train-model task; everything else (imports, server start, data, MLflow,
+evaluation, export, ONNX check, registration, reports) is overhead. The steps' times are read
+back from Prefect's task runs.
+
+    python benchmarks/overhead.py [--dataset digits] [--epochs 2] [--data-dir data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.flow_steps import flow_run_times, latest_flow_run_id  # noqa: E402
+
+
+def run_flow(env: dict, args, scratch: Path) -> dict:
+    """Runs the flow once; returns its wall clock, flow run id and the step times."""
+    mlflow_db = scratch / "mlflow.db"
+    command = [sys.executable, "flows/train_flow.py", "--dataset", args.dataset, "--epochs", str(args.epochs)]
+    command += ["--data-dir", str(args.data_dir), "--output-dir", str(scratch / "outputs")]
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}"}
+    started = time.time()
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+    ended = time.time()
+    return {"wall": (started, ended), **flow_run_times(env, latest_flow_run_id(mlflow_db))}
+
+
+def show(title: str, timing: dict) -> float:
+    """Prints the breakdown; returns the overhead in seconds."""
+    (started, ended), steps = timing["wall"], timing["steps"]
+    training = sum(end - start for name, start, end in steps if name.startswith("train-model"))
+    print(f"\n{title}: wall clock {ended - started:.1f} s, training {training:.1f} s")
+    print(f"  {'start-up (imports, server, flow run)':40s} {timing['start'] - started:6.2f} s")
+    for name, start, end in steps:
+        if not name.startswith("train-model"):
+            print(f"  {name:40s} {end - start:6.2f} s")
+    print(f"  {'after the flow run (exit)':40s} {ended - timing['end']:6.2f} s")
+    overhead = ended - started - training
+    print(f"  overhead: {overhead:.1f} s")
+    return overhead
+
+
+def start_prefect_server(env: dict) -> tuple[subprocess.Popen, str]:
+    port = 4200 + os.getpid() % 500
+    url = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGTERM)
+    raise RuntimeError("the Prefect server did not start within 120 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=REPO / "data")
+    args = parser.parse_args()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        temporary = {**base, "PREFECT_HOME": str(scratch / "prefect-temporary")}
+        # A first run creates the Prefect and MLflow databases, as a user's first run does once.
+        run_flow(temporary, args, scratch / "warm")
+        results = {"temporary server": show("temporary server", run_flow(temporary, args, scratch / "a"))}
+        running = {**base, "PREFECT_HOME": str(scratch / "prefect-running")}
+        server, url = start_prefect_server(running)
+        try:
+            running["PREFECT_API_URL"] = url
+            run_flow(running, args, scratch / "warm")
+            results["running server"] = show("running server", run_flow(running, args, scratch / "b"))
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
+    print("\n" + ", ".join(f"{mode}: {seconds:.1f} s overhead" for mode, seconds in results.items()))
+
+
+if __name__ == "__main__":
+    main()
