@@ -80,7 +80,8 @@ def prediction_throughput(scratch: Path, images: int) -> None:
             end - start for name, start, end in times["steps"] if name.startswith("predict-partition")
         )
         print(
-            f"predict_flow.py --flavor {flavor:7s}: {images / wall:8,.0f} images/s end to end ({wall:.1f} s), "
+            f"predict_flow.py --flavor {flavor:7s}: {images / wall:8,.0f} images/s end to end "
+            f"({wall:.1f} s), "
             f"{images / steps:8,.0f} images/s in predict-partition ({steps:.1f} s)"
         )
 

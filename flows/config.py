@@ -42,9 +42,9 @@ class TrainConfig(BaseModel):
         "instead of torchvision's mirrors.",
     )
     model: Literal["mlp", "cnn"] = Field("cnn", description="Network: the notes' MLP or a small CNN.")
-    epochs: int = Field(8, ge=1, le=1000, description="Passes over the training split.")
-    batch_size: int = Field(64, ge=1, le=65536, description="Samples per optimisation step.")
-    lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate.")
+    epochs: int = Field(5, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: int = Field(128, ge=1, le=65536, description="Samples per optimisation step.")
+    lr: float = Field(5e-3, gt=0, le=10, description="Peak learning rate.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field(
         "adamw", description="Optimiser (sgd uses Nesterov momentum 0.9)."
     )

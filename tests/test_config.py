@@ -26,7 +26,7 @@ def test_every_field_is_a_flag_with_help_and_default():
     for name, field in TrainConfig.model_fields.items():
         assert "--" + name.replace("_", "-") in text
         assert field.description.split()[0] in text
-    assert "(default: fashion-mnist)" in text and "(default: 8)" in text
+    assert "(default: fashion-mnist)" in text and "(default: 5)" in text
 
 
 def test_csv_classes_flag_is_comma_separated(tmp_path):

@@ -1,3 +1,4 @@
+import gzip
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,39 @@ def test_test_pixels_scale_and_limit(tmp_path):
         and 0 <= first.min() <= first.max() <= 1
     )
     assert torch.equal(first, datasets.test_pixels(ref)[:3])
+
+
+def write_raw_fashion(data_dir, files):
+    raw = data_dir / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, blob in files.items():
+        (raw / name.removesuffix(".gz")).write_bytes(gzip.decompress(blob))
+    return raw
+
+
+def test_a_prepared_copy_of_the_same_raw_files_is_reused_without_reading_them(
+    tiny_fashion, tmp_path, monkeypatch
+):
+    raw = write_raw_fashion(tmp_path, tiny_fashion)
+    first = prepare_dataset("fashion-mnist", tmp_path)
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the raw files were read again")
+
+    monkeypatch.setattr(datasets, "load_source", unread)
+    assert prepare_dataset("fashion-mnist", tmp_path) == first
+    monkeypatch.undo()
+
+    # Other raw files (here: one label changed) make a new prepared copy.
+    labels = raw / "train-labels-idx1-ubyte"
+    blob = bytearray(labels.read_bytes())
+    blob[-1] = (blob[-1] + 1) % 10
+    labels.write_bytes(bytes(blob))
+    changed = prepare_dataset("fashion-mnist", tmp_path)
+    assert changed.sha256 != first.sha256 and Path(changed.tensors_path).exists()
+
+    # A prepared file that lost bytes is not trusted: it is prepared again from the raw files.
+    tensors = Path(changed.tensors_path)
+    tensors.write_bytes(tensors.read_bytes()[:-10])
+    assert prepare_dataset("fashion-mnist", tmp_path) == changed
+    assert load_tensors(changed.tensors_path).train_labels[-1] == blob[-1]

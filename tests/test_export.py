@@ -37,7 +37,10 @@ def test_onnx_has_named_io_and_a_dynamic_batch(exported):
 
 def test_parity_passes_at_batch_one_and_large_batches(exported):
     model, _, path = exported
-    report = compare_onnx(model, path, torch.rand(1500, 1, 28, 28), batch_size=1024, single_samples=5)
+    pixels = torch.rand(1500, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(pixels)
+    report = compare_onnx(expected, path, pixels, batch_size=1024, single_samples=5)
     assert report.passed and report.samples == 1500 and report.single_samples == 5
     assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
 
@@ -52,7 +55,9 @@ def test_parity_fails_when_the_onnx_weights_differ(exported, tmp_path):
     weight.CopyFrom(numpy_helper.from_array((values + 0.5).astype(values.dtype), weight.name))
     tampered = tmp_path / "tampered.onnx"
     onnx.save(proto, str(tampered))
-    report = compare_onnx(model, tampered, torch.rand(64, 1, 28, 28))
+    pixels = torch.rand(64, 1, 28, 28)
+    with torch.no_grad():
+        report = compare_onnx(model(pixels), tampered, pixels)
     assert not report.passed and report.max_abs_diff > 1e-4
 
 
@@ -69,3 +74,13 @@ def test_load_weights_refuses_pickled_code(tmp_path):
     torch.save({"bad": object()}, tmp_path / "evil.pth")
     with pytest.raises(Exception, match="weights_only"):
         load_weights(tmp_path / "evil.pth")
+
+
+def test_parity_checks_every_image_against_its_own_logits(exported):
+    model, _, path = exported
+    pixels = torch.rand(300, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(pixels)
+    expected[250, 0] += 1.0  # a disagreement on one image of the last batch only
+    report = compare_onnx(expected, path, pixels, batch_size=128, single_samples=4)
+    assert not report.passed and report.max_abs_diff == pytest.approx(1.0, abs=1e-3)

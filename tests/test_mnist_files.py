@@ -46,7 +46,7 @@ def test_unreachable_mirror_fails_fast_naming_offline_choices(tmp_path, monkeypa
 
 
 def test_default_mirrors_are_torchvisions():
-    assert mnist_files.SOURCES["mnist"].mirrors == datasets.MNIST.mirrors
+    assert mnist_files.torchvision_source("mnist").mirrors == datasets.MNIST.mirrors
     assert Path(datasets.MNIST.resources[0][0]).suffix == ".gz"
 
 

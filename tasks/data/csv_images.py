@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from tasks.data.images import ImageData
 
@@ -77,6 +76,8 @@ def encode_labels(rows: list[Row], classes: tuple[str, ...], csv_path: Path) -> 
 
 def decode_rows(rows: list[Row], csv_path: Path) -> list[torch.Tensor]:
     """Decodes every image to uint8 (C, H, W), dropping any alpha channel."""
+    from torchvision.io import ImageReadMode, decode_image  # a seconds-long import, only for CSV data
+
     images = []
     for row in rows:
         try:

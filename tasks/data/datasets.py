@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -11,9 +12,9 @@ import torch
 
 from tasks.data.csv_images import load_csv_dataset
 from tasks.data.images import ImageData, check_image_data
-from tasks.data.mnist_files import SOURCES, load_mnist_family
+from tasks.data.mnist_files import SOURCES, load_mnist_family, raw_files_stamp, torchvision_source
 from tasks.data.offline_data import load_digits, make_synthetic
-from tasks.files import atomic_save
+from tasks.files import atomic_output, atomic_save
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def data_origins(
 ) -> tuple[str, str]:
     """Where the training and test images come from, for the run's dataset lineage."""
     if name in SOURCES:
-        source = SOURCES[name]
+        source = torchvision_source(name)
         base = mirror.rstrip("/") + "/" if mirror else source.mirrors[0]
         images = [archive for archive, _ in source.resources if "images" in archive]
         return base + images[0], base + images[1]
@@ -107,15 +108,22 @@ def test_pixels(dataset: DatasetRef, limit: Optional[int] = None) -> torch.Tenso
 def prepare_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
     """Loads, checks, fingerprints and stores a dataset under data_dir/prepared.
 
-    `options` are load_source's: mirror, or train_csv, test_csv, image_root and classes.
+    `options` are load_source's: mirror, or train_csv, test_csv, image_root and classes. A
+    FashionMNIST or MNIST copy prepared from the same raw files is reused without reading them.
     """
+    origins = dict(zip(("train_origin", "test_origin"), data_origins(name, **options)))
+    stamp = raw_files_stamp(name, data_dir) if name in SOURCES else None
+    manifest = data_dir / "prepared" / f"{name}.json"
+    reused = reuse_prepared(manifest, stamp)
+    if reused is not None:
+        return DatasetRef(**reused, **origins)
     data = check_image_data(load_source(name, data_dir, **options))
     sha256 = tensor_digest(data)
     path = data_dir / "prepared" / f"{name}-{sha256[:16]}.pt"
-    if not path.exists():
+    if stamp is not None or not path.exists():  # with a stamp, the file there failed its check
         atomic_save(data._asdict(), path)
     mean, std = channel_stats(data.train_images)
-    return DatasetRef(
+    ref = DatasetRef(
         name=name,
         tensors_path=str(path),
         sha256=sha256,
@@ -126,5 +134,35 @@ def prepare_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
         test_size=len(data.test_labels),
         mean=mean,
         std=std,
-        **dict(zip(("train_origin", "test_origin"), data_origins(name, **options))),
+        **origins,
     )
+    stamp = raw_files_stamp(name, data_dir) if name in SOURCES else None  # downloaded by now
+    if stamp is not None:
+        with atomic_output(manifest) as out:
+            described = {k: v for k, v in asdict(ref).items() if k not in origins}
+            json.dump({"raw_files": stamp, "tensors_bytes": path.stat().st_size, "ref": described}, out)
+    return ref
+
+
+def reuse_prepared(manifest: Path, stamp: Optional[list]) -> Optional[dict]:
+    """The DatasetRef fields `manifest` recorded, if it was made from the raw files `stamp`
+    describes and its tensors file is still whole; else None."""
+    if stamp is None or not manifest.exists():
+        return None
+    try:
+        recorded = json.loads(manifest.read_text())
+        ref = recorded["ref"]
+        tensors = Path(ref["tensors_path"])
+        if recorded["raw_files"] != [list(entry) for entry in stamp]:
+            return None
+        if not tensors.exists() or tensors.stat().st_size != recorded["tensors_bytes"]:
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable or from another version: prepare again
+    return {
+        **ref,
+        "class_names": tuple(ref["class_names"]),
+        "image_size": tuple(ref["image_size"]),
+        "mean": tuple(ref["mean"]),
+        "std": tuple(ref["std"]),
+    }

@@ -8,7 +8,7 @@ import torch
 
 from tasks.data.datasets import DatasetRef, load_tensors
 
-_EVAL_BATCH = 1024
+_EVAL_BATCH = 256  # larger batches of small images spill the CPU's caches
 
 
 class TensorLoader:
@@ -75,7 +75,7 @@ def make_loaders(
         raise ValueError(f"{dataset.name}: need at least 2 training images to hold out validation")
     train, val = split_indices(len(data.train_labels), val_fraction, seed)
     images, labels = data.train_images, data.train_labels
-    eval_batch = max(batch_size, _EVAL_BATCH)  # no gradients kept, so bigger batches are cheap
+    eval_batch = max(batch_size, _EVAL_BATCH)
     return Loaders(
         TensorLoader(images[train], labels[train], batch_size, shuffle=True, seed=seed, device=device),
         TensorLoader(images[val], labels[val], eval_batch, device=device),

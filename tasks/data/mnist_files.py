@@ -13,14 +13,16 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from torchvision import datasets
-
 from tasks.data.images import ImageData
 
-SOURCES: dict[str, type[datasets.MNIST]] = {
-    "fashion-mnist": datasets.FashionMNIST,
-    "mnist": datasets.MNIST,
-}
+RAW_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's class names
+SOURCES = tuple(RAW_FOLDERS)
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 OFFLINE_HINT = (
     "Offline choices: put the files under --data-dir yourself ({folder}), "
     "or use --dataset csv, --dataset synthetic or --dataset digits."
@@ -40,8 +42,8 @@ class ChecksumError(RuntimeError):
 
 def load_mnist_family(name: str, data_dir: Path, mirror: Optional[str] = None) -> ImageData:
     """Loads `name` from `data_dir`, downloading and verifying any missing raw file first."""
-    source = SOURCES[name]
-    raw_folder = data_dir / source.__name__ / "raw"
+    source = torchvision_source(name)
+    raw_folder = data_dir / RAW_FOLDERS[name] / "raw"
     mirrors = [mirror.rstrip("/") + "/"] if mirror else source.mirrors
     for archive, md5 in source.resources:
         _ensure_raw_file(raw_folder, archive, md5, mirrors)
@@ -53,6 +55,23 @@ def load_mnist_family(name: str, data_dir: Path, mirror: Optional[str] = None) -
         splits[1].targets.long(),
         tuple(source.classes),
     )
+
+
+def raw_files_stamp(name: str, data_dir: Path) -> Optional[list[tuple[str, int, int]]]:
+    """(file, size, mtime in ns) of the extracted files, or None while any is missing: what a
+    prepared copy of them must have been made from."""
+    files = [data_dir / RAW_FOLDERS[name] / "raw" / file for file in RAW_FILES]
+    if not all(file.exists() for file in files):
+        return None
+    return [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in files]
+
+
+def torchvision_source(name: str) -> type:
+    """torchvision's dataset class for `name` (imported only when one is used: torchvision's import
+    takes seconds)."""
+    from torchvision import datasets
+
+    return {"fashion-mnist": datasets.FashionMNIST, "mnist": datasets.MNIST}[name]
 
 
 def _ensure_raw_file(raw_folder: Path, archive: str, md5: str, mirrors: list[str]) -> None:

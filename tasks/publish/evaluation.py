@@ -12,12 +12,14 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Test metrics (flat, MLflow-ready), the per-class table as rows, and when the metrics were
-    logged (milliseconds), so linking them to logged models later adds no second value."""
+    """Test metrics (flat, MLflow-ready), the per-class table as rows, when the metrics were
+    logged (milliseconds), so linking them to logged models later adds no second value, and the
+    fp32 logits of the test split, which the ONNX check compares against."""
 
     metrics: dict[str, float]
     per_class: list[dict]
     logged_at: int
+    logits: torch.Tensor
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

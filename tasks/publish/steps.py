@@ -17,6 +17,7 @@ from tasks.data.loaders import TensorLoader
 from tasks.publish import evaluation, export, model_card, plots, registry
 from tasks.publish.evaluation import Evaluation
 from tasks.track import lineage, reports, tracking
+from tasks.train import speed
 from tasks.train.steps import TrainedModel
 from tasks.train.training import predict_logits
 
@@ -27,8 +28,10 @@ def evaluate_model(
 ) -> Evaluation:
     """Test metrics, per-class table and plots (confusion matrix, learning curves, misclassified
     images), logged to MLflow."""
-    model = export.load_model(trained.spec, trained.weights())
-    logits, labels = predict_logits(model.to(test_loader.labels.device), test_loader)
+    model = export.load_model(trained.spec, trained.weights()).to(test_loader.labels.device)
+    if speed.has_convolutions(model):  # the same fp32 arithmetic, laid out for speed
+        model = model.to(memory_format=torch.channels_last)
+    logits, labels = predict_logits(model, test_loader)
     metrics, table, matrix = evaluation.summarise(logits, labels, class_names)
     table.to_csv(run_dir / "per_class_metrics.csv", index=False)
     images = test_loader.images.cpu()
@@ -43,7 +46,7 @@ def evaluate_model(
     logged_at = tracking.now_ms()
     tracking.log_metrics(run_id, metrics, timestamp=logged_at)
     tracking.log_artifacts(run_id, artefacts)
-    return Evaluation(metrics, table.to_dict("records"), logged_at)
+    return Evaluation(metrics, table.to_dict("records"), logged_at, logits)
 
 
 @task(name="save-state-dict", cache_policy=NO_CACHE)
@@ -65,12 +68,9 @@ def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str)
 
 
 @task(name="validate-onnx", cache_policy=NO_CACHE)
-def validate_onnx(
-    spec: ModelSpec, weights_path: Path, onnx_path: Path, dataset: DatasetRef, run_id: str
-) -> dict:
-    """onnxruntime against PyTorch on the whole test split; raises when they disagree."""
-    model = export.load_model(spec, weights_path)
-    report = export.compare_onnx(model, onnx_path, test_pixels(dataset))
+def validate_onnx(onnx_path: Path, evaluation: Evaluation, dataset: DatasetRef, run_id: str) -> dict:
+    """onnxruntime against PyTorch's test logits on the whole test split; raises when they disagree."""
+    report = export.compare_onnx(evaluation.logits, onnx_path, test_pixels(dataset))
     tracking.log_metrics(
         run_id, {"onnx_max_abs_diff": report.max_abs_diff, "onnx_top1_agreement": report.top1_agreement}
     )
