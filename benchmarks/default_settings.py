@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from benchmarks.digits60k import write_digits60k  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
-from flows.train_flow import model_spec, train_settings  # noqa: E402
+from flows.recipe import model_spec, train_settings  # noqa: E402
 from tasks.data.datasets import prepare_dataset  # noqa: E402
 from tasks.data.loaders import make_loaders  # noqa: E402
 from tasks.train import speed  # noqa: E402
@@ -48,18 +48,22 @@ def parse_setting(text: str) -> dict:
     return setting
 
 
-def measure(dataset_name: str, data_dir: Path, setting: dict, scratch: Path) -> tuple[float, float]:
+def measure(
+    dataset_name: str, data_dir: Path, setting: dict, scratch: Path, device: str
+) -> tuple[float, float]:
     """(training seconds, test accuracy) of one setting on one dataset."""
     channels_last = setting.get("channels_last", True)
     fields = {key: value for key, value in setting.items() if key != "channels_last"}
-    config = TrainConfig(dataset=dataset_name, data_dir=str(data_dir), **fields)
+    config = TrainConfig(dataset=dataset_name, data_dir=str(data_dir), device=device, **fields)
     dataset = prepare_dataset(dataset_name, data_dir)
-    loaders = make_loaders(dataset, config.batch_size, config.val_fraction, config.seed, "cpu")
+    loaders = make_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
     settings = train_settings(config)
     settings = type(settings)(**{**settings.__dict__, "channels_last": channels_last})
     checkpoint = scratch / f"{time.monotonic_ns()}.pt"
     started = time.perf_counter()
     model, _ = train(model_spec(config, dataset), loaders, settings, checkpoint)
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return seconds, evaluate_loss(model.float(), loaders.test)["accuracy"]
 
@@ -70,6 +74,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO / "data" / "benchmarks")
     parser.add_argument("--try", dest="tries", action="append", default=[], help="key=value,... to compare")
     parser.add_argument("--skip-previous", action="store_true")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     settings = {} if args.skip_previous else {"previous defaults": PREVIOUS}
     settings["current defaults"] = {}
@@ -82,7 +87,7 @@ def main() -> None:
             source = "fashion-mnist" if name == "digits60k" else name
             data_dir = write_digits60k(args.data_dir) if name == "digits60k" else args.data_dir
             for label, setting in settings.items():
-                seconds, accuracy = measure(source, data_dir, setting, Path(scratch))
+                seconds, accuracy = measure(source, data_dir, setting, Path(scratch), args.device)
                 print(f"{name:10s} {label:48s} {seconds:8.1f} {accuracy:9.4f}", flush=True)
 
 

@@ -34,7 +34,7 @@ from torchvision import datasets, transforms  # noqa: E402
 
 from benchmarks.digits60k import write_digits60k  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
-from flows.train_flow import train_settings  # noqa: E402
+from flows.recipe import train_settings  # noqa: E402
 from models import ModelSpec  # noqa: E402
 from tasks.data.datasets import prepare_dataset  # noqa: E402
 from tasks.data.loaders import make_loaders  # noqa: E402

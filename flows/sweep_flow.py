@@ -16,9 +16,10 @@ from prefect.task_runners import TaskRunner
 
 from flows.cli import parse_sweep_config
 from flows.config import TrainConfig, resolve_path
+from flows.recipe import model_spec, train_settings
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.sweep_config import SweepConfig
-from flows.train_flow import USER_ERRORS, model_spec, publish_model, train_settings
+from flows.train_flow import USER_ERRORS, publish_model
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import make_test_loader
 from tasks.data.steps import fetch_dataset

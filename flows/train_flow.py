@@ -8,12 +8,17 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a temporary Prefect server starts while the imports below run
+    from flows import api_server
+
+    EARLY_SERVER = api_server.start()
 
 from prefect import flow
 
+from flows import api_server
 from flows.cli import parse_config
 from flows.config import TrainConfig, resolve_path
-from models import ModelSpec
+from flows.recipe import model_spec, train_settings
 from tasks.data.csv_images import CsvDatasetError
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import TensorLoader
@@ -32,7 +37,7 @@ from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
 from tasks.train.speed import PrecisionUnavailableError, resolve_precision, set_threads
 from tasks.train.steps import TrainedModel, Watch, train_model
-from tasks.train.training import DeviceUnavailableError, TrainSettings, resolve_device
+from tasks.train.training import DeviceUnavailableError, resolve_device
 
 # Failures a user can act on: the CLI prints their message instead of a traceback.
 USER_ERRORS = (
@@ -66,26 +71,6 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     return {"mlflow_run_id": run_id, "run_dir": str(run_dir), **published}
 
 
-def model_spec(config: TrainConfig, dataset: DatasetRef) -> ModelSpec:
-    """The network `config` asks for, shaped for `dataset`."""
-    return ModelSpec(
-        config.model, dataset.channels, dataset.image_size, dataset.num_classes, dataset.mean, dataset.std
-    )
-
-
-def train_settings(config: TrainConfig) -> TrainSettings:
-    return TrainSettings(
-        config.epochs,
-        config.optimizer,
-        config.lr,
-        config.weight_decay,
-        config.scheduler,
-        config.seed,
-        precision=config.precision,
-        compile=config.compile,
-    )
-
-
 def publish_model(
     trained: TrainedModel,
     test: TensorLoader,
@@ -116,8 +101,8 @@ def publish_model(
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point: flags -> TrainConfig -> flow run."""
+def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | None = None) -> dict:
+    """Command-line entry point: flags -> TrainConfig -> flow run (on `early_server` if it came up)."""
     # The temporary server's telemetry heartbeat races its own SQLite writes and logs
     # "database is locked" tracebacks; it has nothing to do with the run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -125,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # Before starting any server: an absent GPU, or fp16 without one, is a bad flag.
         resolve_precision(config.precision, resolve_device(config.device))
-        result = train_flow(config)
+        with api_server.use(early_server):
+            result = train_flow(config)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     print(
@@ -136,4 +122,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(early_server=EARLY_SERVER)

@@ -47,7 +47,9 @@ def test_unreachable_mirror_fails_fast_naming_offline_choices(tmp_path, monkeypa
 
 def test_default_mirrors_are_torchvisions():
     assert mnist_files.torchvision_source("mnist").mirrors == datasets.MNIST.mirrors
-    assert Path(datasets.MNIST.resources[0][0]).suffix == ".gz"
+    for name, source in (("mnist", datasets.MNIST), ("fashion-mnist", datasets.FashionMNIST)):
+        assert mnist_files.FIRST_MIRRORS[name] == source.mirrors[0]
+        assert [archive for archive, _ in source.resources] == [f + ".gz" for f in mnist_files.RAW_FILES]
 
 
 def test_transient_server_errors_are_retried_with_backoff(file_server, tmp_path):

@@ -12,7 +12,13 @@ import torch
 
 from tasks.data.csv_images import load_csv_dataset
 from tasks.data.images import ImageData, check_image_data
-from tasks.data.mnist_files import SOURCES, load_mnist_family, raw_files_stamp, torchvision_source
+from tasks.data.mnist_files import (
+    FIRST_MIRRORS,
+    RAW_FILES,
+    SOURCES,
+    load_mnist_family,
+    raw_files_stamp,
+)
 from tasks.data.offline_data import load_digits, make_synthetic
 from tasks.files import atomic_output, atomic_save
 
@@ -67,10 +73,9 @@ def data_origins(
 ) -> tuple[str, str]:
     """Where the training and test images come from, for the run's dataset lineage."""
     if name in SOURCES:
-        source = torchvision_source(name)
-        base = mirror.rstrip("/") + "/" if mirror else source.mirrors[0]
-        images = [archive for archive, _ in source.resources if "images" in archive]
-        return base + images[0], base + images[1]
+        base = mirror.rstrip("/") + "/" if mirror else FIRST_MIRRORS[name]
+        train_images, _, test_images, _ = RAW_FILES
+        return f"{base}{train_images}.gz", f"{base}{test_images}.gz"
     if name == "csv":
         return str(train_csv), str(test_csv)
     generator = {"synthetic": make_synthetic, "digits": load_digits}[name]

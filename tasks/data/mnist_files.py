@@ -17,6 +17,11 @@ from tasks.data.images import ImageData
 
 RAW_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's class names
 SOURCES = tuple(RAW_FOLDERS)
+# torchvision's first mirror of each (a test keeps them equal), for lineage without its import.
+FIRST_MIRRORS = {
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+}
 RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

@@ -61,7 +61,9 @@ def plot_misclassified(
     wrong = (predictions != labels).nonzero().flatten()[:limit].tolist()
     columns = min(6, max(1, len(wrong)))
     rows = max(1, -(-len(wrong) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.4), squeeze=False)
+    # Fixed spacing: tight_layout over two dozen axes costs more than the drawing itself.
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / (1.8 * rows + 0.4), hspace=0.35)
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, wrong):
@@ -72,11 +74,12 @@ def plot_misclassified(
     if not wrong:
         axes[0, 0].text(0, 0.5, "no misclassified test images", fontsize=9)
     figure.suptitle(f"misclassified test images (first {len(wrong)}, true -> predicted)", fontsize=9)
-    return _save(figure, path)
+    return _save(figure, path, tight=False)
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
-    figure.tight_layout()
+def _save(figure: plt.Figure, path: Path, tight: bool = True) -> Path:
+    if tight:
+        figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
