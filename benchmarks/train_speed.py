@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from flows.config import TrainConfig  # noqa: E402
-from models import build_model  # noqa: E402
+from models import ModelSpec  # noqa: E402
 from tasks.data.loaders import TensorLoader  # noqa: E402
 from tasks.train import speed  # noqa: E402
-from tasks.train.training import Optimisation, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from tasks.train.training import TrainSettings, build_training, train_one_epoch  # noqa: E402
 
 # name: (precision, channels_last, compile); "bf16" becomes fp16 on a GPU without bf16.
 SETTINGS = {
@@ -38,14 +38,9 @@ SETTINGS = {
 def rate(model_name: str, loader: TensorLoader, precision: str, channels_last: bool, compile: bool):
     """(samples/s of a timed pass, seconds of the warm-up pass)."""
     torch.manual_seed(0)
-    model = build_model(model_name, 1, (28, 28), 10).to(loader.labels.device)
-    if channels_last and speed.has_convolutions(model):
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, "adamw", 3e-3, 1e-4)
-    scheduler = make_scheduler(optimizer, "onecycle", 3e-3, 2 * len(loader))
-    scaler = speed.grad_scaler(loader.labels.device, precision)
-    optimisation = Optimisation(optimizer, scheduler, scaler, precision)
-    step_model = torch.compile(model) if compile else model
+    spec = ModelSpec(model_name, 1, (28, 28), 10)
+    settings = TrainSettings(2, "adamw", 5e-3, 1e-4, "onecycle", 0, precision, channels_last, compile)
+    _, step_model, optimisation = build_training(spec, settings, loader.labels.device, len(loader))
     timings = []
     for _ in range(2):
         started = time.perf_counter()

@@ -8,10 +8,12 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # a temporary Prefect server starts while the imports below run
+if __name__ == "__main__":
     from flows import api_server
+    from flows.cli import parse_config
 
-    EARLY_SERVER = api_server.start()
+    parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
+    EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
 
 from prefect import flow
 

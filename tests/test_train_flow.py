@@ -16,7 +16,7 @@ from mlflow.entities import LoggedModelStatus
 from flows.config import TrainConfig
 from flows.train_flow import train_flow
 from tasks.publish import export, registry
-from tasks.train import training
+from tasks.train import speed, training
 
 pytestmark = pytest.mark.slow
 ARTEFACTS = {
@@ -71,6 +71,13 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(
     tags = run.data.tags
     assert tags["dataset"] == "digits" and len(tags["dataset_sha256"]) == 64 and tags["device"] == "cpu"
     assert tags["prefect.flow_run_id"] and tags["prefect.flow_run_name"] and tags["torch_version"]
+    native_bf16 = speed.cpu_has_native_bf16()
+    assert (tags["precision"], tags["channels_last"], tags["compile"]) == (
+        "bf16" if native_bf16 else "fp32",
+        "true",
+        "false",
+    )
+    assert tags["threads"] == str(speed.physical_cores()) and run.data.params["precision"] == "auto"
     assert ARTEFACTS <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert (
         Path(strong["run_dir"]).parent == tmp_path / "outputs"
@@ -189,6 +196,8 @@ def test_script_runs_on_its_own_temporary_server(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout and "-> champion" in result.stdout
     assert list((tmp_path / "outputs").iterdir()) and (tmp_path / "data" / "prepared").is_dir()
+    # The server started beside the imports served the run; Prefect did not start its own.
+    assert "Starting temporary server" not in result.stderr
 
 
 def test_script_reports_an_absent_device_before_any_work(tmp_path):
@@ -197,6 +206,13 @@ def test_script_reports_an_absent_device_before_any_work(tmp_path):
     result = run_train_script(tmp_path, "--dataset", "synthetic", "--device", "cuda", timeout=300)
     assert result.returncode == 1
     assert result.stderr.startswith("error: device 'cuda' was requested but is not available here")
+    assert not (tmp_path / "data").exists()
+
+
+def test_script_refuses_fp16_without_cuda_before_any_work(tmp_path):
+    result = run_train_script(tmp_path, "--dataset", "synthetic", "--device", "cpu", "--precision", "fp16")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: precision 'fp16' needs a CUDA device, and this run trains on cpu")
     assert not (tmp_path / "data").exists()
 
 

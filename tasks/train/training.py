@@ -195,6 +195,25 @@ def fit(
     return history
 
 
+def build_training(
+    spec: ModelSpec, settings: TrainSettings, device: torch.device, steps_per_epoch: int
+) -> tuple[nn.Module, nn.Module, Optimisation]:
+    """The network on `device` (channels-last where it has convolutions), the module that runs the
+    training steps (compiled when asked) and the optimiser, schedule and loss scaler."""
+    model = build_from_spec(spec).to(device)
+    levers = settings_levers(model, device, settings)
+    if levers.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, settings.optimizer, settings.lr, settings.weight_decay)
+    total_steps = settings.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
+    optimisation = Optimisation(
+        optimizer, scheduler, speed.grad_scaler(device, levers.precision), levers.precision
+    )
+    step_model = torch.compile(model) if levers.compile else model
+    return model, step_model, optimisation
+
+
 def train(
     spec: ModelSpec,
     loaders: Loaders,
@@ -206,19 +225,11 @@ def train(
     """Seeds, builds and trains a network; returns it with one metrics dict per epoch.
 
     `on_epoch(epoch, metrics)` follows each checkpointed epoch, `on_batch(epoch, batch)` each step."""
-    device = loaders.train.labels.device
     torch.manual_seed(settings.seed)
     loaders.train.generator.manual_seed(settings.seed)  # a retried attempt reshuffles as the first did
-    model = build_from_spec(spec).to(device)
-    levers = settings_levers(model, device, settings)
-    if levers.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, settings.optimizer, settings.lr, settings.weight_decay)
-    total_steps = settings.epochs * len(loaders.train)
-    scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
-    scaler = speed.grad_scaler(device, levers.precision)
-    optimisation = Optimisation(optimizer, scheduler, scaler, levers.precision)
-    step_model = torch.compile(model) if levers.compile else model
+    model, step_model, optimisation = build_training(
+        spec, settings, loaders.train.labels.device, len(loaders.train)
+    )
     history = fit(
         model, loaders, optimisation, settings.epochs, checkpoint_path, on_epoch, on_batch, step_model
     )
