@@ -3,6 +3,7 @@ runs of one parent run; the best is tested, exported, validated and registered l
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -134,3 +135,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    # Exit without a last collection over every object torch, MLflow and Prefect made (~4 s).
+    gc.freeze()
