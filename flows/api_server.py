@@ -19,13 +19,14 @@ from typing import Iterator, Optional
 
 # Runs in the child: starts the server, prints its API URL, keeps it until stdin closes.
 _SUPERVISOR = """
-import sys
+import os, sys
 from prefect.server.api.server import SubprocessASGIServer
 server = SubprocessASGIServer()
 server.start()
 print(server.api_url, flush=True)
 sys.stdin.read()
 server.stop()
+os._exit(0)  # nothing else to tidy, and tearing the imports down would keep the caller waiting
 """
 _STARTUP_TIMEOUT_SECONDS = 60
 
