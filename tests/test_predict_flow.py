@@ -165,7 +165,8 @@ def peak_rss_mb(cwd, *flags: str) -> float:
         process = subprocess.Popen(
             [sys.executable, str(PREDICT_SCRIPT), *flags],
             cwd=cwd,
-            env=script_env(cwd),
+            # One malloc arena: per-thread arenas made the peak wander by +-150 MB between runs.
+            env={**script_env(cwd), "MALLOC_ARENA_MAX": "1"},
             stdout=log,
             stderr=log,
         )
