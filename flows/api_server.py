@@ -2,9 +2,10 @@
 
 Without a configured API, Prefect starts a temporary server at the first flow run: it imports
 the server in this process, then starts it in a child and waits for it, about 7 s on 2 cores
-after our own imports. `start()` has a small child process do exactly that (Prefect's own
-`SubprocessASGIServer`, same database, same settings) while this process is still importing
-torch and MLflow, and `use()` points the flow run at it, or at nothing when it did not come up.
+after our own imports. `start()` launches the same child as Prefect's `SubprocessASGIServer`
+(uvicorn serving `prefect.server.api.server:create_app`, UI off, same settings and database)
+at once, on a socket bound here, so it comes up while this process is still importing torch and
+MLflow; `use()` points the flow run at it, or at nothing (Prefect's own) when it did not come up.
 """
 
 from __future__ import annotations
@@ -12,70 +13,93 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
-import threading
+import time
+import urllib.request
 from typing import Iterator, Optional
 
-# Runs in the child: starts the server, prints its API URL, keeps it until stdin closes.
-_SUPERVISOR = """
-import os, sys
-from prefect.server.api.server import SubprocessASGIServer
-server = SubprocessASGIServer()
-server.start()
-print(server.api_url, flush=True)
-sys.stdin.read()
-server.stop()
-os._exit(0)  # nothing else to tidy, and tearing the imports down would keep the caller waiting
-"""
 _STARTUP_TIMEOUT_SECONDS = 60
+_STOP_TIMEOUT_SECONDS = 5
 
 
 class EarlyServer:
     """A temporary Prefect API server starting in the background."""
 
     def __init__(self) -> None:
-        self.url: Optional[str] = None
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _SUPERVISOR],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            # See flows/train_flow.py: the server's telemetry heartbeat has nothing to do with runs.
-            env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ},
-        )
-        self._ready = threading.Thread(target=self._read_url, daemon=True)
-        self._ready.start()
+        # Bound here and handed over, so the port is known now and no other process can take it.
+        listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+        with listener:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"]
+                + ["--fd", str(listener.fileno()), "--log-level", "error", "--lifespan", "on"],
+                pass_fds=(listener.fileno(),),
+                preexec_fn=_exit_with_parent(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={
+                    **os.environ,  # it reads the profile and settings files as this process does
+                    # What Prefect sets for its own temporary server: no UI, no background services.
+                    "PREFECT_UI_ENABLED": "0",
+                    "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1",
+                    # See flows/train_flow.py: the server's telemetry heartbeat has nothing to do with runs.
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                },
+            )
         atexit.register(self.stop)
 
-    def _read_url(self) -> None:
-        line = self.process.stdout.readline().strip()
-        self.url = line if line.startswith("http") else None
-
     def wait(self) -> Optional[str]:
-        """The API URL once the server answers, or None if it did not start in time."""
-        self._ready.join(_STARTUP_TIMEOUT_SECONDS)
-        return self.url
+        """The API URL once the server answers, or None if it exited or did not answer in time."""
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.05)
+        self.stop()
+        return None
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            with contextlib.suppress(OSError):
-                self.process.stdin.close()  # the supervisor stops the server and exits
+            self.process.terminate()
             try:
-                self.process.wait(15)
+                self.process.wait(_STOP_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
+
+
+def _exit_with_parent():
+    """On Linux, a hook that has the child sent SIGTERM when this process dies, even by SIGKILL,
+    so no server outlives its run."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    return lambda: libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def start() -> Optional[EarlyServer]:
     """Starts the temporary server now when the flow run would need one: no PREFECT_API_URL in
-    the environment or the active profile."""
-    if os.environ.get("PREFECT_API_URL"):
+    the environment or the active profile (and a POSIX system, which can hand a socket over)."""
+    if os.environ.get("PREFECT_API_URL") or os.name != "posix":
         return None
+    server = EarlyServer()  # before importing Prefect's settings (~1 s), which it reads itself
     from prefect.settings import get_current_settings
 
-    return None if get_current_settings().api.url else EarlyServer()
+    if get_current_settings().api.url:  # set in the profile after all
+        server.stop()
+        return None
+    return server
 
 
 @contextlib.contextmanager
