@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef, test_pixels
 from tasks.data.loaders import TensorLoader
-from tasks.publish import evaluation, export, model_card, plots, registry
+from tasks.publish import evaluation, export, gate_lock, model_card, plots, registry
 from tasks.publish.evaluation import Evaluation
 from tasks.track import lineage, reports, tracking
 from tasks.train import speed
@@ -131,21 +131,22 @@ def register_model(
     run_id: str,
 ) -> dict:
     """Registers the logged models with a model card, then moves `champion` (or `challenger`) of
-    both names through the gate, which the first name's champion decides."""
+    both names through the gate, which the first name's champion decides; one run at a time."""
     name = next(iter(model_ids))
-    candidate = registry.Candidate(evaluation.metrics["test_accuracy"], dataset.sha256, parity["passed"])
-    decision = registry.decide_promotion(candidate, registry.champion_tags(name))
-    outcome = f"{registry.CHAMPION if decision.promote else registry.CHALLENGER}: {decision.reason}"
-    sizes = lineage.split_sizes(dataset, float(params["val_fraction"]))
-    facts = (evaluation.metrics, evaluation.per_class, parity, outcome, reports.provenance(run_id))
-    card = model_card.version_card(dataset, sizes, params, *facts)
-    contract = model_card.model_contract(spec.in_channels, spec.image_size, dataset.class_names)
-    tags = model_tags(dataset, evaluation, parity)
-    versions = {
-        registered: registry.register_version(run_id, model_id, registered, tags, card, contract)
-        for registered, model_id in model_ids.items()
-    }
-    alias = registry.apply_decision(decision, versions)
+    with gate_lock.promotion_gate(name):
+        candidate = registry.Candidate(evaluation.metrics["test_accuracy"], dataset.sha256, parity["passed"])
+        decision = registry.decide_promotion(candidate, registry.champion_tags(name))
+        outcome = f"{registry.CHAMPION if decision.promote else registry.CHALLENGER}: {decision.reason}"
+        sizes = lineage.split_sizes(dataset, float(params["val_fraction"]))
+        facts = (evaluation.metrics, evaluation.per_class, parity, outcome, reports.provenance(run_id))
+        card = model_card.version_card(dataset, sizes, params, *facts)
+        contract = model_card.model_contract(spec.in_channels, spec.image_size, dataset.class_names)
+        tags = model_tags(dataset, evaluation, parity)
+        versions = {
+            registered: registry.register_version(run_id, model_id, registered, tags, card, contract)
+            for registered, model_id in model_ids.items()
+        }
+        alias = registry.apply_decision(decision, versions)
     print(f"registered {versions} as {alias!r}: {decision.reason}")
     return {
         "versions": versions,

@@ -11,14 +11,21 @@ import torch
 from mlflow.entities import RunStatus
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from tasks.data.datasets import DatasetRef
 from tasks.publish.evaluation import Evaluation
-from tasks.track import lineage, reports, tracking
+from tasks.retrying import retry_except
+from tasks.track import delivery, lineage, reports, tracking
 
 
-@task(name="open-mlflow-run", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+@task(
+    name="open-mlflow-run",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_except(delivery.TrackingUnavailableError),  # it waited already
+    **tracking.MLFLOW_RETRIES,
+)
 def open_mlflow_run(
     experiment: str,
     params: Mapping[str, object],
@@ -28,7 +35,9 @@ def open_mlflow_run(
     run_dir: Path,
     extra_tags: Optional[Mapping[str, str]] = None,
 ) -> str:
-    """Starts the run (or reopens the one a retried flow run already started) and logs the config."""
+    """Starts the run (or reopens the one a retried flow run already started) and logs the config;
+    fails at once, naming it, when the tracking server does not answer."""
+    delivery.check_reachable()
     run_id = tracking.find_run(experiment, flow_run_id)
     if run_id is None:
         tags = {
@@ -72,9 +81,9 @@ def log_dataset(
 
 
 @task(name="close-mlflow-run", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
-def close_mlflow_run(run_id: str, succeeded: bool) -> None:
-    """Marks the run FINISHED or FAILED."""
-    tracking.finish_run(run_id, succeeded)
+def close_mlflow_run(run_id: str, status: str) -> None:
+    """Marks the run FINISHED, FAILED or KILLED."""
+    tracking.get_client().set_terminated(run_id, status)
 
 
 def make_run_dir(output_dir: Path) -> Path:
@@ -92,14 +101,20 @@ def mlflow_run(
     run_dir: Path,
     extra_tags: Optional[Mapping[str, str]] = None,
 ) -> Iterator[str]:
-    """The flow run's MLflow run: opened (or reopened) on entry, FINISHED or FAILED on exit."""
+    """The flow run's MLflow run: opened (or reopened) on entry; on exit FINISHED, FAILED, or KILLED
+    when the process was told to stop (SIGTERM, as a Prefect worker cancels, or Ctrl-C)."""
     run_id = open_mlflow_run(experiment, params, flow_run.id, flow_run.name, device, run_dir, extra_tags)
     try:
         yield run_id
-    except BaseException:
-        close_mlflow_run(run_id, succeeded=False)
+    except delivery.TrackingUnavailableError:
+        raise  # nothing to tell a server that is not there; a retry reopens the run
+    except (TerminationSignal, KeyboardInterrupt):
+        tracking.get_client().set_terminated(run_id, "KILLED")  # no task: the engine is stopping
         raise
-    close_mlflow_run(run_id, succeeded=True)
+    except BaseException:
+        close_mlflow_run(run_id, "FAILED")
+        raise
+    close_mlflow_run(run_id, "FINISHED")
 
 
 @task(name="report-run", cache_policy=NO_CACHE)

@@ -14,7 +14,9 @@ from rich.console import Console
 from models import ModelSpec, build_from_spec
 from tasks.data.loaders import Loaders
 from tasks.publish import export
+from tasks.retrying import retry_except
 from tasks.track import tracking
+from tasks.track.delivery import MetricsOutbox, TrackingUnavailableError
 from tasks.train.progress import TrainingProgress
 from tasks.train.training import TrainSettings, settings_levers, train
 
@@ -37,9 +39,17 @@ class Watch:
     system_metrics: bool = False  # MLflow system/* metrics while training
     progress_key: Optional[str] = None  # Prefect progress artifact key
     console: bool = False  # a progress bar within each epoch (for a terminal)
+    tracking_patience: float = 600.0  # seconds training goes on while the tracking server is away
 
 
-@task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+@task(
+    name="train-model",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    # A tracking server away past patience would still be away: the flow fails, its retry resumes.
+    retry_condition_fn=retry_except(TrackingUnavailableError),
+)
 def train_model(
     spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str, watch: Watch
 ) -> TrainedModel:
@@ -55,20 +65,23 @@ def train_logged(
     run_id: str,
     watch: Watch = Watch(),
 ) -> TrainedModel:
-    """train() with checkpoints in run_dir, each epoch logged to the MLflow run and printed."""
+    """train() with checkpoints in run_dir, each epoch printed and logged to the MLflow run (through
+    an outbox: training goes on while the tracking server is away, up to `watch.tracking_patience`)."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
     console = Console() if watch.console else None
     progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, console)
+    outbox = MetricsOutbox(run_id, watch.tracking_patience)
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(run_id, metrics, step=epoch)
         progress.epoch_done(epoch)
         print(f"epoch {epoch}/{settings.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        outbox.put(metrics, step=epoch)
 
     levers = settings_levers(build_from_spec(spec), loaders.train.labels.device, settings)
     tracking.log_tags(run_id, {**levers.tags(), "threads": str(torch.get_num_threads())})
     with tracking.system_metrics(run_id, watch.system_metrics), progress:
         _, history = train(spec, loaders, settings, checkpoint, log_epoch, progress.batch_done)
+    outbox.close()
     # An attempt that died between checkpointing an epoch and logging it left a gap.
     tracking.log_missing_steps(run_id, history)
     return TrainedModel(spec, str(checkpoint), history)
