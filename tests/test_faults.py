@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
+import torch
+from conftest import EPOCH_METRICS, TRAIN_SCRIPT, Processes, free_port, script_env, wait_until_up
 from mlflow import MlflowClient
-
-from conftest import TRAIN_SCRIPT, script_env
 
 pytestmark = pytest.mark.slow
 
@@ -38,3 +43,140 @@ def test_three_runs_at_once_share_folders_and_store_and_crown_the_best(tmp_path)
         assert sorted(int(v.version) for v in versions) == [1, 2, 3]
         best = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
         assert client.get_model_version_by_alias(name, "champion").version == best.version
+
+
+def test_an_unreachable_tracking_server_fails_the_run_at_once_naming_it(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--dataset", "synthetic", "--epochs", "1"],
+        cwd=tmp_path,
+        env={**script_env(tmp_path), "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert time.monotonic() - started < 30
+    assert result.returncode != 0
+    assert f"the MLflow tracking server {uri} did not answer" in result.stderr
+    assert not list(tmp_path.rglob("checkpoints/*"))
+
+
+class TrainScript:
+    """train_flow.py running in the background, its output read line by line as it comes."""
+
+    def __init__(self, cwd: Path, env: dict, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(TRAIN_SCRIPT), *flags],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def wait_for(self, text: str, timeout: float = 300) -> float:
+        """When a line holding `text` was printed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for when, line in list(self.lines):
+                if text in line:
+                    return when
+            assert self.process.poll() is None, self.output()
+            time.sleep(0.05)
+        raise TimeoutError(f"no {text!r} in:\n{self.output()}")
+
+    def finish(self, timeout: float = 600) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)[-5000:]
+
+
+def mlflow_server(processes: Processes, folder: Path, port: int) -> subprocess.Popen:
+    server, log = processes.start(
+        f"mlflow-{time.monotonic_ns()}",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "mlflow-artifacts"),
+    )
+    wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
+    return server
+
+
+def test_training_outlasts_a_tracking_server_restart_and_loses_no_metric(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    processes = Processes(tmp_path, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        server = mlflow_server(processes, tmp_path, port)
+        env = {**script_env(tmp_path), "MLFLOW_TRACKING_URI": uri}
+        flags = ("--dataset", "synthetic", "--model", "cnn", "--epochs", "4", "--registered-model", "outage")
+        run = TrainScript(tmp_path, env, *flags)
+        run.wait_for("epoch 1/4")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        time.sleep(15)
+        restarted_at = time.monotonic()
+        mlflow_server(processes, tmp_path, port)
+        assert run.finish() == 0, run.output()
+        assert run.wait_for("epoch 2/4") < restarted_at  # training went on while it was away
+    finally:
+        processes.stop_all()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
+    assert mlflow_run.info.status == "FINISHED"
+    for name in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, name)] == [1, 2, 3, 4], name
+    assert client.get_model_version_by_alias("outage", "champion").run_id == mlflow_run.info.run_id
+
+
+def test_sigterm_mid_epoch_kills_the_mlflow_run_and_a_retry_resumes(tmp_path):
+    env = script_env(tmp_path)
+    flags = ("--dataset", "synthetic", "--model", "cnn", "--epochs", "5", "--registered-model", "term")
+    run = TrainScript(tmp_path, env, *flags, "--no-system-metrics")
+    run.wait_for("epoch 2/5")
+    time.sleep(0.3)  # into epoch 3
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish(120) != 0
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
+    assert mlflow_run.info.status == "KILLED", run.output()
+    [checkpoint] = tmp_path.rglob("checkpoints/last.pt")
+    assert len(torch.load(checkpoint, weights_only=True)["history"]) >= 2
+    assert not list(tmp_path.rglob("*.part"))
+
+    flow_run_id = mlflow_run.data.tags["prefect.flow_run_id"]
+    retry = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", flow_run_id]
+        + ["--entrypoint", f"{TRAIN_SCRIPT}:train_flow"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    assert "epoch 1/5" not in retry.stdout + retry.stderr  # resumed, not restarted
+    resumed = client.get_run(mlflow_run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    for name in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(resumed.info.run_id, name)] == [1, 2, 3, 4, 5]
