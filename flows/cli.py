@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Literal, Optional, TypeVar, get_args, get_origin
+import logging
+from contextlib import contextmanager
+from typing import Iterator, Literal, Optional, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -141,6 +143,49 @@ def _describe(error: ValidationError) -> str:
     for problem in error.errors():
         flag = "--" + "-".join(str(part) for part in problem["loc"][:1]).replace("_", "-")
         value = problem.get("input")
+        if isinstance(value, str) and not value.isprintable():
+            value = repr(value)  # control characters would reach the terminal as they are
         where = f"{flag} {value}: " if problem["loc"] else ""
         lines.append(where + problem["msg"].removeprefix("Value error, "))
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+@contextmanager
+def short_user_errors(errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """While a CLI runs its flow, console log records about `errors` keep their one-line message but
+    not their traceback (the CLI prints the error itself, and the user can act on it); other
+    exceptions keep their tracebacks, and Prefect's API (the UI) still gets everything."""
+    handlers = _console_handlers()
+    formatters = [handler.formatter for handler in handlers]
+    for handler, formatter in zip(handlers, formatters):
+        handler.setFormatter(_ShortUserErrors(formatter or logging.Formatter(), errors))
+    try:
+        yield
+    finally:
+        for handler, formatter in zip(handlers, formatters):
+            handler.setFormatter(formatter)
+
+
+class _ShortUserErrors(logging.Formatter):
+    """Formats with `inner`, leaving out the traceback of records about one of `errors`."""
+
+    def __init__(self, inner: logging.Formatter, errors: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.inner, self.errors = inner, errors
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], self.errors):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """The stream handlers (Prefect's console handler among them) of every logger, not files."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    handlers = {
+        id(handler): handler
+        for logger in loggers
+        for handler in getattr(logger, "handlers", [])
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    }
+    return list(handlers.values())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 DatasetName = Literal["fashion-mnist", "mnist", "csv", "synthetic", "digits"]
 RunnerName = Literal["threads", "processes", "dask", "ray"]
@@ -15,6 +15,34 @@ _ADDRESSES = {  # runner: (accepted address, as said in errors)
     "dask": (rf"(tcp|tls)://{_HOST_PORT}", "tcp://HOST:PORT or tls://HOST:PORT"),
     "ray": (rf"ray://{_HOST_PORT}|{_HOST_PORT}|auto", "ray://HOST:PORT, HOST:PORT (the head's GCS) or auto"),
 }
+NAME_LIMIT = 256  # characters in an experiment or registered name
+ONNX_SUFFIX = "-onnx"  # the ONNX flavor's registered name is the PyTorch flavor's plus this
+_NAME_FORBIDDEN = "'\"/\\"  # names end up in MLflow filter strings, paths and URLs
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # tasks.data.images.DEFAULT_MAX_PIXELS (not imported: torch is slow)
+
+
+def check_name(value: str, limit: int = NAME_LIMIT, why: str = "") -> str:
+    """An MLflow experiment or registered-model name: printable, no quotes or slashes, at most `limit`
+    characters."""
+    if len(value) > limit:
+        raise ValueError(f"{len(value)} characters; a name takes at most {limit}{why}")
+    bad = sorted({c for c in value if c in _NAME_FORBIDDEN or not c.isprintable()})
+    if bad:
+        raise ValueError(
+            f"contains {', '.join(map(repr, bad))}; a name takes printable characters other than "
+            "quotes (' \"), slashes (/ \\) and control characters"
+        )
+    return value
+
+
+def check_registered_name(value: str) -> str:
+    """A registered-model name that leaves room for the ONNX flavor's suffix."""
+    room = f" ({NAME_LIMIT} less the {ONNX_SUFFIX!r} the ONNX flavor's name adds)"
+    return check_name(value, NAME_LIMIT - len(ONNX_SUFFIX), room)
+
+
+ExperimentName = Annotated[str, Field(min_length=1), AfterValidator(check_name)]
+RegisteredName = Annotated[str, Field(min_length=1), AfterValidator(check_registered_name)]
 
 
 class TrainConfig(BaseModel):
@@ -82,14 +110,25 @@ class TrainConfig(BaseModel):
     system_metrics: bool = Field(
         True, description="Record CPU, memory, disk and network (and GPU) use while training in MLflow."
     )
-    experiment: str = Field("image-classifier", min_length=1, description="MLflow experiment name.")
-    registered_model: Optional[str] = Field(
+    tracking_patience_minutes: float = Field(
+        10,
+        gt=0,
+        description="How long training goes on while the MLflow tracking server is unreachable (its "
+        "metrics are sent when it is back) before the run fails; a retry of the flow run resumes.",
+    )
+    experiment: ExperimentName = Field("image-classifier", description="MLflow experiment name.")
+    registered_model: Optional[RegisteredName] = Field(
         None,
-        min_length=1,
         description="MLflow registry name of the PyTorch flavor (the ONNX flavor gets '-onnx' appended); "
         "default: '<dataset>-<model>'.",
     )
     output_dir: str = Field("outputs", description="Per-run local folders go under this folder.")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="csv dataset: refuse an image whose header declares more pixels than this, "
+        "before decoding it.",
+    )
 
     @model_validator(mode="after")
     def _csv_needs_its_files(self) -> "TrainConfig":
@@ -114,6 +153,8 @@ class TrainConfig(BaseModel):
         """The dataset's own settings, with paths made absolute, for fetch_dataset."""
         paths = {"train_csv": self.train_csv, "test_csv": self.test_csv, "image_root": self.image_root}
         options = {key: resolve_path(value) for key, value in paths.items() if value}
+        if self.dataset == "csv":
+            options["max_image_pixels"] = self.max_image_pixels
         return {"mirror": self.mirror, "classes": self.classes, **options}
 
     @property
@@ -160,8 +201,8 @@ class ClusterOptions(BaseModel):
 class PredictConfig(ClusterOptions):
     """Predict images with a model from the MLflow registry and write a predictions CSV."""
 
-    registered_model: str = Field(
-        ..., min_length=1, description="Registry name of the model, as trained (e.g. 'digits-cnn')."
+    registered_model: RegisteredName = Field(
+        ..., description="Registry name of the model, as trained (e.g. 'digits-cnn')."
     )
     alias: str = Field("champion", min_length=1, description="Registry alias of the version to use.")
     flavor: Literal["onnx", "pytorch"] = Field(
@@ -190,8 +231,16 @@ class PredictConfig(ClusterOptions):
         None, description="Predictions CSV to write; default: predictions.csv in the run's folder."
     )
     output_dir: str = Field("outputs", description="Per-run local folders go under this folder.")
-    experiment: str = Field(
-        "image-classifier-predictions", min_length=1, description="MLflow experiment name."
+    experiment: ExperimentName = Field("image-classifier-predictions", description="MLflow experiment name.")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Refuse an image whose header declares more pixels than this, before decoding it.",
+    )
+    resize: bool = Field(
+        False,
+        description="Resize (antialiased) images of another size than the model's input to it, "
+        "instead of refusing them.",
     )
 
     @model_validator(mode="after")
@@ -214,12 +263,14 @@ class PredictConfig(ClusterOptions):
             "dataset": self.dataset,
             "data_dir": resolve_path(self.data_dir),
             "mirror": self.mirror,
+            "max_image_pixels": self.max_image_pixels,
+            "resize": self.resize,
         }
 
     @property
     def registry_name(self) -> str:
         """The registered name of the chosen flavor."""
-        return self.registered_model + ("-onnx" if self.flavor == "onnx" else "")
+        return self.registered_model + (ONNX_SUFFIX if self.flavor == "onnx" else "")
 
 
 def _input_flags(config: PredictConfig) -> list[tuple[str, object]]:

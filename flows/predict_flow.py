@@ -66,12 +66,15 @@ def predict_flow(config: PredictConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: flags -> PredictConfig -> flow run."""
+    from flows.cli import short_user_errors
+
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
     config = parse_config(argv, PredictConfig, prog="python flows/predict_flow.py")
+    user_errors = (*USER_ERRORS, PredictionError, RunnerUnavailableError)
     try:
-        with cluster_ready(config):
+        with cluster_ready(config), short_user_errors(user_errors):
             result = predict_flow(config)
-    except (*USER_ERRORS, PredictionError, RunnerUnavailableError) as error:
+    except user_errors as error:
         sys.exit(f"error: {error}")
     print(
         f"{result['model_uri']} (version {result['model_version']}): predictions in {result['predictions']}"

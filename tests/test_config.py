@@ -101,7 +101,9 @@ def test_dataset_options_resolve_csv_paths(tmp_path, monkeypatch):
         "train_csv": tmp_path / "a.csv",
         "test_csv": tmp_path / "b.csv",
         "image_root": tmp_path / "img",
+        "max_image_pixels": 50_000_000,
     }
+    assert "max_image_pixels" not in parse_config(["--dataset", "digits"]).dataset_options()
 
 
 def test_predict_flags_need_a_model_and_exactly_one_input(capsys):
@@ -136,4 +138,6 @@ def test_input_options_resolve_paths(tmp_path, monkeypatch):
         "dataset": None,
         "data_dir": tmp_path / "data",
         "mirror": None,
+        "max_image_pixels": 50_000_000,
+        "resize": False,
     }

@@ -8,13 +8,13 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from tasks.data.images import ImageData
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageData, ImageFileError, check_image_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 class CsvDatasetError(ValueError):
-    """A CSV row names a missing or unreadable image, or an unknown label."""
+    """A CSV cannot be read, or a row names a missing, outside or unreadable image, or an unknown label."""
 
 
 class Row(NamedTuple):
@@ -23,36 +23,95 @@ class Row(NamedTuple):
     label: str
 
 
-def read_rows(csv_path: Path, image_root: Path, labels_required: bool = True) -> list[Row]:
-    """Parses a CSV, skipping a header row, and checks every named image exists.
+def read_rows(
+    csv_path: Path, image_root: Path, labels_required: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Row]:
+    """Parses a CSV, skipping a header row, and checks every named image: under `image_root`, and
+    from its header a PNG, JPEG, GIF or WebP of at most `max_pixels` pixels.
 
     Without `labels_required`, the label column may be absent or empty (label "").
     """
-    rows = list(iter_rows(csv_path, image_root, labels_required))
+    rows = list(iter_rows(csv_path, image_root, labels_required, max_pixels))
     if not rows:
-        raise CsvDatasetError(f"{csv_path}: no image rows")
+        raise CsvDatasetError(
+            f"{csv_path}: no image rows (empty, or only a header); expected {_expected(labels_required)}"
+        )
     return rows
 
 
-def iter_rows(csv_path: Path, image_root: Path, labels_required: bool = True) -> Iterator[Row]:
+def iter_rows(
+    csv_path: Path, image_root: Path, labels_required: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[Row]:
     """read_rows one row at a time, so a CSV of any length streams."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        first = True
-        for number, cells in enumerate(csv.reader(handle), 1):
-            if not any(cells):
-                continue
-            if first and Path(cells[0].strip()).suffix.lower() not in IMAGE_SUFFIXES:
+    root, number, first = image_root.resolve(), 0, True
+    try:
+        handle = open(csv_path, newline="", encoding="utf-8-sig")
+    except OSError as error:
+        raise CsvDatasetError(f"{csv_path}: cannot open the CSV: {error.strerror or error}") from None
+    try:
+        with handle:
+            for number, cells in enumerate(csv.reader(handle), 1):
+                cells = [cell.strip() for cell in cells]
+                if not any(cells):
+                    continue
+                where = f"{csv_path} row {number}"
+                if first and Path(cells[0]).suffix.lower() not in IMAGE_SUFFIXES:
+                    check_header(cells, where, labels_required)  # a header such as "image,label"
+                else:
+                    yield check_row(cells, where, number, root, labels_required, max_pixels)
                 first = False
-                continue  # a header such as "image,label"
-            first = False
-            label = cells[1].strip() if len(cells) > 1 else ""
-            where = f"{csv_path} row {number}"
-            if labels_required and not label:
-                raise CsvDatasetError(f"{where}: expected 'image path,label', got {cells!r}")
-            path = image_root / cells[0].strip()
-            if not path.is_file():
-                raise CsvDatasetError(f"{where}: image {cells[0].strip()!r} not found under {image_root}")
-            yield Row(number, path, label)
+    except UnicodeDecodeError as error:
+        bad = error.object[error.start]
+        raise CsvDatasetError(
+            f"{csv_path}: not UTF-8 text (byte {bad:#04x}: {error.reason}); save the CSV as UTF-8"
+        ) from None
+    except csv.Error as error:
+        raise CsvDatasetError(f"{csv_path} row {number + 1}: not readable as CSV: {error}") from None
+
+
+def _expected(labels_required: bool) -> str:
+    return "'image path,label' rows" if labels_required else "'image path[,label]' rows"
+
+
+def check_header(cells: list[str], where: str, labels_required: bool) -> None:
+    """A header names each column once: the image path, then the label (optional when predicting)."""
+    repeated = sorted({cell for cell in cells if cell and cells.count(cell) > 1})
+    if repeated:
+        raise CsvDatasetError(
+            f"{where}: header {cells!r} repeats column {repeated[0]!r}; expected {_expected(labels_required)}"
+        )
+    if labels_required and (len(cells) < 2 or not cells[1]):
+        raise CsvDatasetError(f"{where}: header {cells!r} has no label column; expected {_expected(True)}")
+    if any(cells[2:]):
+        raise CsvDatasetError(
+            f"{where}: header {cells!r} has more than two columns; expected {_expected(labels_required)}"
+        )
+
+
+def check_row(
+    cells: list[str], where: str, number: int, root: Path, labels_required: bool, max_pixels: int
+) -> Row:
+    """One data row as a Row, once its image is known to be a file under `root` with a sound header."""
+    label = cells[1] if len(cells) > 1 else ""
+    if (labels_required and not label) or any(cells[2:]):
+        raise CsvDatasetError(f"{where}: expected {_expected(labels_required)}, got {cells!r}")
+    path = root / cells[0]
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise CsvDatasetError(f"{where}: image {cells[0]!r} cannot be resolved: {error}") from None
+    if not resolved.is_relative_to(root):
+        raise CsvDatasetError(
+            f"{where}: image {cells[0]!r} resolves to {str(resolved)!r}, outside the image root {root} "
+            "(--image-root); image paths, symlinks included, must stay under it"
+        )
+    if not resolved.is_file():
+        raise CsvDatasetError(f"{where}: image {cells[0]!r} not found under {root}")
+    try:
+        check_image_file(resolved, max_pixels)
+    except ImageFileError as error:
+        raise CsvDatasetError(f"{where}: image {cells[0]!r}: {error}") from None
+    return Row(number, path, label)
 
 
 def label_set(labels: list[str]) -> tuple[str, ...]:
@@ -74,14 +133,18 @@ def encode_labels(rows: list[Row], classes: tuple[str, ...], csv_path: Path) -> 
     return torch.tensor([index[row.label] for row in rows], dtype=torch.int64)
 
 
-def decode_rows(rows: list[Row], csv_path: Path) -> list[torch.Tensor]:
-    """Decodes every image to uint8 (C, H, W), dropping any alpha channel."""
+def decode_rows(rows: list[Row], csv_path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[torch.Tensor]:
+    """Decodes every image to uint8 (C, H, W), dropping any alpha channel; each header is checked
+    first, so the decoder never sees a file that is not an image or declares too many pixels."""
     from torchvision.io import ImageReadMode, decode_image  # a seconds-long import, only for CSV data
 
     images = []
     for row in rows:
         try:
+            check_image_file(row.path, max_pixels)
             image = decode_image(str(row.path), mode=ImageReadMode.UNCHANGED)
+        except ImageFileError as error:
+            raise CsvDatasetError(f"{csv_path} row {row.line}: {row.path}: {error}") from None
         except (RuntimeError, ValueError) as error:
             raise CsvDatasetError(f"{csv_path} row {row.line}: cannot decode {row.path}: {error}") from error
         images.append(image[:3] if image.shape[0] == 4 else image[:1] if image.shape[0] == 2 else image)
@@ -103,14 +166,20 @@ def stack_images(
 
 
 def load_csv_dataset(
-    train_csv: Path, test_csv: Path, image_root: Path, classes: Optional[list[str]] = None
+    train_csv: Path,
+    test_csv: Path,
+    image_root: Path,
+    classes: Optional[list[str]] = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ImageData:
     """Reads both CSVs, validating every row before decoding any image."""
-    train_rows, test_rows = read_rows(train_csv, image_root), read_rows(test_csv, image_root)
+    train_rows = read_rows(train_csv, image_root, max_pixels=max_pixels)
+    test_rows = read_rows(test_csv, image_root, max_pixels=max_pixels)
     names = tuple(classes) if classes else label_set([row.label for row in train_rows])
     train_labels = encode_labels(train_rows, names, train_csv)
     test_labels = encode_labels(test_rows, names, test_csv)
-    train_images, test_images = decode_rows(train_rows, train_csv), decode_rows(test_rows, test_csv)
+    train_images = decode_rows(train_rows, train_csv, max_pixels)
+    test_images = decode_rows(test_rows, test_csv, max_pixels)
     channels = max(image.shape[0] for image in train_images + test_images)
     shape = (channels, *train_images[0].shape[1:])
     return ImageData(

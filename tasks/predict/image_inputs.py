@@ -12,6 +12,7 @@ import torch
 
 from tasks.data.csv_images import IMAGE_SUFFIXES, Row, decode_rows, iter_rows
 from tasks.data.datasets import load_tensors, prepare_dataset
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, check_image_file
 
 
 class PredictionError(ValueError):
@@ -34,6 +35,8 @@ class Inputs:
     names: tuple[str, ...] = ()  # folder: the file names of images start..stop
     dataset: str = ""  # dataset: its name
     class_names: tuple[str, ...] = ()  # dataset: its label names
+    max_pixels: int = DEFAULT_MAX_PIXELS  # csv, folder: files declaring more pixels are refused undecoded
+    resize: bool = False  # images of another size than the model's are resized to it, not refused
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -54,36 +57,47 @@ class Inputs:
                 yield sources, labels, list(data.test_images[begin:end])
             return
         if self.kind == "csv":
-            rows = iter_rows(Path(self.origin), Path(self.image_root), labels_required=False)
+            rows = iter_rows(Path(self.origin), Path(self.image_root), False, self.max_pixels)
             rows = itertools.islice(rows, self.start, self.stop)
         else:
             folder = Path(self.origin)
             rows = (Row(self.start + i + 1, folder / name, "") for i, name in enumerate(self.names))
         while chunk := list(itertools.islice(rows, size)):
-            images = decode_rows(chunk, Path(self.origin))
+            images = decode_rows(chunk, Path(self.origin), self.max_pixels)
             yield [str(row.path) for row in chunk], [row.label or None for row in chunk], images
 
 
-def csv_inputs(csv_path: Path, image_root: Path, class_names: Sequence[str]) -> Inputs:
-    """Images named by a CSV (labels optional): every row is checked, none is kept in memory."""
+def csv_inputs(
+    csv_path: Path, image_root: Path, class_names: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Inputs:
+    """Images named by a CSV (labels optional): every row and image header is checked, none is kept
+    in memory."""
     count, labels = 0, set()
-    for row in iter_rows(csv_path, image_root, labels_required=False):
+    for row in iter_rows(csv_path, image_root, False, max_pixels):
         count += 1
         labels.add(row.label or None)
     if not count:
-        raise PredictionError(f"{csv_path}: no image rows")
+        raise PredictionError(
+            f"{csv_path}: no image rows (empty, or only a header); expected 'image path[,label]' rows"
+        )
     check_labels(labels, class_names)
-    return Inputs("csv", str(csv_path), 0, count, image_root=str(image_root))
+    return Inputs("csv", str(csv_path), 0, count, image_root=str(image_root), max_pixels=max_pixels)
 
 
-def folder_inputs(folder: Path) -> Inputs:
-    """Every image file directly in `folder`, in name order."""
+def folder_inputs(folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Inputs:
+    """Every image file directly in `folder`, in name order, each checked from its header."""
     if not folder.is_dir():
         raise PredictionError(f"image folder {folder} does not exist")
-    names = tuple(sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-    if not names:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
         raise PredictionError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return Inputs("folder", str(folder), 0, len(names), names=names)
+    for path in files:
+        try:
+            check_image_file(path, max_pixels)
+        except ImageFileError as error:
+            raise PredictionError(f"{path}: {error}") from None
+    names = tuple(path.name for path in files)
+    return Inputs("folder", str(folder), 0, len(names), names=names, max_pixels=max_pixels)
 
 
 def dataset_inputs(

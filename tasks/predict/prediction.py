@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from torchvision.transforms.v2.functional import resize as resize_image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from tasks.files import atomic_output
@@ -75,15 +76,21 @@ def _load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def to_pixels(images: list[torch.Tensor], sources: Sequence[str], shape: tuple[int, int, int]) -> np.ndarray:
-    """float32 pixels in [0, 1] shaped for the model; grey and RGB are converted as needed."""
+def to_pixels(
+    images: list[torch.Tensor], sources: Sequence[str], shape: tuple[int, int, int], resize: bool = False
+) -> np.ndarray:
+    """float32 pixels in [0, 1] shaped for the model; grey and RGB are converted as needed, and with
+    `resize` other sizes are resized (antialiased) to the model's, else refused."""
     channels, size = shape[0], tuple(shape[1:])
     ready = []
     for image, source in zip(images, sources):
         if tuple(image.shape[1:]) != size:
-            raise PredictionError(
-                f"{source}: image is {tuple(image.shape[1:])} pixels, the model takes {size}"
-            )
+            if not resize:
+                raise PredictionError(
+                    f"{source}: image is {tuple(image.shape[1:])} pixels, the model takes {size} "
+                    "(height, width); give --resize to resize images to it (no predictions CSV is written)"
+                )
+            image = resize_image(image, list(size), antialias=True)
         if image.shape[0] != channels:
             image = rgb_to_grayscale(image) if channels == 1 else image.expand(channels, -1, -1)
         ready.append(image)
@@ -138,7 +145,7 @@ def predict_to_csv(
     with atomic_output(output) as handle:
         handle.write(",".join(COLUMNS) + "\n")
         for sources, labels, images in inputs.batches(batch_size):
-            pixels = to_pixels(images, sources, registered.input_shape)
+            pixels = to_pixels(images, sources, registered.input_shape, inputs.resize)
             table = predictions_table(model.predict(pixels), sources, labels, registered.class_names)
             table.to_csv(handle, header=False, index=False)
             counts.append(tally(table))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.data.csv_images import CsvDatasetError
 from tasks.predict import image_inputs, prediction
 from tasks.predict.image_inputs import Inputs
 from tasks.predict.prediction import RegisteredModel
@@ -35,16 +37,28 @@ def list_images(
     data_dir: Path,
     mirror: Optional[str],
     class_names: Sequence[str],
+    max_image_pixels: int = image_inputs.DEFAULT_MAX_PIXELS,
+    resize: bool = False,
 ) -> Inputs:
-    """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels."""
+    """Lists the images to predict (a CSV, a folder, or a dataset's test split), checks labels and
+    image headers, and says whether other sizes than the model's are resized."""
     if input_csv:
-        return image_inputs.csv_inputs(input_csv, image_root or input_csv.parent, class_names)
-    if image_dir:
-        return image_inputs.folder_inputs(image_dir)
-    return image_inputs.dataset_inputs(dataset, data_dir, class_names, mirror)
+        root = image_root or input_csv.parent
+        inputs = image_inputs.csv_inputs(input_csv, root, class_names, max_image_pixels)
+    elif image_dir:
+        inputs = image_inputs.folder_inputs(image_dir, max_image_pixels)
+    else:
+        inputs = image_inputs.dataset_inputs(dataset, data_dir, class_names, mirror)
+    return replace(inputs, resize=resize)
 
 
-@task(name="predict-partition", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(
+    name="predict-partition",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_except(image_inputs.PredictionError, CsvDatasetError),  # bad images stay bad
+)
 def predict_partition(
     registered: RegisteredModel, inputs: Inputs, batch_size: int, output: Path, tracking_uri: str
 ) -> dict:
