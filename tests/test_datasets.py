@@ -1,4 +1,11 @@
 import gzip
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -7,6 +14,8 @@ import torch
 from tasks.data import datasets
 from tasks.data.datasets import channel_stats, load_source, load_tensors, prepare_dataset, tensor_digest
 from tasks.data.images import ImageData, check_image_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_prepare_stores_tensors_and_describes_them(tmp_path):
@@ -93,3 +102,120 @@ def test_a_prepared_copy_of_the_same_raw_files_is_reused_without_reading_them(
     tensors.write_bytes(tensors.read_bytes()[:-10])
     assert prepare_dataset("fashion-mnist", tmp_path) == changed
     assert load_tensors(changed.tensors_path).train_labels[-1] == blob[-1]
+
+
+def damage(path: Path, how: str) -> None:
+    """Truncates `path`, or flips one byte in the middle of it (same size, same mtime)."""
+    blob, stat = bytearray(path.read_bytes()), path.stat()
+    if how == "truncated":
+        del blob[-100:]
+    else:
+        blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def damage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+
+
+@pytest.mark.parametrize("how", ["truncated", "altered"])
+def test_a_damaged_mnist_family_file_is_detected_and_rebuilt_from_the_raw_files(
+    tiny_fashion, tmp_path, caplog, how
+):
+    write_raw_fashion(tmp_path, tiny_fashion)
+    first = prepare_dataset("fashion-mnist", tmp_path)
+    tensors = Path(first.tensors_path)
+    whole = tensors.read_bytes()
+    with caplog.at_level(logging.WARNING):
+        assert prepare_dataset("fashion-mnist", tmp_path) == first
+        assert not damage_lines(caplog)  # a whole file is reused silently
+        damage(tensors, how)
+        assert prepare_dataset("fashion-mnist", tmp_path) == first
+    [line] = damage_lines(caplog)
+    assert str(tensors) in line and "rebuilding it from the source" in line
+    assert tensors.read_bytes() == whole
+    assert torch.equal(load_tensors(first.tensors_path).train_images[:, 0], gzip_images(tiny_fashion))
+
+
+def gzip_images(files: dict[str, bytes]) -> torch.Tensor:
+    raw = gzip.decompress(files["train-images-idx3-ubyte.gz"])[16:]
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, 28, 28)
+
+
+@pytest.mark.parametrize("how", ["truncated", "altered", "unrecorded"])
+def test_a_damaged_generated_file_is_detected_and_rebuilt(tmp_path, caplog, how):
+    ref = prepare_dataset("synthetic", tmp_path)
+    tensors = Path(ref.tensors_path)
+    whole = tensors.read_bytes()
+    if how == "unrecorded":
+        tensors.with_name(tensors.name + ".json").unlink()
+    else:
+        damage(tensors, how)
+    with caplog.at_level(logging.WARNING):
+        assert prepare_dataset("synthetic", tmp_path) == ref
+        assert prepare_dataset("synthetic", tmp_path) == ref  # rebuilt once, then whole again
+    [line] = damage_lines(caplog)
+    assert str(tensors) in line and "rebuilding it from the source" in line
+    assert tensors.read_bytes() == whole
+    assert len(load_tensors(ref.tensors_path).train_labels) == ref.train_size
+
+
+def test_every_prepared_file_has_a_record_of_its_size_and_digest(tiny_fashion, tmp_path):
+    write_raw_fashion(tmp_path, tiny_fashion)
+    for ref in (prepare_dataset("fashion-mnist", tmp_path), prepare_dataset("digits", tmp_path)):
+        tensors = Path(ref.tensors_path)
+        record = json.loads(tensors.with_name(tensors.name + ".json").read_text())
+        assert record == {"bytes": tensors.stat().st_size, "sha256": file_sha256(tensors)}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_writers_of_the_same_data_write_the_same_bytes(tmp_path):
+    first, second = (prepare_dataset("synthetic", tmp_path / name) for name in ("a", "b"))
+    assert Path(first.tensors_path).read_bytes() == Path(second.tensors_path).read_bytes()
+
+
+# Says it is ready, waits for the go file, so the runs prepare at the same moment, then prints
+# the DatasetRef's sha256 and the prepared file's.
+PREPARE_WHEN_TOLD = """
+import hashlib, sys, time
+from pathlib import Path
+from tasks.data.datasets import load_tensors, prepare_dataset
+data_dir, go, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+ref = prepare_dataset("synthetic", data_dir)
+assert len(load_tensors(ref.tensors_path).test_labels) == ref.test_size
+print(ref.sha256, hashlib.sha256(Path(ref.tensors_path).read_bytes()).hexdigest())
+"""
+
+
+def test_three_runs_prepare_one_dataset_at_once(tmp_path):
+    """(Concurrent downloads and extraction of raw files: tests/test_mnist_files.py.)"""
+    data_dir, go = tmp_path / "data", tmp_path / "go"
+    ready = [tmp_path / f"ready-{index}" for index in range(3)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREPARE_WHEN_TOLD, str(data_dir), str(go), str(flag)],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # three runs on few cores
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flag in ready
+    ]
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    results = [run.communicate(timeout=120) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in results]
+    assert len({out for out, _ in results}) == 1 and not any("damaged" in err for _, err in results)
+    [tensors] = (data_dir / "prepared").glob("*.pt")
+    assert results[0][0].split()[1] == file_sha256(tensors)
+    assert not [p.name for p in data_dir.rglob("*") if p.name.endswith(".part")]

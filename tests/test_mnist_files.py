@@ -1,7 +1,10 @@
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from prefect import flow
 from torchvision import datasets
 
@@ -57,6 +60,43 @@ def test_transient_server_errors_are_retried_with_backoff(file_server, tmp_path)
     data = load_mnist_family("fashion-mnist", tmp_path, mirror=file_server.url)
     assert len(data.train_labels) == 20
     assert file_server.requests[:3] == ["train-images-idx3-ubyte.gz"] * 3
+
+
+def test_concurrent_downloads_of_one_data_dir_all_complete(file_server, tmp_path, monkeypatch):
+    start = threading.Barrier(3)
+    fetch, copy = mnist_files._fetch_with_backoff, mnist_files.shutil.copyfileobj
+
+    def slowly(write):  # holds each temporary file open a while, so the writers overlap
+        def written(*args):
+            result = write(*args)
+            time.sleep(0.2)
+            return result
+
+        return written
+
+    monkeypatch.setattr(mnist_files, "_fetch_with_backoff", slowly(fetch))
+    monkeypatch.setattr(mnist_files.shutil, "copyfileobj", slowly(copy))
+
+    def load(_):
+        start.wait()
+        return load_mnist_family("fashion-mnist", tmp_path, mirror=file_server.url)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(load, range(3)))
+    for data in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(data[:4], results[0][:4]))
+    assert not [p.name for p in (tmp_path / "FashionMNIST" / "raw").iterdir() if p.name.endswith(".part")]
+
+
+def test_a_damaged_archive_fails_and_leaves_no_partial_file(tiny_fashion, tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, blob in tiny_fashion.items():
+        (raw / name).write_bytes(blob[:-20] if name.startswith("t10k-images") else blob)
+    with pytest.raises(EOFError):
+        load_mnist_family("fashion-mnist", tmp_path, mirror="http://127.0.0.1:9/unreachable/")
+    left = [p.name for p in raw.iterdir()]
+    assert "t10k-images-idx3-ubyte" not in left and not any(name.endswith(".part") for name in left)
 
 
 @flow

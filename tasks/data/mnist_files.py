@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import random
 import shutil
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -87,7 +89,7 @@ def _ensure_raw_file(raw_folder: Path, archive: str, md5: str, mirrors: list[str
     packed = raw_folder / archive
     if not packed.exists():
         download_file([mirror + archive for mirror in mirrors], packed, md5)
-    tmp = extracted.with_name(extracted.name + ".part")
+    tmp = _part_path(extracted)
     try:
         with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -103,21 +105,28 @@ def download_file(urls: list[str], target: Path, md5: str) -> None:
     backoff; an unresolvable host or an HTTP 4xx moves on at once, so offline runs fail fast.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
+    tmp = _part_path(target)
     errors = []
-    for url in urls:
-        try:
-            digest = _fetch_with_backoff(url, tmp)
-        except (urllib.error.URLError, OSError) as error:
-            errors.append(f"{url}: {error}")
-            continue
-        if digest != md5:
-            tmp.unlink(missing_ok=True)
-            raise ChecksumError(f"{url} has md5 {digest}, expected {md5}; nothing was kept")
-        tmp.replace(target)
-        return
+    try:
+        for url in urls:
+            try:
+                digest = _fetch_with_backoff(url, tmp)
+            except (urllib.error.URLError, OSError) as error:
+                errors.append(f"{url}: {error}")
+                continue
+            if digest != md5:
+                raise ChecksumError(f"{url} has md5 {digest}, expected {md5}; nothing was kept")
+            tmp.replace(target)  # atomic: a concurrent download of the same file renames the same bytes
+            return
+    finally:
+        tmp.unlink(missing_ok=True)
     hint = OFFLINE_HINT.format(folder=target.parent)
     raise DownloadError(f"could not download {target.name}: {'; '.join(errors)}. {hint}")
+
+
+def _part_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer (process or thread) shares."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
 
 
 def _fetch_with_backoff(url: str, path: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.data.datasets import DatasetRef, prepare_dataset
@@ -23,7 +23,7 @@ from tasks.retrying import retry_on
 )
 def fetch_dataset(name: str, data_dir: Path, **options) -> DatasetRef:
     """Fetches the dataset and stores it as uint8 tensors for the loaders."""
-    return prepare_dataset(name, data_dir, **options)
+    return prepare_dataset(name, data_dir, logger=get_run_logger(), **options)  # warnings reach the UI
 
 
 @task(name="build-loaders", cache_policy=NO_CACHE)
