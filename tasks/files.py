@@ -3,39 +3,80 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import secrets
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 import torch
 
 
-def _part_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.part")
+class OutputWriteError(OSError):
+    """A file could not be written (disk full, permissions...); whatever was at its path before is
+    untouched. `filename` is the file that could not be written, `filename2` what was copied to it."""
+
+    def __str__(self) -> str:
+        reason = f"[Errno {self.errno}] {self.strerror}" if self.errno else self.strerror
+        if self.filename2:
+            return f"cannot copy {self.filename2} to {self.filename}: {reason}"
+        return f"cannot write {self.filename}: {reason}"
+
+
+def write_error(path: Path | str, error: OSError, source: Optional[Path | str] = None) -> OutputWriteError:
+    """`error`, raised while writing `path` (copied from `source`), as an OutputWriteError naming them."""
+    strerror = error.strerror or str(error)
+    return OutputWriteError(error.errno, strerror, str(path), None, source and str(source))
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that takes a file name; when the block completes
+    the file is synced to disk and renamed to `path`. On failure the temporary file is removed,
+    `path` keeps its old content, and an OSError becomes an OutputWriteError naming `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except OutputWriteError:
+        raise
+    except OSError as error:
+        if _names_another_file(error, (tmp, path, *path.parents)):
+            raise  # an input the block reads failed, not this write
+        raise write_error(path, error) from error
+    finally:
+        with suppress(OSError):  # a failure here would hide the one that matters
+            tmp.unlink(missing_ok=True)
+
+
+def _names_another_file(error: OSError, ours: tuple[Path, ...]) -> bool:
+    return isinstance(error.filename, (str, os.PathLike)) and Path(error.filename) not in ours
+
+
+def _fsync(path: Path) -> None:
+    # Without it a power cut after the rename can leave an empty file under the final name.
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def atomic_save(obj: object, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash leaves the old file or none, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _part_path(path)
-    try:
-        with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        try:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        except RuntimeError as error:
+            # torch's C++ writer turns the file's OSError (a full disk) into a vague RuntimeError.
+            if isinstance(error.__context__, OSError):
+                raise write_error(path, error.__context__) from error
+            raise
 
 
 @contextmanager
 def atomic_output(path: Path) -> Iterator[IO[str]]:
     """A text file written in steps that appears at `path` only when the block completes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _part_path(path)
-    try:
-        with open(tmp, "w", newline="") as handle:
-            yield handle
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        yield handle

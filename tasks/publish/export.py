@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models import ModelSpec, build_from_spec
-from tasks.files import atomic_save
+from tasks.files import atomic_path, atomic_save
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 MAX_ABS_DIFF = 1e-4
@@ -36,16 +36,17 @@ def load_weights(path: Path) -> dict:
 
 
 def write_state_dict(state_dict: dict, path: Path) -> Path:
-    """Saves weights atomically: a crash leaves the previous file or none."""
+    """Saves weights atomically: a crash leaves the previous file or none, and a failed write raises
+    OutputWriteError naming `path`."""
     atomic_save({key: value.detach().cpu() for key, value in state_dict.items()}, path)
     return path
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """Exports with a dynamic batch axis, named input and output, weights inside one file."""
+    """Exports with a dynamic batch axis, named input and output, weights inside one file; written
+    atomically, and a failed write raises OutputWriteError naming `path`."""
     batch = torch.export.Dim("batch")
-    tmp = path.with_name(f".{path.name}.part")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_path(path) as tmp:
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not our concern
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
@@ -58,7 +59,6 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
             external_data=False,
             verbose=False,
         )
-    tmp.replace(path)
     return path
 
 

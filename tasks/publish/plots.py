@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from tasks.files import atomic_path  # noqa: E402
+
 
 def plot_confusion_matrix(matrix: torch.Tensor, class_names: tuple[str, ...], path: Path) -> Path:
     """Saves a labelled heat map of the confusion matrix as a PNG."""
@@ -78,8 +80,12 @@ def plot_misclassified(
 
 
 def _save(figure: plt.Figure, path: Path, tight: bool = True) -> Path:
-    if tight:
-        figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    """Writes the figure atomically (OutputWriteError naming `path` if that fails) and closes it."""
+    try:
+        if tight:
+            figure.tight_layout()
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=100, format=path.suffix.lstrip("."))  # not from the temporary's name
+    finally:
+        plt.close(figure)
     return path

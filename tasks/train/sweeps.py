@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tasks.files import atomic_path  # noqa: E402
+
 FINISHED, FAILED = "finished", "failed"
 RESULT_COLUMNS = [
     "val_accuracy",
@@ -70,6 +72,9 @@ def plot_by_setting(table: pd.DataFrame, swept: Sequence[str], path: Path) -> Op
         ax.grid(alpha=0.3)
     figure.suptitle("validation accuracy by setting (finished trials)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with atomic_path(path) as tmp:  # a failed write raises OutputWriteError naming `path`
+            figure.savefig(tmp, dpi=100, format=path.suffix.lstrip("."))
+    finally:
+        plt.close(figure)
     return path
