@@ -19,7 +19,7 @@ if __name__ == "__main__":
 from prefect import flow
 
 from flows import api_server
-from flows.cli import parse_config
+from flows.cli import parse_config, short_user_errors
 from flows.config import TrainConfig, resolve_path
 from flows.recipe import model_spec, train_settings
 from tasks.data.csv_images import CsvDatasetError
@@ -27,7 +27,9 @@ from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import TensorLoader
 from tasks.data.mnist_files import ChecksumError, DownloadError
 from tasks.data.steps import build_loaders, fetch_dataset
+from tasks.files import OutputWriteError
 from tasks.publish.export import OnnxMismatchError
+from tasks.publish.gate_lock import GateBusyError
 from tasks.publish.steps import (
     evaluate_model,
     export_onnx,
@@ -36,6 +38,7 @@ from tasks.publish.steps import (
     save_state_dict,
     validate_onnx,
 )
+from tasks.track.delivery import TrackingUnavailableError, check_reachable
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
 from tasks.train.speed import PrecisionUnavailableError, resolve_precision, set_threads
@@ -50,6 +53,9 @@ USER_ERRORS = (
     DeviceUnavailableError,
     PrecisionUnavailableError,
     OnnxMismatchError,
+    TrackingUnavailableError,
+    GateBusyError,
+    OutputWriteError,
 )
 
 
@@ -67,7 +73,8 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
         timeout = config.train_timeout_minutes and config.train_timeout_minutes * 60
         train = train_model.with_options(retries=config.train_retries, timeout_seconds=timeout)
         progress_key = artifact_key(config.model_name, "training")
-        watch = Watch(config.system_metrics, progress_key, console=sys.stdout.isatty())
+        patience = config.tracking_patience_minutes * 60
+        watch = Watch(config.system_metrics, progress_key, sys.stdout.isatty(), patience)
         trained = train(spec, loaders, settings, run_dir, run_id, watch)
         params = config.model_dump()
         published = publish_model(trained, loaders.test, dataset, config.model_name, params, run_dir, run_id)
@@ -111,9 +118,11 @@ def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | N
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     config = parse_config(argv)
     try:
-        # Before starting any server: an absent GPU, or fp16 without one, is a bad flag.
+        # Before starting any server: an absent GPU, or fp16 without one, is a bad flag, and a
+        # tracking server that does not answer fails the run now (open-mlflow-run checks again).
         resolve_precision(config.precision, resolve_device(config.device))
-        with api_server.use(early_server):
+        check_reachable()
+        with api_server.use(early_server), short_user_errors(USER_ERRORS):
             result = train_flow(config)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")

@@ -3,9 +3,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import free_port
 from mlflow import MlflowClient
 
-from conftest import free_port
 from tasks.track import delivery, tracking
 from tasks.track.delivery import MetricsOutbox, TrackingUnavailableError, check_reachable
 

@@ -58,8 +58,9 @@ def test_a_remote_store_gate_is_a_prefect_global_concurrency_limit(prefect_serve
     # The gate never calls the tracking server; a remote URI is all it reads.
     events = hold_in_turn(monkeypatch, "http://127.0.0.1:9", "remote-model")
     assert events == ["first in", "first out", "second in"]
+    name = f"champion-gate-{gate_lock._slug('remote-model')}"
     with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(f"champion-gate-{gate_lock._slug('remote-model')}")
+        limit = client.read_global_concurrency_limit_by_name(name)
     assert (limit.limit, limit.active_slots) == (1, 0)
 
 

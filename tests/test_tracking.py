@@ -13,7 +13,7 @@ def test_run_lifecycle_in_a_real_store(mlflow_store, tmp_path):
     tracking.log_tags(run_id, {"device": "cpu"})
     (tmp_path / "a.txt").write_text("x")
     tracking.log_artifacts(run_id, [tmp_path / "a.txt"])
-    tracking.finish_run(run_id, succeeded=False)
+    tracking.finish_run(run_id, "FAILED")
     run = MlflowClient().get_run(run_id)
     assert run.data.params == {"lr": "0.1", "classes": ""}
     assert len(run.data.metrics) == 1200 and run.data.metrics["m7"] == 7

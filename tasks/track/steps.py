@@ -83,7 +83,7 @@ def log_dataset(
 @task(name="close-mlflow-run", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
 def close_mlflow_run(run_id: str, status: str) -> None:
     """Marks the run FINISHED, FAILED or KILLED."""
-    tracking.get_client().set_terminated(run_id, status)
+    tracking.finish_run(run_id, status)
 
 
 def make_run_dir(output_dir: Path) -> Path:
@@ -109,7 +109,7 @@ def mlflow_run(
     except delivery.TrackingUnavailableError:
         raise  # nothing to tell a server that is not there; a retry reopens the run
     except (TerminationSignal, KeyboardInterrupt):
-        tracking.get_client().set_terminated(run_id, "KILLED")  # no task: the engine is stopping
+        tracking.finish_run(run_id, "KILLED")  # no task: the engine is stopping
         raise
     except BaseException:
         close_mlflow_run(run_id, "FAILED")

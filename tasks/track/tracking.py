@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.utils.file_utils import local_file_uri_to_path
+
+from tasks.files import write_error
 
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 # Prefect retry settings for tasks that mostly talk to MLflow. Each request also has MLflow's own
@@ -54,9 +59,8 @@ def start_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
     return client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
 
 
-def finish_run(run_id: str, succeeded: bool) -> None:
-    """Marks the run FINISHED or FAILED."""
-    status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
+def finish_run(run_id: str, status: str) -> None:
+    """Marks the run FINISHED, FAILED or KILLED."""
     get_client().set_terminated(run_id, status)
 
 
@@ -92,10 +96,18 @@ def now_ms() -> int:
 
 
 def log_artifacts(run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
-    """Uploads files to the run's artefact store."""
+    """Uploads files to the run's artefact store. A local store that cannot take a file (disk full)
+    raises OutputWriteError naming the file and its destination; MLflow leaves no partial copy."""
     client = get_client()
     for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path)
+        try:
+            client.log_artifact(run_id, str(path), artifact_path)
+        except OSError as error:
+            artifact_uri = client.get_run(run_id).info.artifact_uri
+            if urlparse(artifact_uri).scheme not in ("", "file"):
+                raise  # HTTP stores: connection errors are OSErrors too, and not about our disk
+            folder = Path(local_file_uri_to_path(artifact_uri), artifact_path or "")
+            raise write_error(folder / Path(path).name, error, source=path) from error
 
 
 def git_tags(repo: Path = _REPO_ROOT) -> dict[str, str]:
@@ -190,7 +202,27 @@ def system_metrics(run_id: str, enabled: bool = True, interval: float = 5.0) -> 
     try:
         yield
     finally:
+        # Best effort, and bounded: with the tracking server away, the monitor's thread sits in
+        # MLflow's HTTP retries for minutes, and neither training nor the run should wait on it.
+        stopping = threading.Thread(target=_stop_monitor, args=(monitor,), daemon=True)
+        stopping.start()
+        stopping.join(_MONITOR_STOP_SECONDS)
+        if stopping.is_alive():
+            logging.getLogger(__name__).warning(
+                "system metrics did not stop within %d s (tracking server away?); the last samples "
+                "may be missing",
+                _MONITOR_STOP_SECONDS,
+            )
+
+
+_MONITOR_STOP_SECONDS = 10
+
+
+def _stop_monitor(monitor) -> None:
+    try:
         monitor.finish()
         monitor.collect_metrics()
         monitor.publish_metrics(monitor.aggregate_metrics())
         monitor.mlflow_logger.flush()
+    except Exception as error:  # noqa: BLE001 - system metrics never fail a run
+        logging.getLogger(__name__).warning("system metrics: last sample not logged (%s)", error)

@@ -63,9 +63,9 @@ def run_trial(
         watch = Watch(system_metrics=trial.params["system_metrics"])
         trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id, watch)
     except BaseException:
-        tracking.finish_run(run_id, succeeded=False)
+        tracking.finish_run(run_id, "FAILED")
         raise
-    tracking.finish_run(run_id, succeeded=True)
+    tracking.finish_run(run_id, "FINISHED")
     last = trained.history[-1]
     return {
         "val_accuracy": last["val_accuracy"],
