@@ -17,6 +17,8 @@ if __name__ == "__main__":
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
 
 from prefect import flow
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 
 from flows import api_server
 from flows.cli import parse_config, short_user_errors
@@ -38,6 +40,7 @@ from tasks.publish.steps import (
     save_state_dict,
     validate_onnx,
 )
+from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.delivery import TrackingUnavailableError, check_reachable
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
@@ -56,6 +59,7 @@ USER_ERRORS = (
     TrackingUnavailableError,
     GateBusyError,
     OutputWriteError,
+    CancelledRun,
 )
 
 
@@ -65,19 +69,26 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     device = str(resolve_device(config.device))
     set_threads(config.threads)
     run_dir = make_run_dir(resolve_path(config.output_dir))
-    with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
-        dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
-        log_dataset(run_id, dataset, config.seed, config.val_fraction)
-        spec, settings = model_spec(config, dataset), train_settings(config)
-        loaders = build_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
-        timeout = config.train_timeout_minutes and config.train_timeout_minutes * 60
-        train = train_model.with_options(retries=config.train_retries, timeout_seconds=timeout)
-        progress_key = artifact_key(config.model_name, "training")
-        patience = config.tracking_patience_minutes * 60
-        watch = Watch(config.system_metrics, progress_key, sys.stdout.isatty(), patience)
-        trained = train(spec, loaders, settings, run_dir, run_id, watch)
-        params = config.model_dump()
-        published = publish_model(trained, loaders.test, dataset, config.model_name, params, run_dir, run_id)
+    try:
+        with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
+            dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
+            log_dataset(run_id, dataset, config.seed, config.val_fraction)
+            spec, settings = model_spec(config, dataset), train_settings(config)
+            loaders = build_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
+            timeout = config.train_timeout_minutes and config.train_timeout_minutes * 60
+            train = train_model.with_options(retries=config.train_retries, timeout_seconds=timeout)
+            progress_key = artifact_key(config.model_name, "training")
+            patience = config.tracking_patience_minutes * 60
+            watch = Watch(
+                config.system_metrics, progress_key, sys.stdout.isatty(), patience, stop_when_cancelled=True
+            )
+            trained = train(spec, loaders, settings, run_dir, run_id, watch)
+            params = config.model_dump()
+            published = publish_model(
+                trained, loaders.test, dataset, config.model_name, params, run_dir, run_id
+            )
+    except FlowRunCancelled as cancelled:
+        return Cancelled(message=str(cancelled))  # what Prefect asked for: the run ends Cancelled
     return {"mlflow_run_id": run_id, "run_dir": str(run_dir), **published}
 
 

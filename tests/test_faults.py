@@ -149,34 +149,79 @@ def test_training_outlasts_a_tracking_server_restart_and_loses_no_metric(tmp_pat
     assert client.get_model_version_by_alias("outage", "champion").run_id == mlflow_run.info.run_id
 
 
-def test_sigterm_mid_epoch_kills_the_mlflow_run_and_a_retry_resumes(tmp_path):
-    env = script_env(tmp_path)
-    flags = ("--dataset", "synthetic", "--model", "cnn", "--epochs", "5", "--registered-model", "term")
-    run = TrainScript(tmp_path, env, *flags, "--no-system-metrics")
-    run.wait_for("epoch 2/5")
-    time.sleep(0.3)  # into epoch 3
-    run.process.send_signal(signal.SIGTERM)
-    assert run.finish(120) != 0
+def test_runs_cancelled_in_prefect_or_sent_sigterm_mid_epoch_are_killed_and_retries_resume(tmp_path):
+    """Two runs at once, each in its own folder: one cancelled as the Prefect UI's Cancel button
+    does (from another process sharing its Prefect home), one sent SIGTERM (what a worker sends
+    the process of a cancelled deployment run)."""
+    epochs = 20
+    envs = {how: script_env(tmp_path / how) for how in ("cancel", "sigterm")}
+    runs = {}
+    try:
+        for how, env in envs.items():
+            (tmp_path / how).mkdir()
+            runs[how] = TrainScript(tmp_path / how, env, "--dataset", "synthetic", "--epochs", str(epochs))
+        runs["sigterm"].wait_for(f"epoch 2/{epochs}")
+        time.sleep(0.3)  # into epoch 3
+        runs["sigterm"].process.send_signal(signal.SIGTERM)
+        runs["cancel"].wait_for(f"epoch 2/{epochs}")
+        cancel = prefect_cli(envs["cancel"], "flow-run", "cancel", flow_run_of(envs["cancel"]))
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        for run in runs.values():
+            assert run.finish(120) != 0
+            assert f"epoch {epochs}/{epochs}" not in run.output()
+    finally:
+        for run in runs.values():
+            run.process.kill()  # its temporary Prefect server goes with it
+            run.process.wait()
+    assert "was cancelled in Prefect" in runs["cancel"].output()
+
+    for how, env in envs.items():
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        assert mlflow_run_of(env).info.status == "KILLED", runs[how].output()
+        [checkpoint] = (tmp_path / how).rglob("checkpoints/last.pt")
+        assert len(torch.load(checkpoint, weights_only=True)["history"]) >= 2
+        assert not list((tmp_path / how).rglob("*.part"))
+        assert not client.search_registered_models()
+    entrypoint = f"{TRAIN_SCRIPT}:train_flow"
+    retries = {
+        how: prefect_cli(env, "flow-run", "retry", flow_run_of(env), "--entrypoint", entrypoint, wait=False)
+        for how, env in envs.items()
+    }
+    try:
+        outputs = {how: retry.communicate(timeout=600)[0] for how, retry in retries.items()}
+    finally:
+        for retry in retries.values():
+            retry.kill()
+            retry.wait()
+    for how, retry in retries.items():
+        assert retry.returncode == 0, outputs[how][-3000:]
+        assert f"epoch 1/{epochs}" not in outputs[how]  # resumed, not restarted
+        resumed = mlflow_run_of(envs[how])
+        assert resumed.info.status == "FINISHED"
+        client = MlflowClient(envs[how]["MLFLOW_TRACKING_URI"])
+        for name in EPOCH_METRICS:
+            steps = [m.step for m in client.get_metric_history(resumed.info.run_id, name)]
+            assert steps == list(range(1, epochs + 1)), (how, name)
+
+
+def prefect_cli(env: dict, *args: str, wait: bool = True):
+    """`prefect ARGS` in the folder of `env`'s Prefect home; finished, or running when not `wait`."""
+    command = [sys.executable, "-m", "prefect", *args]
+    folder = Path(env["PREFECT_HOME"]).parent
+    if wait:
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def mlflow_run_of(env: dict):
+    """The one MLflow run in `env`'s tracking store."""
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     [mlflow_run] = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
-    assert mlflow_run.info.status == "KILLED", run.output()
-    [checkpoint] = tmp_path.rglob("checkpoints/last.pt")
-    assert len(torch.load(checkpoint, weights_only=True)["history"]) >= 2
-    assert not list(tmp_path.rglob("*.part"))
+    return mlflow_run
 
-    flow_run_id = mlflow_run.data.tags["prefect.flow_run_id"]
-    retry = subprocess.run(
-        [sys.executable, "-m", "prefect", "flow-run", "retry", flow_run_id]
-        + ["--entrypoint", f"{TRAIN_SCRIPT}:train_flow"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
-    assert "epoch 1/5" not in retry.stdout + retry.stderr  # resumed, not restarted
-    resumed = client.get_run(mlflow_run.info.run_id)
-    assert resumed.info.status == "FINISHED"
-    for name in EPOCH_METRICS:
-        assert [m.step for m in client.get_metric_history(resumed.info.run_id, name)] == [1, 2, 3, 4, 5]
+
+def flow_run_of(env: dict) -> str:
+    """The Prefect flow run id of the one MLflow run in `env`'s store."""
+    return mlflow_run_of(env).data.tags["prefect.flow_run_id"]

@@ -18,6 +18,7 @@ from tasks.data.datasets import DatasetRef
 from tasks.publish.evaluation import Evaluation
 from tasks.retrying import retry_except
 from tasks.track import delivery, lineage, reports, tracking
+from tasks.track.cancellation import ended_status
 
 
 @task(
@@ -102,7 +103,7 @@ def mlflow_run(
     extra_tags: Optional[Mapping[str, str]] = None,
 ) -> Iterator[str]:
     """The flow run's MLflow run: opened (or reopened) on entry; on exit FINISHED, FAILED, or KILLED
-    when the process was told to stop (SIGTERM, as a Prefect worker cancels, or Ctrl-C)."""
+    when the run was told to stop (cancelled in Prefect, SIGTERM as a worker cancels, Ctrl-C)."""
     run_id = open_mlflow_run(experiment, params, flow_run.id, flow_run.name, device, run_dir, extra_tags)
     try:
         yield run_id
@@ -111,8 +112,8 @@ def mlflow_run(
     except (TerminationSignal, KeyboardInterrupt):
         tracking.finish_run(run_id, "KILLED")  # no task: the engine is stopping
         raise
-    except BaseException:
-        close_mlflow_run(run_id, "FAILED")
+    except BaseException as error:
+        close_mlflow_run(run_id, ended_status(error))
         raise
     close_mlflow_run(run_id, "FINISHED")
 

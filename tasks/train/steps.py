@@ -16,6 +16,7 @@ from tasks.data.loaders import Loaders
 from tasks.publish import export
 from tasks.retrying import retry_except
 from tasks.track import tracking
+from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.delivery import MetricsOutbox, TrackingUnavailableError
 from tasks.train.progress import TrainingProgress
 from tasks.train.training import TrainSettings, settings_levers, train
@@ -40,6 +41,7 @@ class Watch:
     progress_key: Optional[str] = None  # Prefect progress artifact key
     console: bool = False  # a progress bar within each epoch (for a terminal)
     tracking_patience: float = 600.0  # seconds training goes on while the tracking server is away
+    stop_when_cancelled: bool = False  # check the flow run's state in Prefect while training
 
 
 @task(
@@ -48,7 +50,7 @@ class Watch:
     retries=1,
     retry_delay_seconds=5,
     # A tracking server away past patience would still be away: the flow fails, its retry resumes.
-    retry_condition_fn=retry_except(TrackingUnavailableError),
+    retry_condition_fn=retry_except(TrackingUnavailableError, FlowRunCancelled),
 )
 def train_model(
     spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str, watch: Watch
@@ -77,10 +79,21 @@ def train_logged(
         print(f"epoch {epoch}/{settings.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         outbox.put(metrics, step=epoch)
 
+    cancelled = CancelWatch() if watch.stop_when_cancelled else None
+
+    def on_batch(epoch: int, batch: int) -> None:
+        progress.batch_done(epoch, batch)
+        if cancelled:
+            cancelled()
+
     levers = settings_levers(build_from_spec(spec), loaders.train.labels.device, settings)
     tracking.log_tags(run_id, {**levers.tags(), "threads": str(torch.get_num_threads())})
     with tracking.system_metrics(run_id, watch.system_metrics), progress:
-        _, history = train(spec, loaders, settings, checkpoint, log_epoch, progress.batch_done)
+        try:
+            _, history = train(spec, loaders, settings, checkpoint, log_epoch, on_batch)
+        except FlowRunCancelled:
+            outbox.close()  # the epochs before it are in MLflow too
+            raise
     outbox.close()
     # An attempt that died between checkpointing an epoch and logging it left a gap.
     tracking.log_missing_steps(run_id, history)

@@ -19,6 +19,7 @@ from models import ModelSpec
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import make_loaders
 from tasks.track import lineage, reports, tracking
+from tasks.track.cancellation import ended_status
 from tasks.train import sweeps
 from tasks.train.steps import Watch, train_logged
 from tasks.train.training import TrainSettings, resolve_device
@@ -62,8 +63,8 @@ def run_trial(
         loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, trial.settings.seed, device)
         watch = Watch(system_metrics=trial.params["system_metrics"])
         trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id, watch)
-    except BaseException:
-        tracking.finish_run(run_id, "FAILED")
+    except BaseException as error:
+        tracking.finish_run(run_id, ended_status(error))
         raise
     tracking.finish_run(run_id, "FINISHED")
     last = trained.history[-1]

@@ -1,0 +1,48 @@
+"""Cancelling a flow run in Prefect stops the training this process runs for it."""
+
+from __future__ import annotations
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.exceptions import TerminationSignal
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, Cancelling
+
+from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
+
+
+def test_the_watch_raises_once_the_flow_run_is_cancelling(prefect_server):
+    seen = {}
+
+    @flow
+    def watched():
+        watch, throttled = CancelWatch(interval=0), CancelWatch(interval=60)
+        watch()  # running: goes on
+        throttled()  # its first call asks at once
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        throttled()  # asked less than a minute ago: does not ask again
+        with pytest.raises(FlowRunCancelled) as raised:
+            watch()
+        seen["message"] = str(raised.value)
+        return Cancelled()
+
+    state = watched(return_state=True)
+    assert state.is_cancelled()
+    assert (
+        "was cancelled in Prefect" in seen["message"] and "retrying this flow run resumes" in seen["message"]
+    )
+
+
+def test_outside_a_flow_run_the_watch_does_nothing():
+    watch = CancelWatch(interval=0)
+    assert watch.flow_run_id is None
+    watch()
+
+
+def test_runs_told_to_stop_end_killed_and_others_failed():
+    assert ended_status(FlowRunCancelled("x")) == "KILLED"
+    assert ended_status(TerminationSignal(15)) == "KILLED"
+    assert ended_status(KeyboardInterrupt()) == "KILLED"
+    assert ended_status(RuntimeError("x")) == "FAILED"
