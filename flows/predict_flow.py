@@ -33,7 +33,8 @@ def predict_flow(config: PredictConfig) -> dict:
     """Find the registered model, list the images, predict them in partitions and log the predictions."""
     runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
     registered = load_registered_model(config.registry_name, config.alias)
-    inputs = list_images(**config.input_options(), class_names=registered.class_names)
+    size = registered.input_shape[1:]
+    inputs = list_images(**config.input_options(), class_names=registered.class_names, image_size=size)
     run_dir = make_run_dir(resolve_path(config.output_dir))
     uri = f"models:/{config.registry_name}@{config.alias}"
     link = {

@@ -298,13 +298,20 @@ def test_other_sizes_are_refused_before_output_or_resized_with_the_flag(tmp_path
         def predict(self, pixels):
             return np.zeros((len(pixels), 2), np.float32)
 
+    (folder / "list.csv").write_text("a.png\n")
     registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (3, 8, 8))
-    inputs = list_images.fn(None, None, folder, None, tmp_path, None, ["a", "b"], resize=False)
+    where = {"folder": (None, None, folder), "csv": (folder / "list.csv", folder, None)}
+    for source in where.values():
+        # Refused from the headers while listing, before any image is decoded or predicted.
+        with pytest.raises(PredictionError, match=r"a.png: image is \(16, 16\) pixels.*--resize"):
+            list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8))
+        inputs = list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8), resize=True)
+        assert predict_to_csv(Constant(), inputs, registered, 4, tmp_path / "out" / "p.csv")["images"] == 1
+    # Without the listing's check (a dataset split), prediction refuses it and writes no CSV.
+    inputs = list_images.fn(None, None, folder, None, tmp_path, None, ["a", "b"])
     with pytest.raises(PredictionError, match="give --resize"):
-        predict_to_csv(Constant(), inputs, registered, 4, tmp_path / "out" / "p.csv")
-    assert list((tmp_path / "out").iterdir()) == []
-    inputs = list_images.fn(None, None, folder, None, tmp_path, None, ["a", "b"], resize=True)
-    assert predict_to_csv(Constant(), inputs, registered, 4, tmp_path / "out" / "p.csv")["images"] == 1
+        predict_to_csv(Constant(), inputs, registered, 4, tmp_path / "out" / "q.csv")
+    assert not (tmp_path / "out" / "q.csv").exists()
     assert parse_config(["--registered-model", "m", "--image-dir", "x", "--resize"], PredictConfig).resize
 
 

@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from tasks.data.images import DEFAULT_MAX_PIXELS, ImageData, ImageFileError, check_image_file
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageData, ImageFileError, ImageHeader, check_image_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -21,6 +21,7 @@ class Row(NamedTuple):
     line: int
     path: Path
     label: str
+    header: Optional[ImageHeader] = None  # the image's format and size, as its header declares
 
 
 def read_rows(
@@ -108,10 +109,10 @@ def check_row(
     if not resolved.is_file():
         raise CsvDatasetError(f"{where}: image {cells[0]!r} not found under {root}")
     try:
-        check_image_file(resolved, max_pixels)
+        header = check_image_file(resolved, max_pixels)
     except ImageFileError as error:
         raise CsvDatasetError(f"{where}: image {cells[0]!r}: {error}") from None
-    return Row(number, path, label)
+    return Row(number, path, label, header)
 
 
 def label_set(labels: list[str]) -> tuple[str, ...]:

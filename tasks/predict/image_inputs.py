@@ -12,13 +12,14 @@ import torch
 
 from tasks.data.csv_images import IMAGE_SUFFIXES, Row, decode_rows, iter_rows
 from tasks.data.datasets import load_tensors, prepare_dataset
-from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, check_image_file
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file
 
 
 class PredictionError(ValueError):
     """The model, alias or images asked for cannot be used."""
 
 
+Size = tuple[int, int]  # (height, width)
 Batch = tuple[list[str], list[Optional[str]], list[torch.Tensor]]  # sources, labels, uint8 images
 
 
@@ -68,12 +69,17 @@ class Inputs:
 
 
 def csv_inputs(
-    csv_path: Path, image_root: Path, class_names: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS
+    csv_path: Path,
+    image_root: Path,
+    class_names: Sequence[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    size: Optional[Size] = None,
 ) -> Inputs:
-    """Images named by a CSV (labels optional): every row and image header is checked, none is kept
-    in memory."""
+    """Images named by a CSV (labels optional): every row and image header is checked (against
+    `size` too, when given), none is kept in memory."""
     count, labels = 0, set()
     for row in iter_rows(csv_path, image_root, False, max_pixels):
+        check_size(row.header, str(row.path), size)
         count += 1
         labels.add(row.label or None)
     if not count:
@@ -84,8 +90,9 @@ def csv_inputs(
     return Inputs("csv", str(csv_path), 0, count, image_root=str(image_root), max_pixels=max_pixels)
 
 
-def folder_inputs(folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Inputs:
-    """Every image file directly in `folder`, in name order, each checked from its header."""
+def folder_inputs(folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS, size: Optional[Size] = None) -> Inputs:
+    """Every image file directly in `folder`, in name order, each checked from its header (against
+    `size` too, when given)."""
     if not folder.is_dir():
         raise PredictionError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -93,9 +100,10 @@ def folder_inputs(folder: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Inputs:
         raise PredictionError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     for path in files:
         try:
-            check_image_file(path, max_pixels)
+            header = check_image_file(path, max_pixels)
         except ImageFileError as error:
             raise PredictionError(f"{path}: {error}") from None
+        check_size(header, str(path), size)
     names = tuple(path.name for path in files)
     return Inputs("folder", str(folder), 0, len(names), names=names, max_pixels=max_pixels)
 
@@ -108,6 +116,19 @@ def dataset_inputs(
     check_labels(set(dataset.class_names), class_names)
     return Inputs(
         "dataset", dataset.tensors_path, 0, dataset.test_size, dataset=name, class_names=dataset.class_names
+    )
+
+
+def check_size(header: ImageHeader, source: str, size: Optional[Size]) -> None:
+    """Refuses an image whose header declares another size than `size` (None: any size will do)."""
+    if size is not None and (header.height, header.width) != tuple(size):
+        raise size_error(source, (header.height, header.width), size)
+
+
+def size_error(source: str, actual: Size, size: Size) -> PredictionError:
+    return PredictionError(
+        f"{source}: image is {tuple(actual)} pixels, the model takes {tuple(size)} (height, width); "
+        "give --resize to resize images to it"
     )
 
 

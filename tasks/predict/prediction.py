@@ -20,7 +20,7 @@ from torchvision.transforms.v2.functional import resize as resize_image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from tasks.files import atomic_output
-from tasks.predict.image_inputs import Inputs, PredictionError
+from tasks.predict.image_inputs import Inputs, PredictionError, size_error
 from tasks.track.tracking import get_client
 
 COLUMNS = ["path", "predicted_index", "predicted_class", "confidence", "true_label", "correct"]
@@ -86,10 +86,7 @@ def to_pixels(
     for image, source in zip(images, sources):
         if tuple(image.shape[1:]) != size:
             if not resize:
-                raise PredictionError(
-                    f"{source}: image is {tuple(image.shape[1:])} pixels, the model takes {size} "
-                    "(height, width); give --resize to resize images to it (no predictions CSV is written)"
-                )
+                raise size_error(source, tuple(image.shape[1:]), size)
             image = resize_image(image, list(size), antialias=True)
         if image.shape[0] != channels:
             image = rgb_to_grayscale(image) if channels == 1 else image.expand(channels, -1, -1)

@@ -37,16 +37,19 @@ def list_images(
     data_dir: Path,
     mirror: Optional[str],
     class_names: Sequence[str],
+    image_size: Optional[image_inputs.Size] = None,
     max_image_pixels: int = image_inputs.DEFAULT_MAX_PIXELS,
     resize: bool = False,
 ) -> Inputs:
-    """Lists the images to predict (a CSV, a folder, or a dataset's test split), checks labels and
-    image headers, and says whether other sizes than the model's are resized."""
+    """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels
+    and image headers: image files of another size than `image_size` (the model's) are refused
+    here, before any prediction, unless `resize` says to resize them."""
+    size = None if resize else image_size
     if input_csv:
         root = image_root or input_csv.parent
-        inputs = image_inputs.csv_inputs(input_csv, root, class_names, max_image_pixels)
+        inputs = image_inputs.csv_inputs(input_csv, root, class_names, max_image_pixels, size)
     elif image_dir:
-        inputs = image_inputs.folder_inputs(image_dir, max_image_pixels)
+        inputs = image_inputs.folder_inputs(image_dir, max_image_pixels, size)
     else:
         inputs = image_inputs.dataset_inputs(dataset, data_dir, class_names, mirror)
     return replace(inputs, resize=resize)
