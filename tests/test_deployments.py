@@ -13,7 +13,9 @@ import pytest
 from conftest import REPO, Processes, free_port, wait_until_up
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.flow_runs import wait_for_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 pytestmark = pytest.mark.slow
@@ -32,6 +34,9 @@ def deployed(tmp_path):
         "PREFECT_UI_ENABLED": "false",
         "MLFLOW_TRACKING_URI": mlflow_url,
         "PWD": str(REPO),  # the worker is "started from the repository root", as the README says
+        # The worker looks for flow runs to start every second, not every 10 s: each of this test's
+        # three flow runs would otherwise wait half that, on average, before it starts.
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
     }
     processes = Processes(tmp_path, env)
     try:
@@ -66,11 +71,23 @@ def deployed(tmp_path):
         processes.stop_all()
 
 
-def run_and_wait(prefect_url: str, name: str, config: dict, worker_log: Path):
+def start_run(prefect_url: str, name: str, config: dict) -> FlowRun:
+    """A flow run of deployment `name`, created for the worker to pick up; it is not waited for."""
     with temporary_settings({PREFECT_API_URL: prefect_url}):
-        flow_run = run_deployment(name, parameters={"config": config}, timeout=600, poll_interval=2)
-    assert flow_run.state.is_completed(), f"{name}: {flow_run.state}\n{worker_log.read_text()[-5000:]}"
-    return flow_run
+        return run_deployment(name, parameters={"config": config}, timeout=0)
+
+
+def run_and_wait(prefect_url: str, name: str, config: dict, worker_log: Path) -> FlowRun:
+    return wait_completed(prefect_url, start_run(prefect_url, name, config), worker_log)
+
+
+def wait_completed(prefect_url: str, flow_run: FlowRun, worker_log: Path) -> FlowRun:
+    with temporary_settings({PREFECT_API_URL: prefect_url}):
+        finished = asyncio.run(wait_for_flow_run(flow_run.id, timeout=600))
+    assert finished.state.is_completed(), (
+        f"{flow_run.name}: {finished.state}\n{worker_log.read_text()[-5000:]}"
+    )
+    return finished
 
 
 async def read_deployment(prefect_url: str, name: str):
@@ -88,6 +105,15 @@ def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
     assert on_demand.schedules == [] and "config" in on_demand.parameter_openapi_schema["properties"]
 
     folders = {"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "outputs")}
+    # The sweep deployment, its trials on a local Dask cluster that the flow run starts and stops. It
+    # runs beside the training and prediction below, as two runs of a worker may: in the same data
+    # folder and tracking store, for other registered names.
+    sweep = asyncio.run(read_deployment(prefect_url, "sweep-image-classifier/sweep"))
+    assert sweep.parameters["config"]["grid"] == {"lr": [0.001, 0.003], "model": ["mlp", "cnn"]}
+    base = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "swept", **folders}
+    sweep_config = {"base": base, "grid": {"lr": [0.001, 0.003]}, "task_runner": "dask", "max_parallel": 2}
+    sweeping = start_run(prefect_url, "sweep-image-classifier/sweep", sweep_config)
+
     # Triggered the way the README says, with custom parameters, watched until it ends.
     config = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled", **folders}
     watched = processes.run(
@@ -116,12 +142,7 @@ def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
     table = pd.read_csv(output)
     assert len(table) == 1000 and table["correct"].mean() > 0.5
 
-    # The sweep deployment, its trials on a local Dask cluster that the flow run starts and stops.
-    sweep = asyncio.run(read_deployment(prefect_url, "sweep-image-classifier/sweep"))
-    assert sweep.parameters["config"]["grid"] == {"lr": [0.001, 0.003], "model": ["mlp", "cnn"]}
-    base = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "swept", **folders}
-    sweep_config = {"base": base, "grid": {"lr": [0.001, 0.003]}, "task_runner": "dask", "max_parallel": 2}
-    run_and_wait(prefect_url, "sweep-image-classifier/sweep", sweep_config, worker_log)
+    wait_completed(prefect_url, sweeping, worker_log)
     champion = client.get_model_version_by_alias("swept", "champion")
     parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
     assert parent.data.metrics["trials_finished"] == 2 and parent.data.params["task_runner"] == "dask"

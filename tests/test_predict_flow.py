@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_train_script, script_env
+from conftest import REPO, run_train_script, script_env, write_csv, write_image_folder
 from mlflow import MlflowClient
-from torchvision.io import write_png
+from prefect.settings import PREFECT_API_URL
 
 from flows.config import PredictConfig, TrainConfig
 from flows.predict_flow import predict_flow
 from flows.train_flow import train_flow
-from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.predict.prediction import PredictionError
 
 pytestmark = pytest.mark.slow
@@ -144,31 +143,20 @@ def test_dask_partitions_merge_in_input_order(dask_cluster, trained_csv_model, p
     assert not list((tmp_path / "out").glob("*/parts/*"))  # partition files are merged away
 
 
-def write_labelled_pngs(dataset_dir, folder, count: int) -> list[str]:
-    """The first `count` synthetic test images as PNGs; returns 'path,label' rows."""
-    data = load_tensors(prepare_dataset("synthetic", dataset_dir).tensors_path)
-    folder.mkdir()
-    rows = []
-    for index in range(count):
-        write_png(data.test_images[index], str(folder / f"{index}.png"))
-        rows.append(f"{folder.name}/{index}.png,{data.class_names[int(data.test_labels[index])]}")
-    return rows
-
-
 def peak_anonymous_mb(cwd, *flags: str) -> float:
     """Runs the predict script; returns the peak of its own process's anonymous memory (RssAnon), in MB.
 
-    Read from /proc while it runs: the rusage of a waited-for child would also count the
-    temporary Prefect server it starts and stops. File-backed pages are left out: torch's
-    libraries page in another ~110 MB while the interpreter exits, by an amount that differs
-    between machines, and no image is ever held in them."""
+    Read from /proc while it runs: the rusage of a waited-for child would also count its own
+    children. It uses the tests' Prefect server, not a temporary one of its own (seconds of start-up
+    per run). File-backed pages are left out: torch's libraries page in another ~110 MB while the
+    interpreter exits, by an amount that differs between machines, and no image is ever held in them."""
     peak = 0
     with open(cwd / "predict.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(PREDICT_SCRIPT), *flags],
             cwd=cwd,
             # One malloc arena: per-thread arenas made the peak wander by +-150 MB between runs.
-            env={**script_env(cwd), "MALLOC_ARENA_MAX": "1"},
+            env={**script_env(cwd), "MALLOC_ARENA_MAX": "1", "PREFECT_API_URL": PREFECT_API_URL.value()},
             stdout=log,
             stderr=log,
         )
@@ -186,14 +174,27 @@ def peak_anonymous_mb(cwd, *flags: str) -> float:
 
 
 def test_prediction_memory_does_not_grow_with_the_number_of_images(prefect_server, mlflow_store, tmp_path):
+    # 64x64 RGB images: each one held at once costs over 12 kB decoded and 48 kB as float pixels,
+    # so the second run's 10,000 more would add 120 MB or more. (28x28 grey ones would take far
+    # more images, and time, to show: 30,000 more of them, all kept decoded, stay under 100 MB.)
+    rows = write_image_folder(tmp_path, 200, size=64, channels=3)
+    csvs = {"train_csv": write_csv(tmp_path / "train.csv", rows[:160]), "image_root": tmp_path}
+    csvs["test_csv"] = write_csv(tmp_path / "test.csv", rows[160:])
     folders = {"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")}
-    train_flow(TrainConfig(dataset="synthetic", model="mlp", epochs=1, registered_model="mem", **folders))
-    rows = write_labelled_pngs(tmp_path / "data", tmp_path / "png", 500)
-    small = 6000  # each decoded image held at once would cost about 4 kB, so 6x as many ~ +120 MB
+    config = TrainConfig(
+        dataset="csv",
+        model="mlp",
+        epochs=2,
+        batch_size=16,
+        registered_model="mem",
+        **{key: str(value) for key, value in csvs.items()},
+        **folders,
+    )
+    train_flow(config)
+    small = 2000
     peaks = {}
     for count in (small, 6 * small):
-        csv = tmp_path / f"{count}.csv"
-        csv.write_text("\n".join(rows[i % len(rows)] for i in range(count)) + "\n")
+        csv = write_csv(tmp_path / f"{count}.csv", [rows[i % len(rows)] for i in range(count)], header=False)
         output = tmp_path / f"{count}-predictions.csv"
         # Both runs predict one partition at a time (two at once made the peak depend on how
         # they overlapped, by more than 100 MB): only the number of images differs.
