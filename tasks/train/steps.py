@@ -68,7 +68,9 @@ def train_logged(
     watch: Watch = Watch(),
 ) -> TrainedModel:
     """train() with checkpoints in run_dir, each epoch printed and logged to the MLflow run (through
-    an outbox: training goes on while the tracking server is away, up to `watch.tracking_patience`)."""
+    an outbox: training goes on while the tracking server is away, up to `watch.tracking_patience`);
+    with `watch.stop_when_cancelled`, stopped mid-epoch (FlowRunCancelled) once Prefect marks the
+    flow run cancelled, the last whole epoch's checkpoint kept."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
     console = Console() if watch.console else None
     progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, console)
