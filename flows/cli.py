@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from contextlib import contextmanager
 from typing import Iterator, Literal, Optional, TypeVar, get_args, get_origin
 
@@ -107,6 +108,18 @@ def parse_sweep_config(
         "space": {name: _search_range(parser, name, text) for name, text in space.items()},
     }
     return _validate(parser, SweepConfig, fields)
+
+
+def exit_unless_hardware_fits(config: TrainConfig) -> None:
+    """A device this machine lacks, or fp16 without CUDA, is a bad flag: exits with a one-line
+    error before any work (imports torch, which the run needs anyway)."""
+    from tasks.train.speed import PrecisionUnavailableError, resolve_precision
+    from tasks.train.training import DeviceUnavailableError, resolve_device
+
+    try:
+        resolve_precision(config.precision, resolve_device(config.device))
+    except (DeviceUnavailableError, PrecisionUnavailableError) as error:
+        sys.exit(f"error: {error}")
 
 
 def _assignment(parser: argparse.ArgumentParser, flag: str, item: str) -> tuple[str, str]:

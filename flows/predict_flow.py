@@ -9,6 +9,12 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":
+    from flows.cli import parse_config
+    from flows.config import PredictConfig
+
+    # --help and bad flags answer here, before the imports below (about 8 s).
+    parse_config(sys.argv[1:], PredictConfig, prog="python flows/predict_flow.py")
 
 from prefect import flow
 

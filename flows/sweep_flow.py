@@ -10,12 +10,19 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":
+    from flows.cli import exit_unless_hardware_fits, parse_sweep_config
+
+    # --help and bad flags answer here, before the imports below (about 8 s).
+    _config = parse_sweep_config(sys.argv[1:])
+    if _config.task_runner in ("threads", "processes"):  # trials run on this machine
+        exit_unless_hardware_fits(_config.base)
 
 from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 
-from flows.cli import parse_sweep_config
+from flows.cli import exit_unless_hardware_fits, parse_sweep_config
 from flows.config import TrainConfig, resolve_path
 from flows.recipe import model_spec, train_settings
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
@@ -29,7 +36,6 @@ from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train.steps import TrainedModel
 from tasks.train.sweep_steps import Trial, report_trials, run_trial
 from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
-from tasks.train.training import resolve_device
 
 
 @flow(name="sweep-image-classifier", log_prints=True)
@@ -118,9 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: flags -> SweepConfig -> flow run."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
     config = parse_sweep_config(argv)
+    if config.task_runner in ("threads", "processes"):  # trials run on this machine
+        exit_unless_hardware_fits(config.base)
     try:
-        if config.task_runner in ("threads", "processes"):
-            resolve_device(config.base.device)  # trials run here: an absent GPU is a bad flag
         with cluster_ready(config):
             result = sweep_flow(config)
     except (*USER_ERRORS, SweepFailedError, RunnerUnavailableError) as error:

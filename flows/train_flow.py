@@ -11,17 +11,18 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
     from flows import api_server
-    from flows.cli import parse_config
+    from flows.cli import exit_unless_hardware_fits, parse_config
 
-    parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
+    _config = parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
+    exit_unless_hardware_fits(_config)
 
 from prefect import flow
 from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from flows import api_server
-from flows.cli import parse_config, short_user_errors
+from flows.cli import exit_unless_hardware_fits, parse_config, short_user_errors
 from flows.config import TrainConfig, resolve_path
 from flows.recipe import model_spec, train_settings
 from tasks.data.csv_images import CsvDatasetError
@@ -44,7 +45,7 @@ from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.delivery import TrackingUnavailableError, check_reachable
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
-from tasks.train.speed import PrecisionUnavailableError, resolve_precision, set_threads
+from tasks.train.speed import PrecisionUnavailableError, set_threads
 from tasks.train.steps import TrainedModel, Watch, train_model
 from tasks.train.training import DeviceUnavailableError, resolve_device
 
@@ -128,10 +129,10 @@ def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | N
     # "database is locked" tracebacks; it has nothing to do with the run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     config = parse_config(argv)
+    exit_unless_hardware_fits(config)
     try:
-        # Before starting any server: an absent GPU, or fp16 without one, is a bad flag, and a
-        # tracking server that does not answer fails the run now (open-mlflow-run checks again).
-        resolve_precision(config.precision, resolve_device(config.device))
+        # Before any work: a tracking server that does not answer fails the run now
+        # (open-mlflow-run checks again).
         check_reachable()
         with api_server.use(early_server), short_user_errors(USER_ERRORS):
             result = train_flow(config)

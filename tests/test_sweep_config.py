@@ -1,5 +1,5 @@
 import pytest
-from conftest import REPO
+from conftest import REPO, run_train_script
 
 from flows.cli import parse_sweep_config
 from flows.config import TrainConfig
@@ -109,3 +109,19 @@ def test_readme_documents_every_sweep_flag():
     for name in SweepConfig.model_fields:
         if name != "base":
             assert f"`--{name.replace('_', '-')}" in readme, name
+
+
+def test_script_refuses_fp16_without_cuda_before_any_work(tmp_path):
+    result = run_train_script(
+        tmp_path,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp16",
+        "--grid",
+        "lr=0.1,0.2",
+        script=REPO / "flows" / "sweep_flow.py",
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: precision 'fp16' needs a CUDA device, and this run trains on cpu")
+    assert list(tmp_path.iterdir()) == []
