@@ -10,14 +10,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
+    from flows import api_server
     from flows.cli import parse_config
     from flows.config import PredictConfig
 
-    # --help and bad flags answer here, before the imports below (about 8 s).
+    # --help and bad flags answer here, before anything starts and the imports below (about 8 s).
     parse_config(sys.argv[1:], PredictConfig, prog="python flows/predict_flow.py")
+    EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
 
 from prefect import flow
 
+from flows import api_server
 from flows.cli import parse_config
 from flows.config import PredictConfig, resolve_path
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
@@ -71,15 +74,15 @@ def predict_flow(config: PredictConfig) -> dict:
     return {"mlflow_run_id": run_id, "model_uri": uri, "model_version": registered.version, **result}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point: flags -> PredictConfig -> flow run."""
+def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | None = None) -> dict:
+    """Command-line entry point: flags -> PredictConfig -> flow run (on `early_server` if it came up)."""
     from flows.cli import short_user_errors
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
     config = parse_config(argv, PredictConfig, prog="python flows/predict_flow.py")
     user_errors = (*USER_ERRORS, PredictionError, RunnerUnavailableError)
     try:
-        with cluster_ready(config), short_user_errors(user_errors):
+        with api_server.use(early_server), cluster_ready(config), short_user_errors(user_errors):
             result = predict_flow(config)
     except user_errors as error:
         sys.exit(f"error: {error}")
@@ -90,6 +93,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(early_server=EARLY_SERVER)
     # Exit without a last collection over every object torch, MLflow and Prefect made (~4 s).
     gc.freeze()

@@ -11,10 +11,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
+    from flows import api_server
     from flows.cli import exit_unless_hardware_fits, parse_sweep_config
 
-    # --help and bad flags answer here, before the imports below (about 8 s).
+    # --help and bad flags answer here, before anything starts and the imports below (about 8 s).
     _config = parse_sweep_config(sys.argv[1:])
+    EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
     if _config.task_runner in ("threads", "processes"):  # trials run on this machine
         exit_unless_hardware_fits(_config.base)
 
@@ -22,6 +24,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 
+from flows import api_server
 from flows.cli import exit_unless_hardware_fits, parse_sweep_config
 from flows.config import TrainConfig, resolve_path
 from flows.recipe import model_spec, train_settings
@@ -120,14 +123,14 @@ def outcome(trial: Trial, future: PrefectFuture, parent_id: str) -> dict:
         return {**row, **failed, "run_id": tracking.find_child_run(parent_id, trial.index)}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point: flags -> SweepConfig -> flow run."""
+def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | None = None) -> dict:
+    """Command-line entry point: flags -> SweepConfig -> flow run (on `early_server` if it came up)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
     config = parse_sweep_config(argv)
     if config.task_runner in ("threads", "processes"):  # trials run on this machine
         exit_unless_hardware_fits(config.base)
     try:
-        with cluster_ready(config):
+        with api_server.use(early_server), cluster_ready(config):
             result = sweep_flow(config)
     except (*USER_ERRORS, SweepFailedError, RunnerUnavailableError) as error:
         sys.exit(f"error: {error}")
@@ -140,6 +143,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(early_server=EARLY_SERVER)
     # Exit without a last collection over every object torch, MLflow and Prefect made (~4 s).
     gc.freeze()

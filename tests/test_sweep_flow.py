@@ -42,6 +42,7 @@ def test_script_sweeps_a_grid_and_registers_the_best_child_run(tmp_path):
         script=SWEEP_SCRIPT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting temporary server" not in result.stderr  # the early one served it
     assert "best of 4 trials" in result.stdout
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
