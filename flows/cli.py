@@ -122,6 +122,13 @@ def exit_unless_hardware_fits(config: TrainConfig) -> None:
         sys.exit(f"error: {error}")
 
 
+def exit_unless_trials_fit(config: SweepConfig) -> None:
+    """exit_unless_hardware_fits for the trials, when they run in this process's pool (threads or
+    processes); a cluster's workers have hardware of their own."""
+    if config.task_runner in ("threads", "processes"):
+        exit_unless_hardware_fits(config.base)
+
+
 def _assignment(parser: argparse.ArgumentParser, flag: str, item: str) -> tuple[str, str]:
     """'batch-size=32,64' -> ('batch_size', '32,64')."""
     name, equals, value = item.partition("=")

@@ -12,20 +12,19 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
     from flows import api_server
-    from flows.cli import exit_unless_hardware_fits, parse_sweep_config
+    from flows.cli import exit_unless_trials_fit, parse_sweep_config
 
     # --help and bad flags answer here, before anything starts and the imports below (about 8 s).
     _config = parse_sweep_config(sys.argv[1:])
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
-    if _config.task_runner in ("threads", "processes"):  # trials run on this machine
-        exit_unless_hardware_fits(_config.base)
+    exit_unless_trials_fit(_config)
 
 from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 
 from flows import api_server
-from flows.cli import exit_unless_hardware_fits, parse_sweep_config
+from flows.cli import exit_unless_trials_fit, parse_sweep_config
 from flows.config import TrainConfig, resolve_path
 from flows.recipe import model_spec, train_settings
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
@@ -127,8 +126,7 @@ def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | N
     """Command-line entry point: flags -> SweepConfig -> flow run (on `early_server` if it came up)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
     config = parse_sweep_config(argv)
-    if config.task_runner in ("threads", "processes"):  # trials run on this machine
-        exit_unless_hardware_fits(config.base)
+    exit_unless_trials_fit(config)
     try:
         with api_server.use(early_server), cluster_ready(config):
             result = sweep_flow(config)

@@ -191,7 +191,7 @@ def test_runs_cancelled_in_prefect_or_sent_sigterm_mid_epoch_are_killed_and_retr
         assert not client.search_registered_models()
     entrypoint = f"{TRAIN_SCRIPT}:train_flow"
     retries = {
-        how: prefect_cli(env, "flow-run", "retry", flow_run_of(env), "--entrypoint", entrypoint, wait=False)
+        how: prefect_cli(env, "flow-run", "retry", flow_run_of(env), "--entrypoint", entrypoint)
         for how, env in envs.items()
     }
     try:
@@ -211,12 +211,10 @@ def test_runs_cancelled_in_prefect_or_sent_sigterm_mid_epoch_are_killed_and_retr
             assert steps == list(range(1, epochs + 1)), (how, name)
 
 
-def prefect_cli(env: dict, *args: str, wait: bool = True):
-    """`prefect ARGS` in the folder of `env`'s Prefect home; finished, or running when not `wait`."""
+def prefect_cli(env: dict, *args: str) -> subprocess.Popen:
+    """`prefect ARGS` started in the folder of `env`'s Prefect home."""
     command = [sys.executable, "-m", "prefect", *args]
     folder = Path(env["PREFECT_HOME"]).parent
-    if wait:
-        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
     return subprocess.Popen(
         command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
