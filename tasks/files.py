@@ -80,3 +80,18 @@ def atomic_output(path: Path) -> Iterator[IO[str]]:
     """A text file written in steps that appears at `path` only when the block completes."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         yield handle
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive OS lock on `path` (created if missing) for the block: one process at a
+    time on this machine, and the OS releases it when a holder dies."""
+    import fcntl  # POSIX
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tasks.publish import gate_lock
-from tasks.publish.gate_lock import local_store, promotion_gate
+from tasks.publish.gate_lock import promotion_gate
+from tasks.track.tracking import local_store
 
 
 def test_local_store_is_the_file_or_folder_of_a_local_uri(tmp_path, monkeypatch):

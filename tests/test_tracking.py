@@ -1,4 +1,5 @@
 import subprocess
+import sys
 import time
 
 from mlflow import MlflowClient
@@ -79,3 +80,35 @@ def test_metrics_linked_to_a_logged_model_stay_single_in_the_run(mlflow_store):
     assert [(m.key, m.value) for m in client.get_logged_model(model.model_id).metrics] == [
         ("test_accuracy", 0.9)
     ]
+
+
+OPEN_STORE_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from tasks.track import tracking
+Path(sys.argv[1], "ready-" + sys.argv[2]).touch()
+while not Path(sys.argv[1], "go").exists():
+    time.sleep(0.005)
+tracking.get_client().search_registered_models()
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_take_turns_creating_it(tmp_path, monkeypatch):
+    # Unguarded, MLflow's table creation in processes that start together fails in most rounds
+    # ("table experiments already exists", "duplicate column name").
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/new.db")
+    openers = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE_AT_ONCE, str(tmp_path), str(i)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    errors = [opener.communicate(timeout=120)[1] for opener in openers]
+    assert [opener.returncode for opener in openers] == [0] * 4, "\n".join(errors)[-3000:]
+    assert (tmp_path / ".new.db.create.lock").exists()

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from pathlib import Path
-from typing import Iterator, Optional
-from urllib.parse import urlparse
+from typing import Iterator
 
 import mlflow
+
+from tasks.files import file_lock
+from tasks.track.tracking import local_store
 
 GATE_TIMEOUT_SECONDS = 300  # the gate itself takes about a second; anything longer is a stuck holder
 
@@ -31,38 +32,15 @@ def promotion_gate(name: str) -> Iterator[None]:
     """Holds `name`'s promotion gate for the block."""
     store = local_store(mlflow.get_tracking_uri())
     # One lock file per local store, whatever the name: gates take a second, so sharing costs nothing.
-    lock = _file_lock(store.with_name(f".{store.name}.promotion.lock")) if store else _prefect_lock(name)
+    lock = file_lock(store.with_name(f".{store.name}.promotion.lock")) if store else _prefect_lock(name)
     with lock:
         yield
-
-
-def local_store(uri: str) -> Optional[Path]:
-    """The file or folder a local tracking URI stores runs in; None for a remote store."""
-    parsed = urlparse(uri)
-    if parsed.scheme.startswith("sqlite"):
-        return Path(uri.split(":///", 1)[1]).resolve()
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path).resolve()
-    return None
 
 
 def _slug(name: str) -> str:
     """`name` in characters Prefect accepts in a limit's name, unique per name."""
     readable = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64]
     return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl  # POSIX; the lock goes with the process however it ends
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.file_utils import local_file_uri_to_path
 
-from tasks.files import write_error
+from tasks.files import file_lock, write_error
 
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 # Prefect retry settings for tasks that mostly talk to MLflow. Each request also has MLflow's own
@@ -25,9 +25,36 @@ MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_jitter_fa
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+_created: set[Path] = set()  # the SQLite stores this process has created or found created
+
+
 def get_client() -> MlflowClient:
     """A client on MLFLOW_TRACKING_URI, or MLflow's default local SQLite store (sqlite:///mlflow.db)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and (store := local_store(uri)) not in _created:
+        _create_sqlite_store(uri, store)
+        _created.add(store)
     return MlflowClient()
+
+
+def _create_sqlite_store(uri: str, store: Path) -> None:
+    # MLflow creates a new SQLite store's tables and runs its migrations when a process first opens
+    # it, without a lock: runs started at once on a new store break each other's migrations ("table
+    # experiments already exists"). They take turns here, through a file lock beside the store.
+    with file_lock(store.with_name(f".{store.name}.create.lock")):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # the registry's
+
+
+def local_store(uri: str) -> Optional[Path]:
+    """The file or folder a local tracking URI stores runs in; None for a remote store."""
+    parsed = urlparse(uri)
+    if parsed.scheme.startswith("sqlite"):
+        return Path(uri.split(":///", 1)[1]).resolve()
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path).resolve()
+    return None
 
 
 def tracking_uri() -> str:
