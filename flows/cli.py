@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Literal, Optional, TypeVar, get_args, get_origin
@@ -119,6 +120,19 @@ def exit_unless_hardware_fits(config: TrainConfig) -> None:
     try:
         resolve_precision(config.precision, resolve_device(config.device))
     except (DeviceUnavailableError, PrecisionUnavailableError) as error:
+        sys.exit(f"error: {error}")
+
+
+def exit_unless_tracking_answers() -> None:
+    """An HTTP tracking server that does not answer within 10 s is an error now, before any work
+    (MLflow's own retries would take minutes to give up)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        return  # a local store, nothing to wait for: MLflow (1.5 s to import) is not needed yet
+    from tasks.track.delivery import TrackingUnavailableError, check_reachable
+
+    try:
+        check_reachable()
+    except TrackingUnavailableError as error:
         sys.exit(f"error: {error}")
 
 

@@ -11,9 +11,10 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
     from flows import api_server
-    from flows.cli import exit_unless_hardware_fits, parse_config
+    from flows.cli import exit_unless_hardware_fits, exit_unless_tracking_answers, parse_config
 
     _config = parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
+    exit_unless_tracking_answers()
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
     exit_unless_hardware_fits(_config)
 
@@ -22,7 +23,7 @@ from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from flows import api_server
-from flows.cli import exit_unless_hardware_fits, parse_config, short_user_errors
+from flows.cli import exit_unless_hardware_fits, exit_unless_tracking_answers, parse_config, short_user_errors
 from flows.config import TrainConfig, resolve_path
 from flows.recipe import model_spec, train_settings
 from tasks.data.csv_images import CsvDatasetError
@@ -42,7 +43,7 @@ from tasks.publish.steps import (
     validate_onnx,
 )
 from tasks.track.cancellation import FlowRunCancelled
-from tasks.track.delivery import TrackingUnavailableError, check_reachable
+from tasks.track.delivery import TrackingUnavailableError
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
 from tasks.train.speed import PrecisionUnavailableError, set_threads
@@ -130,10 +131,8 @@ def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | N
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     config = parse_config(argv)
     exit_unless_hardware_fits(config)
+    exit_unless_tracking_answers()  # open-mlflow-run checks again, for runs started otherwise
     try:
-        # Before any work: a tracking server that does not answer fails the run now
-        # (open-mlflow-run checks again).
-        check_reachable()
         with api_server.use(early_server), short_user_errors(USER_ERRORS):
             result = train_flow(config)
     except USER_ERRORS as error:
