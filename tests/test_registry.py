@@ -112,3 +112,27 @@ def test_a_half_logged_model_is_replaced(mlflow_store, tmp_path):
     model_ids = log_both(model, onnx_path, run_id)
     remaining = MlflowClient().search_logged_models([experiment])
     assert sorted(m.model_id for m in remaining) == sorted(model_ids.values())
+
+
+def test_saving_both_flavors_checks_requirements_without_scanning_every_package(
+    tmp_path, monkeypatch, caplog
+):
+    from mlflow.utils import requirements_utils
+
+    def scan():
+        raise AssertionError("MLflow scanned every installed package")
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", scan)
+    model = build_from_spec(ModelSpec("mlp", 1, (28, 28), 10)).eval()
+    onnx_path = write_onnx(model, torch.rand(2, 1, 28, 28), tmp_path / "model.onnx")
+    example = np.random.rand(4, 1, 28, 28).astype(np.float32)
+    options = dict(signature=registry.pixel_signature(example, 10), input_example=example)
+    registry.save_pytorch(model, str(tmp_path / "pt"), mlflow.models.Model(), **options)
+    registry.save_onnx_logits(onnx_path, str(tmp_path / "onnx"), mlflow.models.Model(), **options)
+    assert (tmp_path / "pt" / "MLmodel").exists() and (tmp_path / "onnx" / "MLmodel").exists()
+    assert "mismatches" not in caplog.text
+    # The check itself still runs: a requirement this environment does not meet is named.
+    requirements_utils.warn_dependency_requirement_mismatches(["torch==1.0.0"])
+    assert "torch (current: " in caplog.text

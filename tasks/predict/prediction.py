@@ -21,7 +21,7 @@ from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from tasks.files import atomic_output
 from tasks.predict.image_inputs import Inputs, PredictionError, size_error
-from tasks.track.tracking import get_client
+from tasks.track.tracking import get_client, skip_package_scan
 
 COLUMNS = ["path", "predicted_index", "predicted_class", "confidence", "true_label", "correct"]
 
@@ -73,6 +73,7 @@ _LOADING = threading.Lock()
 
 @functools.lru_cache(maxsize=4)
 def _load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
+    skip_package_scan()
     return mlflow.pyfunc.load_model(model_uri)
 
 

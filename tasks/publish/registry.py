@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from torch import nn
 
 import models.logits_pyfunc
-from tasks.track.tracking import get_client
+from tasks.track.tracking import get_client, skip_package_scan
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ONNX_SUFFIX = "-onnx"
@@ -76,6 +76,7 @@ Save = Callable[..., None]  # save(path=..., mlflow_model=...) writes an MLflow 
 
 def save_pytorch(model: nn.Module, path: str, mlflow_model: Model, **options) -> None:
     """Saves a torch.export program (no pickled classes to import on load)."""
+    skip_package_scan()
     mlflow.pytorch.save_model(
         model.cpu().eval(),
         path,
@@ -92,6 +93,7 @@ def save_onnx_logits(onnx_path: Path, path: str, mlflow_model: Model, **options)
     # flavor answers with the array itself, so batch and served predictions would change shape with
     # the flavor; the loader makes both return the (N, classes) logits array.
     loader = Path(models.logits_pyfunc.__file__)
+    skip_package_scan()
     mlflow.onnx.save_model(
         onnx.load(str(onnx_path)),
         path,
