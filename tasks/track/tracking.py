@@ -6,7 +6,7 @@ import logging
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
@@ -35,6 +35,18 @@ def get_client() -> MlflowClient:
         _create_sqlite_store(uri, store)
         _created.add(store)
     return MlflowClient()
+
+
+def open_in_background() -> None:
+    """Starts opening the tracking store in a thread, so that its cost (1-1.5 s for a SQLite store:
+    MLflow's SQL modules and its schema check) overlaps work that waits on the Prefect server. The
+    run's own first get_client() reports any error."""
+
+    def open_quietly() -> None:
+        with suppress(Exception):
+            get_client()
+
+    threading.Thread(target=open_quietly, name="open-mlflow-store", daemon=True).start()
 
 
 def _create_sqlite_store(uri: str, store: Path) -> None:
