@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef, test_pixels
 from tasks.data.loaders import TensorLoader
-from tasks.publish import evaluation, export, gate_lock, model_card, plots, registry
+from tasks.publish import evaluation, export, gate_lock, model_card, registry
 from tasks.publish.evaluation import Evaluation
 from tasks.track import lineage, reports, tracking
 from tasks.train import speed
@@ -49,6 +49,8 @@ def plot_evaluation(
     run_id: str,
 ) -> None:
     """The confusion matrix, learning curves and misclassified test images as PNGs, logged to MLflow."""
+    from tasks.publish import plots  # matplotlib (0.4 s) loads here, beside the ONNX check, not at start
+
     predictions, labels = result.logits.argmax(1), test_loader.labels.cpu()
     matrix = evaluation.confusion_matrix(predictions, labels, len(class_names))
     images = test_loader.images.cpu()
