@@ -38,7 +38,6 @@ from tasks.publish.steps import (
     evaluate_model,
     export_onnx,
     log_models,
-    plot_evaluation,
     register_model,
     save_state_dict,
     validate_onnx,
@@ -108,14 +107,13 @@ def publish_model(
     """Tests the trained model, saves it, exports and checks the ONNX, registers both flavors and
     reports the outcome in Prefect."""
     spec = trained.spec
-    evaluation = evaluate_model(trained, test, dataset.class_names, run_dir, run_id)
-    # The plots (Python, one core) are drawn beside the ONNX check (onnxruntime, native threads).
-    plotting = plot_evaluation.submit(trained, test, evaluation, dataset.class_names, run_dir, run_id)
+    # Testing and plotting run beside the ONNX export (mostly Python tracing): two cores, both busy.
+    evaluating = evaluate_model.submit(trained, test, dataset.class_names, run_dir, run_id)
     weights = save_state_dict(trained, run_dir, run_id)
     onnx_path = export_onnx(spec, weights, run_dir, run_id)
+    evaluation = evaluating.result()
     parity = validate_onnx(onnx_path, evaluation, dataset, run_id)
     model_ids = log_models(spec, weights, onnx_path, dataset, evaluation, parity, name, run_id)
-    plotting.result()  # the run's plots are logged before its models are registered
     registration = register_model(model_ids, spec, dataset, evaluation, parity, params, run_id)
     outputs = {"Outputs": str(run_dir), "Weights": str(weights), "ONNX": str(onnx_path)}
     report_run(name, evaluation, parity, registration, outputs)

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef, test_pixels
 from tasks.data.loaders import TensorLoader
-from tasks.publish import evaluation, export, gate_lock, model_card, registry
+from tasks.publish import evaluation, export, gate_lock, model_card, plots, registry
 from tasks.publish.evaluation import Evaluation
 from tasks.track import lineage, reports, tracking
 from tasks.train import speed
@@ -26,40 +26,27 @@ from tasks.train.training import predict_logits
 def evaluate_model(
     trained: TrainedModel, test_loader: TensorLoader, class_names: tuple[str, ...], run_dir: Path, run_id: str
 ) -> Evaluation:
-    """Test metrics and the per-class table, logged to MLflow."""
+    """Test metrics, per-class table and plots (confusion matrix, learning curves, misclassified
+    images), logged to MLflow."""
     model = export.load_model(trained.spec, trained.weights()).to(test_loader.labels.device)
     if speed.has_convolutions(model):  # the same fp32 arithmetic, laid out for speed
         model = model.to(memory_format=torch.channels_last)
     logits, labels = predict_logits(model, test_loader)
-    metrics, table, _ = evaluation.summarise(logits, labels, class_names)
+    metrics, table, matrix = evaluation.summarise(logits, labels, class_names)
     table.to_csv(run_dir / "per_class_metrics.csv", index=False)
-    logged_at = tracking.now_ms()
-    tracking.log_metrics(run_id, metrics, timestamp=logged_at)
-    tracking.log_artifacts(run_id, [run_dir / "per_class_metrics.csv"])
-    return Evaluation(metrics, table.to_dict("records"), logged_at, logits)
-
-
-@task(name="plot-evaluation", cache_policy=NO_CACHE)
-def plot_evaluation(
-    trained: TrainedModel,
-    test_loader: TensorLoader,
-    result: Evaluation,
-    class_names: tuple[str, ...],
-    run_dir: Path,
-    run_id: str,
-) -> None:
-    """The confusion matrix, learning curves and misclassified test images as PNGs, logged to MLflow."""
-    from tasks.publish import plots  # matplotlib (0.4 s) loads here, beside the ONNX check, not at start
-
-    predictions, labels = result.logits.argmax(1), test_loader.labels.cpu()
-    matrix = evaluation.confusion_matrix(predictions, labels, len(class_names))
     images = test_loader.images.cpu()
     artefacts = [
+        run_dir / "per_class_metrics.csv",
         plots.plot_confusion_matrix(matrix, class_names, run_dir / "confusion_matrix.png"),
         plots.plot_learning_curves(trained.history, run_dir / "learning_curves.png"),
-        plots.plot_misclassified(images, labels, predictions, class_names, run_dir / "misclassified.png"),
+        plots.plot_misclassified(
+            images, labels, logits.argmax(1), class_names, run_dir / "misclassified.png"
+        ),
     ]
+    logged_at = tracking.now_ms()
+    tracking.log_metrics(run_id, metrics, timestamp=logged_at)
     tracking.log_artifacts(run_id, artefacts)
+    return Evaluation(metrics, table.to_dict("records"), logged_at, logits)
 
 
 @task(name="save-state-dict", cache_policy=NO_CACHE)
