@@ -8,7 +8,7 @@ import torch
 
 from tasks.data.datasets import DatasetRef, load_tensors
 
-_EVAL_BATCH = 128  # fp32 CNN inference on 2 cores: 1.1-1.4 s per 10,000 28x28 images, 1.8-2.0 s at 256
+_EVAL_BATCH = 256  # larger batches of small images spill the CPU's caches
 
 
 class TensorLoader:
