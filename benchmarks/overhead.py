@@ -43,10 +43,15 @@ def run_flow(env: dict, args, scratch: Path) -> dict:
     return {"wall": (started, ended), **flow_run_times(env, latest_flow_run_id(mlflow_db))}
 
 
+def training(timing: dict) -> float:
+    """Seconds in the train-model step."""
+    return sum(end - start for name, start, end in timing["steps"] if name.startswith("train-model"))
+
+
 def overhead(timing: dict) -> float:
-    """Wall clock minus the train-model step, in seconds."""
-    (started, ended), steps = timing["wall"], timing["steps"]
-    return ended - started - sum(end - start for name, start, end in steps if name.startswith("train-model"))
+    """Wall clock minus training, in seconds."""
+    started, ended = timing["wall"]
+    return ended - started - training(timing)
 
 
 def timed_runs(env: dict, args, scratch: Path, title: str) -> float:
@@ -63,15 +68,15 @@ def timed_runs(env: dict, args, scratch: Path, title: str) -> float:
 def show(title: str, timing: dict) -> float:
     """Prints the breakdown; returns the overhead in seconds."""
     (started, ended), steps = timing["wall"], timing["steps"]
-    training = sum(end - start for name, start, end in steps if name.startswith("train-model"))
-    print(f"\n{title}: wall clock {ended - started:.1f} s, training {training:.1f} s")
+    print(f"\n{title}: wall clock {ended - started:.1f} s, training {training(timing):.1f} s")
     print(f"  {'start-up (imports, server, flow run)':40s} {timing['start'] - started:6.2f} s")
     for name, start, end in steps:
         if not name.startswith("train-model"):
             print(f"  {name:40s} {end - start:6.2f} s")
     print(f"  {'after the flow run (exit)':40s} {ended - timing['end']:6.2f} s")
-    print(f"  overhead: {overhead(timing):.1f} s")
-    return overhead(timing)
+    seconds = overhead(timing)
+    print(f"  overhead: {seconds:.1f} s")
+    return seconds
 
 
 def start_prefect_server(env: dict) -> tuple[subprocess.Popen, str]:
