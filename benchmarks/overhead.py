@@ -6,6 +6,9 @@ here). Training is the train-model task; everything else (imports, server start,
 evaluation, export, ONNX check, registration, reports) is overhead. The steps' times are read
 back from Prefect's task runs.
 
+Beside each run it times `benchmarks/empty_flow.py`, a one-task flow that does nothing but import
+torch, Prefect and MLflow: the floor no run of a flow with these libraries can go under here.
+
 By default the run is the default run (one epoch) on the generated 60k set
 (`benchmarks/digits60k.py`), so evaluation and the ONNX check see a 10,000-image test split.
 
@@ -54,15 +57,36 @@ def overhead(timing: dict) -> float:
     return ended - started - training(timing)
 
 
-def timed_runs(env: dict, args, scratch: Path, title: str) -> float:
-    """A warm-up run, then `args.runs` timed ones; prints the median run's breakdown and returns
-    the median overhead (this machine is shared: single runs vary by a second or two)."""
+def empty_flow_wall(env: dict) -> float:
+    """Seconds `benchmarks/empty_flow.py` takes, start to exit."""
+    started = time.time()
+    subprocess.run(
+        [sys.executable, "benchmarks/empty_flow.py"], cwd=REPO, env=env, check=True, capture_output=True
+    )
+    return time.time() - started
+
+
+def timed_runs(env: dict, args, scratch: Path, title: str) -> tuple[float, float]:
+    """A warm-up run, then `args.runs` timed ones, each followed by the empty flow; prints the
+    median run's breakdown and the floor, and returns the median overhead and median floor (this
+    machine is shared: single runs vary by a second or two)."""
     run_flow(env, args, scratch / "warm")
-    timings = sorted((run_flow(env, args, scratch / f"run{i}") for i in range(args.runs)), key=overhead)
-    median = timings[len(timings) // 2]
+    empty_flow_wall(env)
+    timings, floors = [], []
+    for i in range(args.runs):
+        timings.append(run_flow(env, args, scratch / f"run{i}"))
+        floors.append(empty_flow_wall(env))
+    timings.sort(key=overhead)
+    floors.sort()
+    median, floor = timings[len(timings) // 2], floors[len(floors) // 2]
     if args.runs > 1:
         title += f" (median of {args.runs} runs: {', '.join(f'{overhead(t):.1f}' for t in timings)} s)"
-    return show(title, median)
+    seconds = show(title, median)
+    print(
+        f"  floor, an empty one-task flow importing torch, Prefect and MLflow: {floor:.1f} s "
+        f"({', '.join(f'{f:.1f}' for f in floors)}); overhead beyond it: {seconds - floor:.1f} s"
+    )
+    return seconds, floor
 
 
 def show(title: str, timing: dict) -> float:
@@ -123,7 +147,13 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
-    print("\n" + ", ".join(f"{mode}: {seconds:.1f} s overhead" for mode, seconds in results.items()))
+    print(
+        "\n"
+        + ", ".join(
+            f"{mode}: {seconds:.1f} s overhead, floor {floor:.1f} s ({seconds / floor:.2f}x)"
+            for mode, (seconds, floor) in results.items()
+        )
+    )
 
 
 if __name__ == "__main__":
