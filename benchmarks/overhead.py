@@ -7,7 +7,9 @@ evaluation, export, ONNX check, registration, reports) is overhead. The steps' t
 back from Prefect's task runs.
 
 Beside each run it times `benchmarks/empty_flow.py`, a one-task flow that does nothing but import
-torch, Prefect and MLflow: the floor no run of a flow with these libraries can go under here.
+torch, Prefect and MLflow. Against a running server that is the floor: no flow with these
+libraries ends sooner on this machine. Without one, the empty flow also waits for Prefect's own
+temporary server, which train_flow.py starts beside its imports instead.
 
 By default the run is the default run (one epoch) on the generated 60k set
 (`benchmarks/digits60k.py`), so evaluation and the ONNX check see a 10,000-image test split.
@@ -68,7 +70,7 @@ def empty_flow_wall(env: dict) -> float:
 
 def timed_runs(env: dict, args, scratch: Path, title: str) -> tuple[float, float]:
     """A warm-up run, then `args.runs` timed ones, each followed by the empty flow; prints the
-    median run's breakdown and the floor, and returns the median overhead and median floor (this
+    median run's breakdown and the empty flow's time, and returns both medians (this
     machine is shared: single runs vary by a second or two)."""
     run_flow(env, args, scratch / "warm")
     empty_flow_wall(env)
@@ -83,8 +85,8 @@ def timed_runs(env: dict, args, scratch: Path, title: str) -> tuple[float, float
         title += f" (median of {args.runs} runs: {', '.join(f'{overhead(t):.1f}' for t in timings)} s)"
     seconds = show(title, median)
     print(
-        f"  floor, an empty one-task flow importing torch, Prefect and MLflow: {floor:.1f} s "
-        f"({', '.join(f'{f:.1f}' for f in floors)}); overhead beyond it: {seconds - floor:.1f} s"
+        f"  empty flow (one task, imports torch, Prefect and MLflow, does nothing): {floor:.1f} s "
+        f"({', '.join(f'{f:.1f}' for f in floors)}); the overhead beyond it: {seconds - floor:.1f} s"
     )
     return seconds, floor
 
@@ -150,7 +152,7 @@ def main() -> None:
     print(
         "\n"
         + ", ".join(
-            f"{mode}: {seconds:.1f} s overhead, floor {floor:.1f} s ({seconds / floor:.2f}x)"
+            f"{mode}: {seconds:.1f} s overhead, empty flow {floor:.1f} s ({seconds / floor:.2f}x)"
             for mode, (seconds, floor) in results.items()
         )
     )
