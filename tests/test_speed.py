@@ -1,8 +1,5 @@
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 from models import build_model
 from tasks.train import speed
@@ -54,21 +51,3 @@ def test_threads_default_to_physical_cores_and_can_be_set():
         assert speed.set_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-
-
-def test_folding_batch_norms_keeps_the_function_and_removes_every_batch_norm():
-    torch.manual_seed(0)
-    model = build_model("cnn", 1, (28, 28), 10).eval()
-    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # as after training
-        norm.running_mean.uniform_(-1, 1)
-        norm.running_var.uniform_(0.5, 2)
-        nn.init.uniform_(norm.weight, 0.5, 1.5)
-        nn.init.uniform_(norm.bias, -0.5, 0.5)
-    images = torch.rand(64, 1, 28, 28)
-    with torch.no_grad():
-        expected = model(images)
-        folded = speed.fold_batch_norms(copy.deepcopy(model))
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-        torch.testing.assert_close(folded(images), expected, rtol=0, atol=1e-5)
-        mlp = build_model("mlp", 1, (28, 28), 10)
-        assert str(speed.fold_batch_norms(copy.deepcopy(mlp))) == str(mlp)

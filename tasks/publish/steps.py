@@ -28,10 +28,8 @@ def evaluate_model(
 ) -> Evaluation:
     """Test metrics, per-class table and plots (confusion matrix, learning curves, misclassified
     images), logged to MLflow."""
-    # The same fp32 function, arranged for speed: batch norms folded, channels-last memory.
-    model = speed.fold_batch_norms(export.load_model(trained.spec, trained.weights()))
-    model = model.to(test_loader.labels.device)
-    if speed.has_convolutions(model):
+    model = export.load_model(trained.spec, trained.weights()).to(test_loader.labels.device)
+    if speed.has_convolutions(model):  # the same fp32 arithmetic, laid out for speed
         model = model.to(memory_format=torch.channels_last)
     logits, labels = predict_logits(model, test_loader)
     metrics, table, matrix = evaluation.summarise(logits, labels, class_names)

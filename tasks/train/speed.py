@@ -9,7 +9,6 @@ from typing import ContextManager, Optional
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,22 +57,6 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 def has_convolutions(model: nn.Module) -> bool:
     """Convolutions run faster on channels-last (NHWC) memory, on CPU (oneDNN) and CUDA (cuDNN)."""
     return any(isinstance(module, nn.Conv2d) for module in model.modules())
-
-
-def fold_batch_norms(model: nn.Module) -> nn.Module:
-    """For inference: folds each BatchNorm2d that follows a Conv2d in an nn.Sequential into the
-    convolution's weights and bias, in place, and returns `model` in eval mode. The same function
-    up to fp32 rounding (about 1e-7 on logits), minus a pass over every activation: testing 10,000
-    28x28 images with the CNN takes about a third less time."""
-    model.eval()
-    for sequence in [module for module in model.modules() if isinstance(module, nn.Sequential)]:
-        layers = list(sequence)
-        for index, (layer, following) in enumerate(zip(layers, layers[1:])):
-            foldable = isinstance(following, nn.BatchNorm2d) and following.track_running_stats
-            if isinstance(layer, nn.Conv2d) and foldable:
-                sequence[index] = fuse_conv_bn_eval(layer, following)
-                sequence[index + 1] = nn.Identity()
-    return model
 
 
 @dataclass(frozen=True)
