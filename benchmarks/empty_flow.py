@@ -1,5 +1,5 @@
-"""The floor under a run's overhead: a Prefect flow of one task that does nothing, in a process that
-imports what train_flow.py cannot run without (torch, Prefect and MLflow).
+"""The floor under a run's overhead against a running Prefect server: a flow of one task that does
+nothing, in a process that imports what train_flow.py cannot run without (torch, Prefect, MLflow).
 
 Its wall clock is what any flow with these libraries costs on this machine before it does any
 work: starting Python, the imports, creating the flow and task runs, and ending the process
