@@ -78,10 +78,11 @@ def plot_misclassified(
     axes.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255)
     size_y, size_x = images.shape[-2:]
     for tile, index in enumerate(wrong):
-        row, column = divmod(tile, columns)
-        x, y = gap + column * (size_x + gap) + size_x / 2, gap + row * (size_y + gap) - gap / 8
+        top, left = _tile_origin(tile, columns, (size_y, size_x), gap)
         label = f"{class_names[labels[index]]} -> {class_names[predictions[index]]}"
-        axes.text(x, y, label, ha="center", va="bottom", fontsize=7, color="firebrick")
+        axes.text(
+            left + size_x / 2, top - gap / 8, label, ha="center", va="bottom", fontsize=7, color="firebrick"
+        )
     figure.suptitle(f"misclassified test images (first {len(wrong)}, true -> predicted)", fontsize=9)
     return _save(figure, path, tight=False)
 
@@ -93,10 +94,15 @@ def mosaic(images: torch.Tensor, columns: int) -> tuple[np.ndarray, int]:
     rows, gap = -(-count // columns), max(2, size_y // 3)
     grid = np.full((gap + rows * (size_y + gap), gap + columns * (size_x + gap), channels), 255, np.uint8)
     for tile, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        row, column = divmod(tile, columns)
-        top, left = gap + row * (size_y + gap), gap + column * (size_x + gap)
+        top, left = _tile_origin(tile, columns, (size_y, size_x), gap)
         grid[top : top + size_y, left : left + size_x] = image
     return (grid.squeeze(-1) if channels == 1 else grid), gap
+
+
+def _tile_origin(tile: int, columns: int, size: tuple[int, int], gap: int) -> tuple[int, int]:
+    """The (top, left) pixel of tile number `tile` in a mosaic of (height, width) `size` tiles."""
+    row, column = divmod(tile, columns)
+    return gap + row * (size[0] + gap), gap + column * (size[1] + gap)
 
 
 def _save(figure: plt.Figure, path: Path, tight: bool = True) -> Path:
