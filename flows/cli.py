@@ -123,6 +123,19 @@ def exit_unless_hardware_fits(config: TrainConfig) -> None:
         sys.exit(f"error: {error}")
 
 
+def exit_unless_weights_available(config: TrainConfig) -> None:
+    """--weights imagenet that is neither cached nor downloadable is an error now, before any data
+    work, naming the file and the folder to put it in."""
+    if config.weights != "imagenet":
+        return
+    from models import PretrainedWeightsUnavailable, pretrained_file
+
+    try:
+        pretrained_file(config.model)
+    except PretrainedWeightsUnavailable as error:
+        sys.exit(f"error: {error}")
+
+
 def exit_unless_tracking_answers() -> None:
     """An HTTP tracking server that does not answer within 10 s is an error now, before any work
     (MLflow's own retries would take minutes to give up)."""

@@ -6,9 +6,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DatasetName = Literal["fashion-mnist", "mnist", "csv", "synthetic", "digits"]
+DatasetName = Literal["fashion-mnist", "mnist", "csv", "folder", "synthetic", "digits"]
+ModelName = Literal[
+    "mlp", "cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"
+]
+BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
+_PHOTO_FIELDS = {  # dataset: the fields only it takes
+    "csv": ("train_csv", "test_csv", "image_root", "classes"),
+    "folder": ("train_dir", "test_dir"),
+}
 RunnerName = Literal["threads", "processes", "dask", "ray"]
 _HOST_PORT = r"[^\s:/]+:\d+"
 _ADDRESSES = {  # runner: (accepted address, as said in errors)
@@ -63,13 +71,61 @@ class TrainConfig(BaseModel):
         description="csv dataset: the label set in index order (comma-separated on the command line); "
         "default: the labels of the training CSV.",
     )
+    train_dir: Optional[str] = Field(
+        None, description="folder dataset: one subfolder of images per class (the names are the classes)."
+    )
+    test_dir: Optional[str] = Field(
+        None,
+        description="folder dataset: test images in the same layout; default: a stratified "
+        "--test-fraction of --train-dir.",
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="folder dataset without --test-dir: share of each class held out for test.",
+    )
     mirror: Optional[str] = Field(
         None,
         pattern=r"^(https?|file)://",
         description="fashion-mnist/mnist: base URL to download the original .gz files from, "
         "instead of torchvision's mirrors.",
     )
-    model: Literal["mlp", "cnn"] = Field("cnn", description="Network: the notes' MLP or a small CNN.")
+    channels: Literal["auto", "1", "3"] = Field(
+        "auto", description="Image channels: auto is 3 when any image has colour, else 1."
+    )
+    image_size: Optional[str] = Field(
+        None,
+        pattern=r"^[1-9][0-9]{0,4}(x[1-9][0-9]{0,4})?$",
+        description="Model input size, H or HxW; default: the images' own size when they all share one, "
+        "else 224 for pretrained backbones and 128 otherwise.",
+    )
+    resize_mode: Literal["crop", "pad", "stretch"] = Field(
+        "crop",
+        description="How images of another shape reach --image-size: crop (shorter side, then centre "
+        "crop), pad (letterbox in black) or stretch.",
+    )
+    prepare_workers: Optional[int] = Field(
+        None, ge=1, le=1024, description="Processes decoding and resizing images; default: one per core."
+    )
+    augment: Literal["auto", "none", "flip", "standard"] = Field(
+        "auto",
+        description="Training augmentation on whole batches: standard is a random resized crop, flip and "
+        "colour jitter; auto is standard for csv/folder colour photos, none otherwise.",
+    )
+    model: ModelName = Field(
+        "cnn", description="Network: the notes' MLP, a small CNN or a torchvision backbone."
+    )
+    weights: str = Field(
+        "none",
+        min_length=1,
+        description="Backbone weights: none (random), imagenet (torchvision's, from the TORCH_HOME cache "
+        "or downloaded) or the path of a state_dict file.",
+    )
+    freeze_backbone: bool = Field(False, description="Train the new classifier head only.")
+    backbone_lr_scale: float = Field(
+        0.1, ge=0, le=10, description="The backbone's learning rate as a share of --lr (the head's)."
+    )
     epochs: int = Field(5, ge=1, le=1000, description="Passes over the training split.")
     batch_size: int = Field(128, ge=1, le=65536, description="Samples per optimisation step.")
     lr: float = Field(5e-3, gt=0, le=10, description="Peak learning rate.")
@@ -126,41 +182,80 @@ class TrainConfig(BaseModel):
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS,
         ge=1,
-        description="csv dataset: refuse an image whose header declares more pixels than this, "
-        "before decoding it.",
+        description="csv and folder datasets: refuse an image whose header declares more pixels than "
+        "this, before decoding it.",
     )
 
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # 64 from a form or a sweep grid
+
     @model_validator(mode="after")
-    def _csv_needs_its_files(self) -> "TrainConfig":
-        csv_fields = {"train_csv": self.train_csv, "test_csv": self.test_csv, "image_root": self.image_root}
-        if self.dataset == "csv":
-            missing = [name for name, value in csv_fields.items() if not value]
-            if missing:
-                flags = ", ".join("--" + name.replace("_", "-") for name in missing)
-                raise ValueError(f"dataset 'csv' needs {flags}")
-        elif any(csv_fields.values()) or self.classes:
-            raise ValueError(
-                "--train-csv, --test-csv, --image-root and --classes apply only to --dataset csv, "
-                f"not {self.dataset!r}"
-            )
+    def _dataset_needs_its_files(self) -> "TrainConfig":
+        required = {"csv": ("train_csv", "test_csv", "image_root"), "folder": ("train_dir",)}
+        missing = [name for name in required.get(self.dataset, ()) if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"dataset {self.dataset!r} needs {', '.join(map(_flag, missing))}")
+        for dataset, fields in _PHOTO_FIELDS.items():
+            if dataset != self.dataset and any(getattr(self, name) for name in fields):
+                raise ValueError(
+                    f"{', '.join(map(_flag, fields))} apply only to --dataset {dataset}, not {self.dataset!r}"
+                )
         if self.mirror and self.dataset not in ("fashion-mnist", "mnist"):
             raise ValueError(
                 f"--mirror applies only to --dataset fashion-mnist or mnist, not {self.dataset!r}"
             )
         return self
 
+    @model_validator(mode="after")
+    def _weights_fit_model(self) -> "TrainConfig":
+        if self.model not in BACKBONES and (self.weights != "none" or self.freeze_backbone):
+            raise ValueError(
+                f"--weights and --freeze-backbone apply only to the backbones ({', '.join(BACKBONES)}), "
+                f"not --model {self.model}"
+            )
+        if self.freeze_backbone and self.weights == "none":
+            raise ValueError("--freeze-backbone needs pretrained --weights (imagenet or a file)")
+        if self.weights not in ("none", "imagenet") and not resolve_path(self.weights).is_file():
+            raise ValueError(
+                f"--weights {self.weights!r}: no such file; give none, imagenet or a state_dict file"
+            )
+        return self
+
     def dataset_options(self) -> dict[str, object]:
         """The dataset's own settings, with paths made absolute, for fetch_dataset."""
-        paths = {"train_csv": self.train_csv, "test_csv": self.test_csv, "image_root": self.image_root}
+        paths = {
+            name: getattr(self, name)
+            for name in ("train_csv", "test_csv", "image_root", "train_dir", "test_dir")
+        }
         options = {key: resolve_path(value) for key, value in paths.items() if value}
-        if self.dataset == "csv":
+        if self.dataset in _PHOTO_FIELDS:
             options["max_image_pixels"] = self.max_image_pixels
+        if self.dataset == "folder":
+            options["test_fraction"] = self.test_fraction
         return {"mirror": self.mirror, "classes": self.classes, **options}
+
+    @property
+    def input_size(self) -> Optional[tuple[int, int]]:
+        """--image-size as (height, width), or None for the default."""
+        if not self.image_size:
+            return None
+        height, _, width = self.image_size.partition("x")
+        return int(height), int(width or height)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none"
 
     @property
     def model_name(self) -> str:
         """Registry name of the PyTorch flavor."""
         return self.registered_model or f"{self.dataset}-{self.model}"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def resolve_path(path: str) -> Path:
@@ -238,9 +333,9 @@ class PredictConfig(ClusterOptions):
         description="Refuse an image whose header declares more pixels than this, before decoding it.",
     )
     resize: bool = Field(
-        False,
-        description="Resize (antialiased) images of another size than the model's input to it, "
-        "instead of refusing them.",
+        True,
+        description="Bring images of another size than the model's input to it as training did (the "
+        "preprocessing stored with the model); --no-resize refuses them instead.",
     )
 
     @model_validator(mode="after")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union, get_args
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -10,7 +10,20 @@ from flows.config import ClusterOptions, TrainConfig
 from tasks.train.search_space import Range, trial_overrides
 
 # Settings a trial may change; the data, folders and registry name stay those of the sweep.
-SWEEPABLE = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "seed")
+SWEEPABLE = (
+    "model",
+    "weights",
+    "freeze_backbone",
+    "image_size",
+    "augment",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "scheduler",
+    "seed",
+)
 NUMERIC = ("epochs", "batch_size", "lr", "weight_decay", "seed")
 INTEGERS = frozenset(name for name in NUMERIC if TrainConfig.model_fields[name].annotation is int)
 MAX_TRIALS = 1000
@@ -102,6 +115,7 @@ def sweepable_choices() -> str:
     """For help texts: the fields a sweep can vary, with the choices of the categorical ones."""
     parts = []
     for name in SWEEPABLE:
-        choices = get_args(TrainConfig.model_fields[name].annotation)
+        annotation = TrainConfig.model_fields[name].annotation
+        choices = get_args(annotation) if get_origin(annotation) is Literal else ()
         parts.append(f"{name} ({'|'.join(choices)})" if choices else name)
     return ", ".join(parts)

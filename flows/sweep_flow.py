@@ -26,13 +26,14 @@ from prefect.task_runners import TaskRunner
 from flows import api_server
 from flows.cli import exit_unless_trials_fit, parse_sweep_config
 from flows.config import TrainConfig, resolve_path
-from flows.recipe import model_spec, train_settings
+from flows.recipe import data_shape, model_spec, train_settings
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.sweep_config import SweepConfig
 from flows.train_flow import USER_ERRORS, publish_model
-from tasks.data.datasets import DatasetRef
+from tasks.data.augment import resolve_augment
+from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
-from tasks.data.steps import fetch_dataset
+from tasks.data.steps import fetch_dataset, fetch_weights
 from tasks.track import tracking
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train.steps import TrainedModel
@@ -48,19 +49,24 @@ def sweep_flow(config: SweepConfig) -> dict:
     sweep_dir = make_run_dir(resolve_path(base.output_dir))
     params = {**base.model_dump(), **config.model_dump(exclude={"base"})}
     with mlflow_run(base.experiment, params, base.device, sweep_dir) as parent_id:
-        dataset = fetch_dataset(base.dataset, resolve_path(base.data_dir), **base.dataset_options())
-        log_dataset(parent_id, dataset)
+        configs = config.trial_configs()
+        for model in sorted({trial.model for trial in configs if trial.weights == "imagenet"}):
+            fetch_weights(model)  # before any data work: offline, it fails in seconds
+        datasets = prepare_shapes(base, {data_shape(trial) for trial in configs})
+        for dataset in datasets.values():
+            log_dataset(parent_id, dataset)
         trials = [
-            make_trial(index, trial_config, config.swept_fields, dataset)
-            for index, trial_config in enumerate(config.trial_configs(), 1)
+            make_trial(index, trial_config, config.swept_fields, datasets[data_shape(trial_config)])
+            for index, trial_config in enumerate(configs, 1)
         ]
-        outcomes = run_trials(runner, trials, dataset, parent_id, sweep_dir, config)
+        outcomes = run_trials(runner, trials, parent_id, sweep_dir, config)
         key = base.registered_model or base.dataset
         table = report_trials(outcomes, config.swept_fields, sweep_dir, parent_id, key)
         best = outcomes[int(best_trial(table).trial) - 1]
         winner = trials[best["trial"] - 1]
         trained = TrainedModel(winner.spec, best["checkpoint"], best["history"])
         name = TrainConfig(**winner.params).model_name
+        dataset = winner.dataset
         test = make_test_loader(dataset, "cpu")
         published = publish_model(
             trained, test, dataset, name, winner.params, sweep_dir / winner.name, best["run_id"]
@@ -76,6 +82,16 @@ def sweep_flow(config: SweepConfig) -> dict:
     }
 
 
+def prepare_shapes(base: TrainConfig, shapes: set[Shape]) -> dict[Shape, DatasetRef]:
+    """The sweep's data once per preprocessing its trials ask for (image size, and the default size
+    that pretrained weights change)."""
+    data_dir, options = resolve_path(base.data_dir), base.dataset_options()
+    return {
+        shape: fetch_dataset(base.dataset, data_dir, shape, base.prepare_workers, **options)
+        for shape in sorted(shapes, key=repr)
+    }
+
+
 def make_trial(index: int, config: TrainConfig, swept: list[str], dataset: DatasetRef) -> Trial:
     return Trial(
         index=index,
@@ -86,13 +102,14 @@ def make_trial(index: int, config: TrainConfig, swept: list[str], dataset: Datas
         batch_size=config.batch_size,
         val_fraction=config.val_fraction,
         device=config.device,
+        dataset=dataset,
+        augment=resolve_augment(config.augment, config.dataset, dataset.channels),
     )
 
 
 def run_trials(
     runner: TaskRunner,
     trials: list[Trial],
-    dataset: DatasetRef,
     parent_id: str,
     sweep_dir: Path,
     config: SweepConfig,
@@ -103,7 +120,7 @@ def run_trials(
     task = run_trial.with_options(retries=base.train_retries, retry_delay_seconds=2, timeout_seconds=timeout)
     uri = tracking.tracking_uri()
     calls = [
-        dict(trial=t, dataset=dataset, parent_run_id=parent_id, sweep_dir=sweep_dir, tracking_uri=uri)
+        dict(trial=t, dataset=t.dataset, parent_run_id=parent_id, sweep_dir=sweep_dir, tracking_uri=uri)
         for t in trials
     ]
     with runner:

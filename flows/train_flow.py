@@ -11,26 +11,41 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
     from flows import api_server
-    from flows.cli import exit_unless_hardware_fits, exit_unless_tracking_answers, parse_config
+    from flows.cli import (
+        exit_unless_hardware_fits,
+        exit_unless_tracking_answers,
+        exit_unless_weights_available,
+        parse_config,
+    )
 
     _config = parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
     exit_unless_tracking_answers()
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
     exit_unless_hardware_fits(_config)
+    exit_unless_weights_available(_config)
 
 from prefect import flow
 from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from flows import api_server
-from flows.cli import exit_unless_hardware_fits, exit_unless_tracking_answers, parse_config, short_user_errors
+from flows.cli import (
+    exit_unless_hardware_fits,
+    exit_unless_tracking_answers,
+    exit_unless_weights_available,
+    parse_config,
+    short_user_errors,
+)
 from flows.config import TrainConfig, resolve_path
-from flows.recipe import model_spec, train_settings
+from flows.recipe import data_shape, model_spec, train_settings
+from models import PretrainedWeightsUnavailable
+from tasks.data.augment import resolve_augment
 from tasks.data.csv_images import CsvDatasetError
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import TensorLoader
 from tasks.data.mnist_files import ChecksumError, DownloadError
-from tasks.data.steps import build_loaders, fetch_dataset
+from tasks.data.photos import ImageFolderError
+from tasks.data.steps import build_loaders, fetch_dataset, fetch_weights
 from tasks.files import OutputWriteError
 from tasks.publish.export import OnnxMismatchError
 from tasks.publish.gate_lock import GateBusyError
@@ -56,6 +71,8 @@ USER_ERRORS = (
     DownloadError,
     ChecksumError,
     CsvDatasetError,
+    ImageFolderError,
+    PretrainedWeightsUnavailable,
     DeviceUnavailableError,
     PrecisionUnavailableError,
     OnnxMismatchError,
@@ -74,10 +91,17 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     run_dir = make_run_dir(resolve_path(config.output_dir))
     try:
         with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
-            dataset = fetch_dataset(config.dataset, resolve_path(config.data_dir), **config.dataset_options())
+            if config.weights == "imagenet":  # before any data work: offline, it fails in seconds
+                fetch_weights(config.model)
+            data_dir, options = resolve_path(config.data_dir), config.dataset_options()
+            workers = config.prepare_workers
+            dataset = fetch_dataset(config.dataset, data_dir, data_shape(config), workers, **options)
             log_dataset(run_id, dataset, config.seed, config.val_fraction)
             spec, settings = model_spec(config, dataset), train_settings(config)
-            loaders = build_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
+            augment = resolve_augment(config.augment, config.dataset, dataset.channels)
+            loaders = build_loaders(
+                dataset, config.batch_size, config.val_fraction, config.seed, device, augment
+            )
             timeout = config.train_timeout_minutes and config.train_timeout_minutes * 60
             train = train_model.with_options(retries=config.train_retries, timeout_seconds=timeout)
             progress_key = artifact_key(config.model_name, "training")
@@ -132,6 +156,7 @@ def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | N
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     config = parse_config(argv)
     exit_unless_hardware_fits(config)
+    exit_unless_weights_available(config)
     exit_unless_tracking_answers()  # open-mlflow-run checks again, for runs started otherwise
     tracking.open_in_background()  # while the Prefect server starts and the flow run is created
     try:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from models.backbones import (
+    BACKBONES,
+    build_backbone,
+    load_backbone_weights,
+    pretrained_file,
+    pretrained_stats,
+)
 
 
 class Normalize(nn.Module):
@@ -79,13 +88,15 @@ class ModelSpec:
     num_classes: int
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    # How images were brought to image_size ("crop", ...): preprocessing travels with the model.
+    resize_mode: str = "crop"
 
 
 _BODIES: dict[str, Callable[[int, tuple[int, int], int], nn.Module]] = {
     "mlp": lambda channels, size, classes: MLP(channels * size[0] * size[1], classes),
     "cnn": CNN,
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_BODIES)
+MODEL_NAMES: tuple[str, ...] = (*_BODIES, *BACKBONES)
 
 
 def build_model(
@@ -95,17 +106,38 @@ def build_model(
     num_classes: int,
     mean: tuple[float, ...] = (),
     std: tuple[float, ...] = (),
+    weights: str = "none",
 ) -> nn.Sequential:
-    """Builds `name` behind a Normalize layer (mean 0.5, std 0.5 per channel unless given)."""
-    if name not in _BODIES:
+    """Builds `name` behind a Normalize layer (mean 0.5, std 0.5 per channel unless given).
+
+    `weights`: "none" (random init), "imagenet" (torchvision's, from the torch hub cache) or the
+    path of a torchvision state_dict file; pretrained backbones normalise with ImageNet's stats."""
+    if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if min(image_size) < 4 and name == "cnn":
-        raise ValueError(f"cnn needs images of at least 4x4 pixels, got {image_size}")
+    if name in BACKBONES:
+        body = build_backbone(name, in_channels, tuple(image_size), num_classes)
+        if weights != "none":
+            load_backbone_weights(body, _weights_path(name, weights))
+            mean, std = pretrained_stats(name, in_channels)
+    else:
+        if weights != "none":
+            raise ValueError(f"{name} has no pretrained weights; weights must be 'none', got {weights!r}")
+        if min(image_size) < 4 and name == "cnn":
+            raise ValueError(f"cnn needs images of at least 4x4 pixels, got {image_size}")
+        body = _BODIES[name](in_channels, tuple(image_size), num_classes)
     mean = mean or (0.5,) * in_channels
     std = std or (0.5,) * in_channels
-    return nn.Sequential(Normalize(mean, std), _BODIES[name](in_channels, tuple(image_size), num_classes))
+    return nn.Sequential(Normalize(mean, std), body)
+
+
+def _weights_path(name: str, weights: str) -> Path:
+    if weights == "imagenet":
+        return pretrained_file(name)
+    if not Path(weights).is_file():
+        raise ValueError(f"weights must be 'none', 'imagenet' or a state_dict file, got {weights!r}")
+    return Path(weights)
 
 
 def build_from_spec(spec: ModelSpec) -> nn.Sequential:
-    """Builds the network a ModelSpec describes."""
+    """Builds the network a ModelSpec describes (random init: its state_dict is loaded next)."""
     return build_model(spec.name, spec.in_channels, spec.image_size, spec.num_classes, spec.mean, spec.std)

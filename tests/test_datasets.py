@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_prepare_stores_tensors_and_describes_them(tmp_path):
     ref = prepare_dataset("synthetic", tmp_path)
-    assert Path(ref.tensors_path).parent == tmp_path / "prepared"
+    assert Path(ref.prepared_path).parent == tmp_path / "prepared"
     assert (ref.channels, ref.image_size, ref.num_classes) == (1, (28, 28), 10)
-    data = load_tensors(ref.tensors_path)
+    data = load_tensors(ref.prepared_path)
     assert len(data.train_labels) == ref.train_size and len(data.test_labels) == ref.test_size
     assert ref == prepare_dataset("synthetic", tmp_path)  # same data, same fingerprint
 
@@ -30,6 +30,25 @@ def test_prepare_stores_tensors_and_describes_them(tmp_path):
 def test_csv_dataset_through_prepare(png_dataset, tmp_path):
     ref = prepare_dataset("csv", tmp_path / "data", **png_dataset)
     assert ref.class_names == ("left", "right") and ref.image_size == (12, 12)
+
+
+def test_the_prepared_file_is_safetensors_and_maps_without_copying(tmp_path):
+    from safetensors.numpy import load_file
+
+    ref = prepare_dataset("synthetic", tmp_path)
+    mapped = load_tensors(ref.prepared_path)
+    arrays = load_file(ref.prepared_path)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert (arrays[name] == getattr(mapped, name).numpy()).all()
+    assert mapped.train_images.numpy().base is not None  # a view of the mapping, not a copy
+    assert tensor_digest(load_source("synthetic", tmp_path)) == ref.sha256  # the same digest as before
+
+
+def test_in_memory_data_takes_the_asked_preprocessing(tmp_path):
+    ref = prepare_dataset("synthetic", tmp_path, shape=datasets.Shape("3", (20, 24), "pad"))
+    images = load_tensors(ref.prepared_path).train_images
+    assert (ref.channels, ref.image_size, ref.resize_mode) == (3, (20, 24), "pad")
+    assert images.shape[1:] == (3, 20, 24) and torch.equal(images[:, 0], images[:, 2])
 
 
 def test_digest_changes_with_one_pixel():
@@ -95,13 +114,13 @@ def test_a_prepared_copy_of_the_same_raw_files_is_reused_without_reading_them(
     blob[-1] = (blob[-1] + 1) % 10
     labels.write_bytes(bytes(blob))
     changed = prepare_dataset("fashion-mnist", tmp_path)
-    assert changed.sha256 != first.sha256 and Path(changed.tensors_path).exists()
+    assert changed.sha256 != first.sha256 and Path(changed.prepared_path).exists()
 
     # A prepared file that lost bytes is not trusted: it is prepared again from the raw files.
-    tensors = Path(changed.tensors_path)
+    tensors = Path(changed.prepared_path)
     tensors.write_bytes(tensors.read_bytes()[:-10])
     assert prepare_dataset("fashion-mnist", tmp_path) == changed
-    assert load_tensors(changed.tensors_path).train_labels[-1] == blob[-1]
+    assert load_tensors(changed.prepared_path).train_labels[-1] == blob[-1]
 
 
 def damage(path: Path, how: str) -> None:
@@ -125,7 +144,7 @@ def test_a_damaged_mnist_family_file_is_detected_and_rebuilt_from_the_raw_files(
 ):
     write_raw_fashion(tmp_path, tiny_fashion)
     first = prepare_dataset("fashion-mnist", tmp_path)
-    tensors = Path(first.tensors_path)
+    tensors = Path(first.prepared_path)
     whole = tensors.read_bytes()
     with caplog.at_level(logging.WARNING):
         assert prepare_dataset("fashion-mnist", tmp_path) == first
@@ -135,7 +154,7 @@ def test_a_damaged_mnist_family_file_is_detected_and_rebuilt_from_the_raw_files(
     [line] = damage_lines(caplog)
     assert str(tensors) in line and "rebuilding it from the source" in line
     assert tensors.read_bytes() == whole
-    assert torch.equal(load_tensors(first.tensors_path).train_images[:, 0], gzip_images(tiny_fashion))
+    assert torch.equal(load_tensors(first.prepared_path).train_images[:, 0], gzip_images(tiny_fashion))
 
 
 def gzip_images(files: dict[str, bytes]) -> torch.Tensor:
@@ -146,7 +165,7 @@ def gzip_images(files: dict[str, bytes]) -> torch.Tensor:
 @pytest.mark.parametrize("how", ["truncated", "altered", "unrecorded"])
 def test_a_damaged_generated_file_is_detected_and_rebuilt(tmp_path, caplog, how):
     ref = prepare_dataset("synthetic", tmp_path)
-    tensors = Path(ref.tensors_path)
+    tensors = Path(ref.prepared_path)
     whole = tensors.read_bytes()
     if how == "unrecorded":
         tensors.with_name(tensors.name + ".json").unlink()
@@ -158,13 +177,13 @@ def test_a_damaged_generated_file_is_detected_and_rebuilt(tmp_path, caplog, how)
     [line] = damage_lines(caplog)
     assert str(tensors) in line and "rebuilding it from the source" in line
     assert tensors.read_bytes() == whole
-    assert len(load_tensors(ref.tensors_path).train_labels) == ref.train_size
+    assert len(load_tensors(ref.prepared_path).train_labels) == ref.train_size
 
 
 def test_every_prepared_file_has_a_record_of_its_size_and_digest(tiny_fashion, tmp_path):
     write_raw_fashion(tmp_path, tiny_fashion)
     for ref in (prepare_dataset("fashion-mnist", tmp_path), prepare_dataset("digits", tmp_path)):
-        tensors = Path(ref.tensors_path)
+        tensors = Path(ref.prepared_path)
         record = json.loads(tensors.with_name(tensors.name + ".json").read_text())
         assert record == {"bytes": tensors.stat().st_size, "sha256": file_sha256(tensors)}
 
@@ -175,7 +194,7 @@ def file_sha256(path: Path) -> str:
 
 def test_two_writers_of_the_same_data_write_the_same_bytes(tmp_path):
     first, second = (prepare_dataset("synthetic", tmp_path / name) for name in ("a", "b"))
-    assert Path(first.tensors_path).read_bytes() == Path(second.tensors_path).read_bytes()
+    assert Path(first.prepared_path).read_bytes() == Path(second.prepared_path).read_bytes()
 
 
 # Says it is ready, waits for the go file, so the runs prepare at the same moment, then prints
@@ -189,8 +208,8 @@ ready.touch()
 while not go.exists():
     time.sleep(0.005)
 ref = prepare_dataset("synthetic", data_dir)
-assert len(load_tensors(ref.tensors_path).test_labels) == ref.test_size
-print(ref.sha256, hashlib.sha256(Path(ref.tensors_path).read_bytes()).hexdigest())
+assert len(load_tensors(ref.prepared_path).test_labels) == ref.test_size
+print(ref.sha256, hashlib.sha256(Path(ref.prepared_path).read_bytes()).hexdigest())
 """
 
 
@@ -216,6 +235,6 @@ def test_three_runs_prepare_one_dataset_at_once(tmp_path):
     results = [run.communicate(timeout=120) for run in runs]
     assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in results]
     assert len({out for out, _ in results}) == 1 and not any("damaged" in err for _, err in results)
-    [tensors] = (data_dir / "prepared").glob("*.pt")
+    [tensors] = (data_dir / "prepared").glob("*.safetensors")
     assert results[0][0].split()[1] == file_sha256(tensors)
     assert not [p.name for p in data_dir.rglob("*") if p.name.endswith(".part")]

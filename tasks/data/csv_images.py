@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from tasks.data.images import DEFAULT_MAX_PIXELS, ImageData, ImageFileError, ImageHeader, check_image_file
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -132,61 +132,3 @@ def encode_labels(rows: list[Row], classes: tuple[str, ...], csv_path: Path) -> 
                 f"{csv_path} row {row.line}: label {row.label!r} is not in the label set {list(classes)}"
             )
     return torch.tensor([index[row.label] for row in rows], dtype=torch.int64)
-
-
-def decode_rows(rows: list[Row], csv_path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[torch.Tensor]:
-    """Decodes every image to uint8 (C, H, W), dropping any alpha channel; each header is checked
-    first, so the decoder never sees a file that is not an image or declares too many pixels."""
-    from torchvision.io import ImageReadMode, decode_image  # a seconds-long import, only for CSV data
-
-    images = []
-    for row in rows:
-        try:
-            check_image_file(row.path, max_pixels)
-            image = decode_image(str(row.path), mode=ImageReadMode.UNCHANGED)
-        except ImageFileError as error:
-            raise CsvDatasetError(f"{csv_path} row {row.line}: {row.path}: {error}") from None
-        except (RuntimeError, ValueError) as error:
-            raise CsvDatasetError(f"{csv_path} row {row.line}: cannot decode {row.path}: {error}") from error
-        images.append(image[:3] if image.shape[0] == 4 else image[:1] if image.shape[0] == 2 else image)
-    return images
-
-
-def stack_images(
-    images: list[torch.Tensor], rows: list[Row], shape: tuple[int, int, int], csv_path: Path
-) -> torch.Tensor:
-    """Stacks images into (N, C, H, W) of `shape`, widening grey to RGB where C is 3."""
-    channels, size = shape[0], shape[1:]
-    for image, row in zip(images, rows):
-        if image.shape[1:] != size:
-            raise CsvDatasetError(
-                f"{csv_path} row {row.line}: image is {tuple(image.shape[1:])} pixels, "
-                f"expected {tuple(size)} like the first training image; all images must share one size"
-            )
-    return torch.stack([image.expand(channels, -1, -1) for image in images]).contiguous()
-
-
-def load_csv_dataset(
-    train_csv: Path,
-    test_csv: Path,
-    image_root: Path,
-    classes: Optional[list[str]] = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> ImageData:
-    """Reads both CSVs, validating every row before decoding any image."""
-    train_rows = read_rows(train_csv, image_root, max_pixels=max_pixels)
-    test_rows = read_rows(test_csv, image_root, max_pixels=max_pixels)
-    names = tuple(classes) if classes else label_set([row.label for row in train_rows])
-    train_labels = encode_labels(train_rows, names, train_csv)
-    test_labels = encode_labels(test_rows, names, test_csv)
-    train_images = decode_rows(train_rows, train_csv, max_pixels)
-    test_images = decode_rows(test_rows, test_csv, max_pixels)
-    channels = max(image.shape[0] for image in train_images + test_images)
-    shape = (channels, *train_images[0].shape[1:])
-    return ImageData(
-        stack_images(train_images, train_rows, shape, train_csv),
-        train_labels,
-        stack_images(test_images, test_rows, shape, test_csv),
-        test_labels,
-        names,
-    )

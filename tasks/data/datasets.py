@@ -1,12 +1,10 @@
-"""Any dataset source becomes uint8 tensors on disk, described by a small DatasetRef.
+"""Any dataset source becomes one prepared file of uint8 images (tasks.data.prepared), in one
+preprocessing (channels, size, resize mode), described by a small DatasetRef.
 
-Every prepared tensors file `X.pt` has a record `X.pt.json` beside it: the file's size and the
-sha256 of its bytes. A run checks them before it uses the file and rebuilds a file that fails.
-One record per file, rather than one per dataset, because a file's name already fixes its
-content (it holds the data's digest): its record never changes, so concurrent runs of one
-dataset, or of two csv datasets, never overwrite each other's. The record is written before the
-file and torch.save's bytes are deterministic, so whichever writer's record a reader sees
-matches whichever writer's file it sees.
+A prepared file is named by the digest of its data, so two runs of one dataset write the same
+bytes to the same name, and a finished file is only ever replaced by rename. A manifest keyed by
+what the data was made from (raw files, listed photos, preprocessing) lets a later run reuse a
+prepared file without reading its sources again.
 """
 
 from __future__ import annotations
@@ -14,26 +12,44 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import secrets
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-from tasks.data.csv_images import load_csv_dataset
-from tasks.data.images import DEFAULT_MAX_PIXELS, ImageData, check_image_data
-from tasks.data.mnist_files import (
-    FIRST_MIRRORS,
-    RAW_FILES,
-    SOURCES,
-    load_mnist_family,
-    raw_files_stamp,
-)
+from tasks.data import prepared
+from tasks.data.decoding import Preprocessing, preprocess
+from tasks.data.images import ImageData, check_image_data
+from tasks.data.mnist_files import FIRST_MIRRORS, RAW_FILES, SOURCES, load_mnist_family, raw_files_stamp
 from tasks.data.offline_data import load_digits, make_synthetic
-from tasks.files import atomic_output, atomic_save
+from tasks.data.photos import Listing, list_csv, list_folder, write_listing
+from tasks.files import atomic_output
 
 _logger = logging.getLogger(__name__)
 Logger = Union[logging.Logger, logging.LoggerAdapter]
+PHOTO_SOURCES = ("csv", "folder")
+IN_MEMORY = (*SOURCES, "synthetic", "digits")
+_STATS_CHUNK = 1024  # images per step of the channel statistics
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The preprocessing a run asks for; None and "auto" are decided from the images."""
+
+    channels: str = "auto"  # auto, 1 or 3: auto is 3 when any image has colour
+    size: Optional[tuple[int, int]] = None  # default: the images' common size, else `fallback`
+    resize_mode: str = "crop"
+    fallback: int = 128  # the size when images differ (224 for pretrained backbones)
+
+    def resolve(self, sizes: frozenset[tuple[int, int]], colour: bool) -> Preprocessing:
+        """The one preprocessing for images of these sizes and colour."""
+        channels = (3 if colour else 1) if self.channels == "auto" else int(self.channels)
+        size = self.size or (next(iter(sizes)) if len(sizes) == 1 else (self.fallback, self.fallback))
+        return Preprocessing(channels, tuple(size), self.resize_mode)
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,7 @@ class DatasetRef:
     """What later steps need to know about a prepared dataset; small and serialisable."""
 
     name: str
-    tensors_path: str
+    prepared_path: str
     sha256: str
     class_names: tuple[str, ...]
     channels: int
@@ -50,54 +66,53 @@ class DatasetRef:
     test_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    train_origin: str  # where the data came from: a download URL, a CSV path or a generating function
+    train_origin: str  # where the data came from: a download URL, a CSV, a folder or a function
     test_origin: str
+    resize_mode: str = "crop"
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How any image becomes this dataset's pixels (and a model's input)."""
+        return Preprocessing(self.channels, self.image_size, self.resize_mode)
 
-def load_source(
-    name: str,
-    data_dir: Path,
-    mirror: Optional[str] = None,
-    train_csv: Optional[Path] = None,
-    test_csv: Optional[Path] = None,
-    image_root: Optional[Path] = None,
-    classes: Optional[list[str]] = None,
-    max_image_pixels: int = DEFAULT_MAX_PIXELS,
-) -> ImageData:
-    """Reads (or downloads, or generates) the named dataset into memory."""
+
+def load_source(name: str, data_dir: Path, mirror: Optional[str] = None, **_) -> ImageData:
+    """Reads (or downloads, or generates) an in-memory dataset."""
     if name in SOURCES:
         return load_mnist_family(name, data_dir, mirror)
-    if name == "csv":
-        return load_csv_dataset(train_csv, test_csv, image_root, classes, max_image_pixels)
     if name == "synthetic":
         return make_synthetic()
     if name == "digits":
         return load_digits()
-    raise ValueError(
-        f"unknown dataset {name!r}; choose one of {', '.join([*SOURCES, 'csv', 'synthetic', 'digits'])}"
-    )
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join([*IN_MEMORY, *PHOTO_SOURCES])}")
 
 
-def data_origins(
-    name: str, mirror: Optional[str] = None, train_csv: Optional[Path] = None, test_csv=None, **_
-) -> tuple[str, str]:
-    """Where the training and test images come from, for the run's dataset lineage."""
+def list_photos(name: str, test_fraction: float = 0.2, max_image_pixels: Optional[int] = None, **paths):
+    """The csv or folder dataset's files, listed and header-checked."""
+    limit = {"max_pixels": max_image_pixels} if max_image_pixels else {}
+    if name == "csv":
+        keys = ("train_csv", "test_csv", "image_root", "classes")
+        return list_csv(**{key: paths.get(key) for key in keys}, **limit)
+    return list_folder(paths["train_dir"], paths.get("test_dir"), test_fraction, **limit)
+
+
+def data_origins(name: str, mirror: Optional[str] = None) -> tuple[str, str]:
+    """Where an in-memory dataset's training and test images come from, for the lineage."""
     if name in SOURCES:
         base = mirror.rstrip("/") + "/" if mirror else FIRST_MIRRORS[name]
         train_images, _, test_images, _ = RAW_FILES
         return f"{base}{train_images}.gz", f"{base}{test_images}.gz"
-    if name == "csv":
-        return str(train_csv), str(test_csv)
     generator = {"synthetic": make_synthetic, "digits": load_digits}[name]
     return (f"{generator.__module__}.{generator.__name__}",) * 2
 
 
 def tensor_digest(data: ImageData) -> str:
-    """sha256 over shapes, pixels, labels and class names, so any change to the data shows."""
+    """sha256 over shapes, pixels, labels and class names, so any change to the data shows (what
+    tasks.data.prepared.digests computes from a prepared file)."""
     digest = hashlib.sha256()
     for tensor in data[:4]:
         digest.update(str(tuple(tensor.shape)).encode())
@@ -107,143 +122,196 @@ def tensor_digest(data: ImageData) -> str:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
-    pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
-    std = pixels.std(dim=1).clamp_min(1e-3)
-    return tuple(pixels.mean(dim=1).tolist()), tuple(std.tolist())
+    """Per-channel mean and std of uint8 images on the [0, 1] scale, a chunk at a time (float64
+    sums), so a memory-mapped split is read once and never copied whole."""
+    channels = images.shape[1]
+    total, squares, count = (
+        torch.zeros(channels, dtype=torch.float64),
+        torch.zeros(channels, dtype=torch.float64),
+        0,
+    )
+    for start in range(0, len(images), _STATS_CHUNK):
+        pixels = images[start : start + _STATS_CHUNK].transpose(0, 1).reshape(channels, -1).double() / 255
+        total += pixels.sum(1)
+        squares += (pixels * pixels).sum(1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = ((squares - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def load_tensors(path: str) -> ImageData:
-    """Maps tensors written by prepare_dataset (weights_only: no code runs on load); pages are
-    read from disk only when used.
+    """Maps a prepared file (tasks.data.prepared.open_file): pages are read only when used.
 
     Not checked against its record here: prepare_dataset checked it when the run chose it, and
     files are only ever replaced by rename, so a mapping keeps the bytes it was opened on."""
-    return ImageData(**torch.load(path, weights_only=True, mmap=True))
+    return prepared.open_file(path)
+
+
+def test_images(dataset: DatasetRef, limit: Optional[int] = None) -> torch.Tensor:
+    """The first `limit` (default: all) test images, uint8 and memory-mapped."""
+    return load_tensors(dataset.prepared_path).test_images[:limit]
 
 
 def test_pixels(dataset: DatasetRef, limit: Optional[int] = None) -> torch.Tensor:
     """The first `limit` (default: all) test images as float32 pixels in [0, 1], the models' input."""
-    return load_tensors(dataset.tensors_path).test_images[:limit].float() / 255
+    return test_images(dataset, limit).float() / 255
 
 
-def prepare_dataset(name: str, data_dir: Path, logger: Optional[Logger] = None, **options) -> DatasetRef:
-    """Loads, checks, fingerprints and stores a dataset under data_dir/prepared.
+def prepare_dataset(
+    name: str,
+    data_dir: Path,
+    logger: Optional[Logger] = None,
+    shape: Shape = Shape(),
+    workers: int = 1,
+    progress: Optional[Callable[[int, int], None]] = None,
+    **options,
+) -> DatasetRef:
+    """Loads, checks, preprocesses, fingerprints and stores a dataset under data_dir/prepared.
 
-    `options` are load_source's: mirror, or train_csv, test_csv, image_root and classes. A
-    FashionMNIST or MNIST copy prepared from the same raw files is reused without reading them.
-    A prepared file that fails its size and digest check is rebuilt, with a warning to `logger`.
-    """
-    origins = dict(zip(("train_origin", "test_origin"), data_origins(name, **options)))
-    stamp = raw_files_stamp(name, data_dir) if name in SOURCES else None
-    manifest = data_dir / "prepared" / f"{name}.json"
-    reused = reuse_prepared(manifest, stamp)
+    `options` are the source's: mirror; train_csv, test_csv, image_root, classes; train_dir,
+    test_dir, test_fraction; max_image_pixels. Photos are decoded by `workers` processes, with
+    `progress(images, total)` after each chunk. A copy prepared from the same sources with the same
+    preprocessing is reused without reading them; one that fails its size and digest check is
+    rebuilt, with a warning to `logger`."""
+    logger, folder = logger or _logger, data_dir / "prepared"
+    if name in PHOTO_SOURCES:
+        listing = list_photos(name, **options)
+        prep = shape.resolve(listing.sizes, listing.colour)
+        origins = (listing.train_origin, listing.test_origin)
+        manifest = folder / f"{name}-{_stamp(listing.stamp, prep)[:16]}.json"
+        reused = reuse_prepared(manifest)
+        if reused is None:
+            source = photo_source(listing, prep, workers, options.get("max_image_pixels"), progress)
+    else:
+        origins = data_origins(name, options.get("mirror"))
+        raw = raw_files_stamp(name, data_dir) if name in SOURCES else None
+        manifest = folder / f"{name}-{_stamp(raw, shape)[:16]}.json" if raw else None
+        reused = reuse_prepared(manifest)
+        if reused is None:
+            source = memory_source(check_image_data(load_source(name, data_dir, **options)), shape)
+            if name in SOURCES:  # downloaded by now
+                manifest = folder / f"{name}-{_stamp(raw_files_stamp(name, data_dir), shape)[:16]}.json"
     if reused is not None:
-        return DatasetRef(**reused, **origins)
-    data = check_image_data(load_source(name, data_dir, **options))
-    sha256 = tensor_digest(data)
-    path = data_dir / "prepared" / f"{name}-{sha256[:16]}.pt"
-    keep_or_store(data, path, logger or _logger)
-    mean, std = channel_stats(data.train_images)
-    ref = DatasetRef(
-        name=name,
-        tensors_path=str(path),
-        sha256=sha256,
-        class_names=tuple(data.class_names),
-        channels=data.train_images.shape[1],
-        image_size=tuple(data.train_images.shape[2:]),
-        train_size=len(data.train_labels),
-        test_size=len(data.test_labels),
-        mean=mean,
-        std=std,
-        **origins,
-    )
-    stamp = raw_files_stamp(name, data_dir) if name in SOURCES else None  # downloaded by now
-    if stamp is not None:
+        return DatasetRef(**reused, train_origin=origins[0], test_origin=origins[1])
+    ref = store(name, folder, source, origins, logger)
+    if manifest is not None:
         with atomic_output(manifest) as out:
-            described = {k: v for k, v in asdict(ref).items() if k not in origins}
-            json.dump({"raw_files": stamp, "ref": described}, out)
+            json.dump({k: v for k, v in asdict(ref).items() if not k.endswith("_origin")}, out)
     return ref
 
 
-def keep_or_store(data: ImageData, path: Path, logger: Logger) -> None:
-    """Keeps the file at `path` if it passes its check, else (re)writes it from `data`."""
-    if path.exists():
-        problem = tensors_file_problem(path)
-        if problem is None:
-            return
-        logger.warning("prepared dataset %s is damaged (%s); rebuilding it from the source", path, problem)
-    store_tensors(data, path)
+def _stamp(made_from: object, prep: object) -> str:
+    """A key for what a prepared copy was made from and how."""
+    return hashlib.sha256(json.dumps([made_from, repr(prep)], default=str).encode()).hexdigest()
 
 
-def store_tensors(data: ImageData, path: Path) -> None:
-    """Writes the record of `data`'s file, then the file, each atomically (record first: a reader
-    that finds the file finds its record)."""
-    sink = _HashingSink()
-    torch.save(data._asdict(), sink)
-    with atomic_output(record_path(path)) as out:
-        json.dump({"bytes": sink.size, "sha256": sink.digest.hexdigest()}, out)
-    atomic_save(data._asdict(), path)
+@dataclass(frozen=True)
+class Source:
+    """What a prepared file will hold, and how to fill in its images."""
+
+    class_names: tuple[str, ...]
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+    prep: Preprocessing
+    fill: Callable[[Path, prepared.Layout], None]
 
 
-def tensors_file_problem(path: Path) -> Optional[str]:
-    """What is wrong with the prepared file at `path` by its record, or None if it matches."""
+def photo_source(
+    listing: Listing,
+    prep: Preprocessing,
+    workers: int,
+    max_pixels: Optional[int],
+    progress: Optional[Callable[[int, int], None]],
+) -> Source:
+    """Listed photos, decoded and resized by `workers` processes into the file."""
+    limit = {"max_pixels": max_pixels} if max_pixels else {}
+    total = len(listing.train[0]) + len(listing.test[0])
+    on_chunk = (lambda images: progress(images, total)) if progress else None
+
+    def fill(path: Path, layout: prepared.Layout) -> None:
+        write_listing(path, layout, listing, prep, workers, on_chunk=on_chunk, **limit)
+
+    labels = [torch.tensor(split[1], dtype=torch.int64) for split in (listing.train, listing.test)]
+    return Source(listing.class_names, *labels, prep, fill)
+
+
+def memory_source(data: ImageData, shape: Shape) -> Source:
+    """An in-memory dataset in the asked preprocessing (by default its own size and channels)."""
+    first = data.train_images.shape
+    prep = shape.resolve(frozenset([tuple(first[2:])]), first[1] == 3)
+
+    def fill(path: Path, layout: prepared.Layout) -> None:
+        for split in ("train", "test"):
+            images = getattr(data, f"{split}_images")
+            for start in range(0, len(images), _STATS_CHUNK):
+                chunk = images[start : start + _STATS_CHUNK]
+                if tuple(chunk.shape[1:]) != (prep.channels, *prep.size):
+                    chunk = torch.stack([preprocess(image, prep) for image in chunk])
+                prepared.write_images(path, layout, split, start, chunk)
+
+    return Source(data.class_names, data.train_labels, data.test_labels, prep, fill)
+
+
+def store(name: str, folder: Path, source: Source, origins: tuple[str, str], logger: Logger) -> DatasetRef:
+    """Writes `source` to a temporary file, names it by its data's digest and publishes it, unless
+    a sound file of that name is there already (a damaged one is replaced, with a warning)."""
+    prep = source.prep
+    layout = prepared.plan_layout(
+        source.class_names, len(source.train_labels), len(source.test_labels), (prep.channels, *prep.size)
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.part"
     try:
-        recorded = json.loads(record_path(path).read_text())
-        size, sha256 = int(recorded["bytes"]), str(recorded["sha256"])
-    except FileNotFoundError:
-        return f"no record {record_path(path).name} of its size and digest"
-    except (ValueError, KeyError, TypeError):
-        return f"unreadable record {record_path(path).name}"
-    actual = path.stat().st_size
-    if actual != size:  # a truncated file costs a stat, not a hash
-        return f"{actual} bytes, {size} recorded"
-    with open(path, "rb") as handle:
-        if hashlib.file_digest(handle, "sha256").hexdigest() != sha256:
-            return "its sha256 differs from the recorded one"
-    return None
+        prepared.create_file(tmp, layout, source.train_labels, source.test_labels)
+        source.fill(tmp, layout)
+        file_sha256, sha256 = prepared.digests(tmp, layout)
+        path = folder / f"{name}-{sha256[:16]}{prepared.SUFFIX}"
+        problem = prepared.file_problem(path) if path.exists() else "missing"
+        if problem != "missing" and problem is not None:
+            logger.warning(
+                "prepared dataset %s is damaged (%s); rebuilding it from the source", path, problem
+            )
+        if problem is not None:
+            prepared.publish(tmp, path, file_sha256)
+    finally:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    data = prepared.open_file(path)
+    mean, std = channel_stats(data.train_images)
+    return DatasetRef(
+        name=name,
+        prepared_path=str(path),
+        sha256=sha256,
+        class_names=tuple(source.class_names),
+        channels=prep.channels,
+        image_size=tuple(prep.size),
+        train_size=len(source.train_labels),
+        test_size=len(source.test_labels),
+        mean=mean,
+        std=std,
+        train_origin=origins[0],
+        test_origin=origins[1],
+        resize_mode=prep.resize_mode,
+    )
 
 
-def record_path(path: Path) -> Path:
-    """Where the size and digest of the prepared file `path` are recorded."""
-    return path.with_name(path.name + ".json")
-
-
-class _HashingSink:
-    """A write-only file for torch.save that keeps only the size and sha256 of what it is given."""
-
-    def __init__(self) -> None:
-        self.digest, self.size = hashlib.sha256(), 0
-
-    def write(self, chunk: bytes) -> int:
-        self.digest.update(chunk)
-        self.size += len(chunk)
-        return len(chunk)
-
-    def flush(self) -> None:
-        pass
-
-
-def reuse_prepared(manifest: Path, stamp: Optional[list]) -> Optional[dict]:
-    """The DatasetRef fields `manifest` recorded, if it was made from the raw files `stamp`
-    describes and its tensors file passes its check; else None (and prepare_dataset, finding
-    the same file again, says what was wrong with it)."""
-    if stamp is None or not manifest.exists():
+def reuse_prepared(manifest: Optional[Path]) -> Optional[dict]:
+    """The DatasetRef fields `manifest` recorded, if its prepared file passes its check; else None
+    (and prepare_dataset, finding the same file again, says what was wrong with it)."""
+    if manifest is None or not manifest.exists():
         return None
     try:
-        recorded = json.loads(manifest.read_text())
-        ref = recorded["ref"]
-        tensors = Path(ref["tensors_path"])
-        if recorded["raw_files"] != [list(entry) for entry in stamp]:
+        ref = json.loads(manifest.read_text())
+        path = Path(ref["prepared_path"])
+        if not path.exists() or prepared.file_problem(path) is not None:
             return None
-        if not tensors.exists() or tensors_file_problem(tensors) is not None:
-            return None
+        return {
+            **ref,
+            "class_names": tuple(ref["class_names"]),
+            "image_size": tuple(ref["image_size"]),
+            "mean": tuple(ref["mean"]),
+            "std": tuple(ref["std"]),
+        }
     except (ValueError, KeyError, TypeError):
         return None  # unreadable or from another version: prepare again
-    return {
-        **ref,
-        "class_names": tuple(ref["class_names"]),
-        "image_size": tuple(ref["image_size"]),
-        "mean": tuple(ref["mean"]),
-        "std": tuple(ref["std"]),
-    }

@@ -52,6 +52,7 @@ class ImageHeader(NamedTuple):
     format: str
     width: int
     height: int
+    colour: bool = True  # False for grey PNGs and JPEGs: --channels auto picks 1 when no image has colour
 
 
 def check_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
@@ -77,15 +78,16 @@ def read_image_header(path: Path) -> ImageHeader:
     frame header (JPEG)."""
     with open(path, "rb") as handle:
         start = handle.read(32)
-        if start.startswith(b"\x89PNG\r\n\x1a\n") and start[12:16] == b"IHDR" and len(start) >= 24:
-            return ImageHeader("PNG", *struct.unpack(">II", start[16:24]))
+        if start.startswith(b"\x89PNG\r\n\x1a\n") and start[12:16] == b"IHDR" and len(start) >= 26:
+            colour = start[25] in (2, 3, 6)  # RGB, palette, RGBA; 0 and 4 are grey
+            return ImageHeader("PNG", *struct.unpack(">II", start[16:24]), colour)
         if start[:6] in (b"GIF87a", b"GIF89a") and len(start) >= 10:
             return ImageHeader("GIF", *struct.unpack("<HH", start[6:10]))
         if start[:4] == b"RIFF" and start[8:12] == b"WEBP" and len(start) >= 30:
             return ImageHeader("WebP", *_webp_size(start))
         if start[:3] == b"\xff\xd8\xff":
             handle.seek(2)
-            return ImageHeader("JPEG", *_jpeg_size(handle))
+            return ImageHeader("JPEG", *_jpeg_frame(handle))
     raise ImageFileError("it is not a PNG, JPEG, GIF or WebP image (judged by its first bytes)")
 
 
@@ -102,8 +104,9 @@ def _webp_size(start: bytes) -> tuple[int, int]:
     raise ImageFileError("it is a WebP file without a VP8, VP8L or VP8X header")
 
 
-def _jpeg_size(handle: BinaryIO) -> tuple[int, int]:
-    """Walks the segments after SOI to the first frame header (SOFn) and reads its size."""
+def _jpeg_frame(handle: BinaryIO) -> tuple[int, int, bool]:
+    """Walks the segments after SOI to the first frame header (SOFn) and reads its size and whether
+    it has colour components (3 for YCbCr, 4 for CMYK; 1 is grey)."""
     for _ in range(_JPEG_MAX_SEGMENTS):  # a bound, so a file of endless tiny segments ends
         if handle.read(1) != b"\xff":
             break
@@ -118,10 +121,10 @@ def _jpeg_size(handle: BinaryIO) -> tuple[int, int]:
         if len(length) < 2 or struct.unpack(">H", length)[0] < 2:
             break
         if marker[0] in _JPEG_FRAMES:
-            frame = handle.read(5)
-            if len(frame) < 5:
+            frame = handle.read(6)
+            if len(frame) < 6:
                 break
-            _, height, width = struct.unpack(">BHH", frame)
-            return width, height
+            _, height, width, components = struct.unpack(">BHHB", frame)
+            return width, height, components > 1
         handle.seek(struct.unpack(">H", length)[0] - 2, 1)
     raise ImageFileError("it is a JPEG file without a readable frame header")

@@ -1,21 +1,25 @@
-"""Loaders over in-memory uint8 tensors cut into batches by index, scaled per batch."""
+"""Loaders that cut batches by index out of memory-mapped uint8 images: no split is copied, each
+batch is gathered, moved to the device and scaled (or augmented) there as a whole."""
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
+from tasks.data.augment import augment_batch
 from tasks.data.datasets import DatasetRef, load_tensors
 
 _EVAL_BATCH = 256  # larger batches of small images spill the CPU's caches
 
 
 class TensorLoader:
-    """Yields (float pixels in [0, 1], labels) batches from uint8 tensors already on `device`.
+    """Yields (float pixels in [0, 1], labels) batches of `images[indices]` (all images when
+    `indices` is None), the labels on `device`.
 
-    Much faster than a DataLoader over PIL images: no per-sample Python, one index per batch.
-    """
+    Much faster than a DataLoader over PIL images: no per-sample Python, one index per batch. The
+    generator draws both the shuffle and the augmentation, so its state (checkpointed) is all a
+    resumed run needs to see the same batches."""
 
     def __init__(
         self,
@@ -25,11 +29,15 @@ class TensorLoader:
         shuffle: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        indices: Optional[torch.Tensor] = None,
+        augment: str = "none",
     ) -> None:
-        self.images = images.to(device)
-        self.labels = labels.to(device)
+        self.images = images  # stays where it is (a memory map): batches are gathered from it
+        self.indices = indices
+        self.labels = (labels if indices is None else labels[indices]).to(device)
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.augment = augment
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -40,12 +48,13 @@ class TensorLoader:
         return len(self.labels)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count = len(self.labels)
+        count, device = len(self.labels), self.labels.device
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
-        order = order.to(self.labels.device)
         for start in range(0, count, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield self.images[index].float().div_(255), self.labels[index]
+            rows = index if self.indices is None else self.indices[index]
+            batch = self.images[rows].to(device, non_blocking=True)
+            yield augment_batch(batch, self.augment, self.generator), self.labels[index.to(device)]
 
 
 class Loaders(NamedTuple):
@@ -67,18 +76,23 @@ def split_indices(count: int, val_fraction: float, seed: int) -> tuple[torch.Ten
 
 
 def make_loaders(
-    dataset: DatasetRef, batch_size: int, val_fraction: float, seed: int, device: torch.device | str
+    dataset: DatasetRef,
+    batch_size: int,
+    val_fraction: float,
+    seed: int,
+    device: torch.device | str,
+    augment: str = "none",
 ) -> Loaders:
-    """Train (shuffled), validation and test loaders over the prepared tensors."""
-    data = load_tensors(dataset.tensors_path)
+    """Train (shuffled, augmented), validation and test loaders over the prepared file."""
+    data = load_tensors(dataset.prepared_path)
     if len(data.train_labels) < 2:
         raise ValueError(f"{dataset.name}: need at least 2 training images to hold out validation")
     train, val = split_indices(len(data.train_labels), val_fraction, seed)
     images, labels = data.train_images, data.train_labels
     eval_batch = max(batch_size, _EVAL_BATCH)
     return Loaders(
-        TensorLoader(images[train], labels[train], batch_size, shuffle=True, seed=seed, device=device),
-        TensorLoader(images[val], labels[val], eval_batch, device=device),
+        TensorLoader(images, labels, batch_size, True, seed, device, indices=train, augment=augment),
+        TensorLoader(images, labels, eval_batch, device=device, indices=val),
         make_test_loader(dataset, device, eval_batch),
     )
 
@@ -87,5 +101,5 @@ def make_test_loader(
     dataset: DatasetRef, device: torch.device | str, batch_size: int = _EVAL_BATCH
 ) -> TensorLoader:
     """The test split, in order."""
-    data = load_tensors(dataset.tensors_path)
+    data = load_tensors(dataset.prepared_path)
     return TensorLoader(data.test_images, data.test_labels, batch_size, device=device)

@@ -10,8 +10,9 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 
-from tasks.data.csv_images import IMAGE_SUFFIXES, Row, decode_rows, iter_rows
+from tasks.data.csv_images import IMAGE_SUFFIXES, CsvDatasetError, Row, iter_rows
 from tasks.data.datasets import load_tensors, prepare_dataset
+from tasks.data.decoding import Preprocessing, load_image
 from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file
 
 
@@ -37,7 +38,6 @@ class Inputs:
     dataset: str = ""  # dataset: its name
     class_names: tuple[str, ...] = ()  # dataset: its label names
     max_pixels: int = DEFAULT_MAX_PIXELS  # csv, folder: files declaring more pixels are refused undecoded
-    resize: bool = False  # images of another size than the model's are resized to it, not refused
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -47,8 +47,8 @@ class Inputs:
         begin, end = min(begin, len(self)), min(end, len(self))
         return replace(self, start=self.start + begin, stop=self.start + end, names=self.names[begin:end])
 
-    def batches(self, size: int) -> Iterator[Batch]:
-        """Decodes the images `size` at a time, in order."""
+    def batches(self, size: int, prep: Preprocessing) -> Iterator[Batch]:
+        """Decodes the images `size` at a time, in order, files straight into `prep`'s shape."""
         if self.kind == "dataset":
             data = load_tensors(self.origin)
             for begin in range(self.start, self.stop, size):
@@ -64,8 +64,14 @@ class Inputs:
             folder = Path(self.origin)
             rows = (Row(self.start + i + 1, folder / name, "") for i, name in enumerate(self.names))
         while chunk := list(itertools.islice(rows, size)):
-            images = decode_rows(chunk, Path(self.origin), self.max_pixels)
+            images = [self._load(row, prep) for row in chunk]
             yield [str(row.path) for row in chunk], [row.label or None for row in chunk], images
+
+    def _load(self, row: Row, prep: Preprocessing) -> torch.Tensor:
+        try:
+            return load_image(row.path, prep, self.max_pixels)
+        except ImageFileError as error:
+            raise CsvDatasetError(f"{self.origin} row {row.line}: {row.path}: {error}") from None
 
 
 def csv_inputs(
@@ -115,7 +121,7 @@ def dataset_inputs(
     dataset = prepare_dataset(name, data_dir, mirror=mirror)
     check_labels(set(dataset.class_names), class_names)
     return Inputs(
-        "dataset", dataset.tensors_path, 0, dataset.test_size, dataset=name, class_names=dataset.class_names
+        "dataset", dataset.prepared_path, 0, dataset.test_size, dataset=name, class_names=dataset.class_names
     )
 
 
@@ -128,7 +134,7 @@ def check_size(header: ImageHeader, source: str, size: Optional[Size]) -> None:
 def size_error(source: str, actual: Size, size: Size) -> PredictionError:
     return PredictionError(
         f"{source}: image is {tuple(actual)} pixels, the model takes {tuple(size)} (height, width); "
-        "give --resize to resize images to it"
+        "prediction resizes images as training did unless --no-resize is given"
     )
 
 

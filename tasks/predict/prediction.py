@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from torchvision.transforms.v2.functional import resize as resize_image
-from torchvision.transforms.v2.functional import rgb_to_grayscale
 
+from tasks.data.decoding import Preprocessing, preprocess
 from tasks.files import atomic_output
-from tasks.predict.image_inputs import Inputs, PredictionError, size_error
+from tasks.predict.image_inputs import Inputs, PredictionError
 from tasks.track.tracking import get_client, skip_package_scan
 
 COLUMNS = ["path", "predicted_index", "predicted_class", "confidence", "true_label", "correct"]
@@ -35,6 +34,7 @@ class RegisteredModel:
     source_run_id: str
     class_names: tuple[str, ...]
     input_shape: tuple[int, int, int]
+    preprocessing: Preprocessing  # how an image of any size becomes the model's input, as in training
 
 
 def find_registered(name: str, alias: str) -> RegisteredModel:
@@ -52,13 +52,28 @@ def find_registered(name: str, alias: str) -> RegisteredModel:
         ) from error
     uri = f"models:/{name}/{version.version}"
     info = mlflow.models.get_model_info(uri)
+    shape = input_shape(info)
     return RegisteredModel(
         uri=uri,
         version=str(version.version),
         source_run_id=version.run_id,
         class_names=tuple(info.metadata["class_names"]),
-        input_shape=tuple(info.signature.inputs.inputs[0].shape[1:]),
+        input_shape=shape,
+        preprocessing=model_preprocessing(info.metadata, shape),
     )
+
+
+def input_shape(info: mlflow.models.model.ModelInfo) -> tuple[int, int, int]:
+    """(C, H, W) of the model's input, from its signature."""
+    return tuple(info.signature.inputs.inputs[0].shape[1:])
+
+
+def model_preprocessing(metadata: Optional[dict], shape: tuple[int, int, int]) -> Preprocessing:
+    """The preprocessing a model was trained with, from its metadata; models logged before it was
+    recorded get a plain resize to their input (what --resize did for them)."""
+    if metadata and "preprocessing" in metadata:
+        return Preprocessing.from_dict(metadata["preprocessing"])
+    return Preprocessing(shape[0], tuple(shape[1:]), "stretch")
 
 
 def load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
@@ -77,22 +92,10 @@ def _load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def to_pixels(
-    images: list[torch.Tensor], sources: Sequence[str], shape: tuple[int, int, int], resize: bool = False
-) -> np.ndarray:
-    """float32 pixels in [0, 1] shaped for the model; grey and RGB are converted as needed, and with
-    `resize` other sizes are resized (antialiased) to the model's, else refused."""
-    channels, size = shape[0], tuple(shape[1:])
-    ready = []
-    for image, source in zip(images, sources):
-        if tuple(image.shape[1:]) != size:
-            if not resize:
-                raise size_error(source, tuple(image.shape[1:]), size)
-            image = resize_image(image, list(size), antialias=True)
-        if image.shape[0] != channels:
-            image = rgb_to_grayscale(image) if channels == 1 else image.expand(channels, -1, -1)
-        ready.append(image)
-    return (torch.stack(ready).float() / 255).numpy()
+def to_pixels(images: Sequence[torch.Tensor], prep: Preprocessing) -> np.ndarray:
+    """float32 pixels in [0, 1] shaped for the model: images not yet in `prep`'s shape (a dataset's
+    test split) are preprocessed as training preprocessed its own."""
+    return (torch.stack([preprocess(image, prep) for image in images]).float() / 255).numpy()
 
 
 def predictions_table(
@@ -142,8 +145,8 @@ def predict_to_csv(
     counts = []
     with atomic_output(output) as handle:
         handle.write(",".join(COLUMNS) + "\n")
-        for sources, labels, images in inputs.batches(batch_size):
-            pixels = to_pixels(images, sources, registered.input_shape, inputs.resize)
+        for sources, labels, images in inputs.batches(batch_size, registered.preprocessing):
+            pixels = to_pixels(images, registered.preprocessing)
             table = predictions_table(model.predict(pixels), sources, labels, registered.class_names)
             table.to_csv(handle, header=False, index=False)
             counts.append(tally(table))

@@ -16,17 +16,24 @@ from typing import Optional, Sequence
 
 import mlflow
 
-from tasks.data.csv_images import CsvDatasetError, Row, decode_rows
+from tasks.data.decoding import load_image
+from tasks.data.images import ImageFileError
 from tasks.predict.image_inputs import PredictionError
-from tasks.predict.prediction import to_pixels
+from tasks.predict.prediction import input_shape, model_preprocessing, to_pixels
 
 
 def request_body(model_uri: str, paths: Sequence[Path]) -> dict:
-    """The scoring server's tensor input for `paths`, checked against the model's input shape."""
-    rows = [Row(index, path, "") for index, path in enumerate(paths, 1)]
-    images = decode_rows(rows, Path("the command line"))
-    shape = tuple(mlflow.models.get_model_info(model_uri).signature.inputs.inputs[0].shape[1:])
-    return {"inputs": to_pixels(images, [str(path) for path in paths], shape).tolist()}
+    """The scoring server's tensor input for `paths`: each image preprocessed as the model's
+    training data was (its size, channels and resize mode, from the model's metadata)."""
+    info = mlflow.models.get_model_info(model_uri)
+    prep = model_preprocessing(info.metadata, input_shape(info))
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(path, prep))
+        except ImageFileError as error:
+            raise PredictionError(f"{path}: {error}") from None
+    return {"inputs": to_pixels(images, prep).tolist()}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -38,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         body = request_body(args.model_uri, args.images)
-    except (CsvDatasetError, PredictionError, mlflow.exceptions.MlflowException) as error:
+    except (PredictionError, mlflow.exceptions.MlflowException) as error:
         sys.exit(f"error: {error}")
     json.dump(body, sys.stdout)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,11 +38,11 @@ def list_images(
     class_names: Sequence[str],
     image_size: Optional[image_inputs.Size] = None,
     max_image_pixels: int = image_inputs.DEFAULT_MAX_PIXELS,
-    resize: bool = False,
+    resize: bool = True,
 ) -> Inputs:
     """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels
-    and image headers: image files of another size than `image_size` (the model's) are refused
-    here, before any prediction, unless `resize` says to resize them."""
+    and image headers; without `resize`, image files of another size than `image_size` (the
+    model's) are refused here, before any prediction (else they are preprocessed as in training)."""
     size = None if resize else image_size
     if input_csv:
         root = image_root or input_csv.parent
@@ -52,7 +51,7 @@ def list_images(
         inputs = image_inputs.folder_inputs(image_dir, max_image_pixels, size)
     else:
         inputs = image_inputs.dataset_inputs(dataset, data_dir, class_names, mirror)
-    return replace(inputs, resize=resize)
+    return inputs
 
 
 @task(

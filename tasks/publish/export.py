@@ -17,6 +17,7 @@ from tasks.files import atomic_path, atomic_save
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 MAX_ABS_DIFF = 1e-4
+_BATCH_PIXELS = 1 << 24  # values per onnxruntime batch: 1024 28x28 images, 111 RGB ones at 224x224
 
 
 class OnnxMismatchError(RuntimeError):
@@ -82,11 +83,12 @@ def onnx_session(path: Path) -> onnxruntime.InferenceSession:
 def compare_onnx(
     expected: torch.Tensor,
     onnx_path: Path,
-    pixels: torch.Tensor,
+    images: torch.Tensor,
     batch_size: int = 1024,
     single_samples: int = 32,
 ) -> ParityReport:
-    """Runs onnxruntime in large batches on all `pixels`, and at batch 1 on a sample, against
+    """Runs onnxruntime in batches on all `images` (uint8, scaled to [0, 1] a batch at a time, so a
+    memory-mapped split is never held whole as floats), and at batch 1 on a sample, against
     PyTorch's fp32 logits `expected` for the same pixels.
 
     Every image goes through the batched graph, so every input the test split holds is checked.
@@ -94,16 +96,18 @@ def compare_onnx(
     but not other weights or operators); a sample shows that path agrees, and checking every image
     that way would cost seconds per run for no new kind of error."""
     session = onnx_session(onnx_path)
-    singles = min(single_samples, len(pixels))
-    starts = range(0, len(pixels), batch_size)
-    chunks = [(pixels[s : s + batch_size], expected[s : s + batch_size]) for s in starts]
-    chunks += [(pixels[i : i + 1], expected[i : i + 1]) for i in range(singles)]
+    singles = min(single_samples, len(images))
+    batch_size = max(1, min(batch_size, _BATCH_PIXELS // max(1, images[0].numel())))
+    starts = range(0, len(images), batch_size)
+    chunks = [(images[s : s + batch_size], expected[s : s + batch_size]) for s in starts]
+    chunks += [(images[i : i + 1], expected[i : i + 1]) for i in range(singles)]
     worst, agree = 0.0, 0
     for chunk, reference in chunks:
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: chunk.numpy()})[0]
+        pixels = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0]
         reference = reference.numpy()
         worst = max(worst, float(np.abs(got - reference).max()))
         agree += int((got.argmax(1) == reference.argmax(1)).sum())
-    checked = len(pixels) + singles
+    checked = len(images) + singles
     passed = worst <= MAX_ABS_DIFF and agree == checked
-    return ParityReport(worst, agree / checked, len(pixels), singles, passed)
+    return ParityReport(worst, agree / checked, len(images), singles, passed)

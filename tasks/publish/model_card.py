@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 from tasks.data.datasets import DatasetRef
+from tasks.data.decoding import Preprocessing
 
 PER_CLASS_COLUMNS = ("class_name", "precision", "recall", "f1", "support")
 
@@ -55,6 +56,7 @@ def version_card(
         [
             f"## {dataset.name}: test accuracy {metrics['test_accuracy']:.4f}",
             f"- **Dataset** `{dataset.name}`, sha256 `{dataset.sha256}`; images: {sizes}",
+            f"- **Preprocessing** {preprocessing_sentence(dataset.preprocessing)}",
             f"- **Test** accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_macro_f1']:.4f}, "
             f"loss {metrics['test_loss']:.4f}",
             f"- **ONNX parity** max |logit diff| {parity['max_abs_diff']:.3g} on {parity['samples']} "
@@ -72,11 +74,28 @@ def version_card(
     )
 
 
-def model_contract(channels: int, image_size: Sequence[int], class_names: Sequence[str]) -> str:
-    """What every version of a registered model takes and returns."""
-    height, width = image_size
+def preprocessing_sentence(prep: Preprocessing) -> str:
+    """How an image file of any size becomes the model's input, in words."""
+    height, width = prep.size
+    how = {
+        "crop": "shorter side resized to fit, then centre-cropped",
+        "pad": "resized to fit inside, then padded with black (letterbox)",
+        "stretch": "resized to the size, aspect ratio not kept",
+    }[prep.resize_mode]
+    colour = "grey (1 channel)" if prep.channels == 1 else "RGB (3 channels)"
     return (
-        f"Image classifier. Input: float32 pixels in [0, 1], shape (N, {channels}, {height}, {width}) "
-        f"(N, C, H, W). Output: float32 logits, shape (N, {len(class_names)}); softmax gives "
-        f"probabilities. Classes in index order: {', '.join(class_names)}."
+        f"{colour}, {height}x{width} pixels, resize mode `{prep.resize_mode}` ({how}; antialiased "
+        "bilinear); EXIF orientation applied, alpha composited on white, 16-bit scaled to 8"
+    )
+
+
+def model_contract(prep: Preprocessing, class_names: Sequence[str]) -> str:
+    """What every version of a registered model takes and returns."""
+    height, width = prep.size
+    return (
+        f"Image classifier. Input: float32 pixels in [0, 1], shape (N, {prep.channels}, {height}, {width}) "
+        f"(N, C, H, W). Preprocessing of image files (stored in the model's metadata; batch prediction "
+        f"and `python -m tasks.predict.serving` apply it): {preprocessing_sentence(prep)}. Output: "
+        f"float32 logits, shape (N, {len(class_names)}); softmax gives probabilities. Classes in index "
+        f"order: {', '.join(class_names)}."
     )

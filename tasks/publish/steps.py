@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models import ModelSpec
-from tasks.data.datasets import DatasetRef, test_pixels
+from tasks.data.datasets import DatasetRef, test_images, test_pixels
 from tasks.data.loaders import TensorLoader
 from tasks.publish import evaluation, export, gate_lock, model_card, plots, registry
 from tasks.publish.evaluation import Evaluation
@@ -70,7 +70,7 @@ def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str)
 @task(name="validate-onnx", cache_policy=NO_CACHE)
 def validate_onnx(onnx_path: Path, evaluation: Evaluation, dataset: DatasetRef, run_id: str) -> dict:
     """onnxruntime against PyTorch's test logits on the whole test split; raises when they disagree."""
-    report = export.compare_onnx(evaluation.logits, onnx_path, test_pixels(dataset))
+    report = export.compare_onnx(evaluation.logits, onnx_path, test_images(dataset))
     tracking.log_metrics(
         run_id, {"onnx_max_abs_diff": report.max_abs_diff, "onnx_top1_agreement": report.top1_agreement}
     )
@@ -104,6 +104,7 @@ def log_models(
             "class_names": list(dataset.class_names),
             "dataset": dataset.name,
             "dataset_sha256": dataset.sha256,
+            "preprocessing": dataset.preprocessing.to_dict(),  # prediction and serving apply it
         },
     )
     savers = {
@@ -140,7 +141,7 @@ def register_model(
         sizes = lineage.split_sizes(dataset, float(params["val_fraction"]))
         facts = (evaluation.metrics, evaluation.per_class, parity, outcome, reports.provenance(run_id))
         card = model_card.version_card(dataset, sizes, params, *facts)
-        contract = model_card.model_contract(spec.in_channels, spec.image_size, dataset.class_names)
+        contract = model_card.model_contract(dataset.preprocessing, dataset.class_names)
         tags = model_tags(dataset, evaluation, parity)
         versions = {
             registered: registry.register_version(run_id, model_id, registered, tags, card, contract)

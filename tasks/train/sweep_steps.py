@@ -37,6 +37,8 @@ class Trial:
     batch_size: int
     val_fraction: float
     device: str
+    dataset: DatasetRef  # prepared in the preprocessing this trial asks for
+    augment: str = "none"
 
     @property
     def name(self) -> str:
@@ -60,7 +62,8 @@ def run_trial(
     run_id = tracking.open_child_run(parent_run_id, trial.index, f"{trial.name} {label}", tags, trial.params)
     try:
         lineage.log_splits(run_id, dataset, trial.settings.seed, trial.val_fraction)
-        loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, trial.settings.seed, device)
+        seed = trial.settings.seed
+        loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, seed, device, trial.augment)
         watch = Watch(system_metrics=trial.params["system_metrics"])
         trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id, watch)
     except BaseException as error:

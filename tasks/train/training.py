@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ModelSpec, build_from_spec
+from models import (
+    ModelSpec,
+    backbone_parameters,
+    build_model,
+    freeze_backbone,
+    head_parameters,
+    keep_frozen_norms_eval,
+)
 from tasks.data.loaders import Loaders, TensorLoader
 from tasks.files import atomic_save
 from tasks.train import speed
@@ -36,6 +43,9 @@ class TrainSettings:
     precision: str = "fp32"  # auto, fp32, bf16 or fp16: see speed.resolve_precision
     channels_last: bool = True  # for models with convolutions
     compile: bool = False  # torch.compile the training step
+    weights: str = "none"  # backbones: none, imagenet or a state_dict file to start from
+    freeze_backbone: bool = False  # train the classifier head only
+    backbone_lr_scale: float = 0.1  # the backbone's learning rate as a share of the head's
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -61,9 +71,18 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD with Nesterov momentum."""
-    params = model.parameters()
+def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """The head at `lr` and a backbone (if any) at `lr * backbone_lr_scale`; frozen parameters left out."""
+    groups = [(head_parameters(model), lr), (backbone_parameters(model), lr * backbone_lr_scale)]
+    trainable = [([p for p in params if p.requires_grad], rate) for params, rate in groups]
+    return [{"params": params, "lr": rate} for params, rate in trainable if params]
+
+
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW, Adam or SGD with Nesterov momentum, over parameter_groups."""
+    params = parameter_groups(model, lr, backbone_lr_scale)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adam":
@@ -78,8 +97,9 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step schedule over the whole run: one-cycle, cosine decay or constant."""
     if name == "onecycle":
+        peaks = [group["lr"] for group in optimizer.param_groups]  # each group's own peak
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=0.25
         )
     if name == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
@@ -108,6 +128,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over `loader`; returns mean loss and accuracy."""
     model.train()
+    keep_frozen_norms_eval(model)  # a frozen backbone keeps the statistics it came with
     device = loader.labels.device
     optimizer, scaler = optimisation.optimizer, optimisation.scaler
     loss_sum = torch.zeros((), device=device)
@@ -200,11 +221,17 @@ def build_training(
 ) -> tuple[nn.Module, nn.Module, Optimisation]:
     """The network on `device` (channels-last where it has convolutions), the module that runs the
     training steps (compiled when asked) and the optimiser, schedule and loss scaler."""
-    model = build_from_spec(spec).to(device)
+    model = build_model(
+        spec.name, spec.in_channels, spec.image_size, spec.num_classes, spec.mean, spec.std, settings.weights
+    ).to(device)
+    if settings.freeze_backbone:
+        freeze_backbone(model)
     levers = settings_levers(model, device, settings)
     if levers.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, settings.optimizer, settings.lr, settings.weight_decay)
+    optimizer = make_optimizer(
+        model, settings.optimizer, settings.lr, settings.weight_decay, settings.backbone_lr_scale
+    )
     total_steps = settings.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
     optimisation = Optimisation(

@@ -1,0 +1,211 @@
+"""Your own photos: a class-folder tree or CSVs, listed and header-checked, then decoded, converted
+and resized once, in parallel worker processes that write straight into the prepared file."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from tasks.data import prepared
+from tasks.data.csv_images import encode_labels, label_set, read_rows
+from tasks.data.decoding import Preprocessing, load_image
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file
+
+FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what the decoder reads
+_CHUNK = 64  # images a worker decodes and writes per task
+
+
+class ImageFolderError(ValueError):
+    """A class-folder tree is missing, empty, or holds a file that is not a readable image."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The image files of both splits with their label indices, every header checked."""
+
+    class_names: tuple[str, ...]
+    train: tuple[tuple[str, ...], tuple[int, ...]]  # paths, labels
+    test: tuple[tuple[str, ...], tuple[int, ...]]
+    sizes: frozenset[tuple[int, int]]  # the (height, width) the headers declare
+    colour: bool  # any image has colour
+    train_origin: str
+    test_origin: str
+    stamp: str  # sha256 of what was listed: paths, labels, file sizes and modification times
+
+
+def list_csv(
+    train_csv: Path,
+    test_csv: Path,
+    image_root: Path,
+    classes: Optional[list[str]] = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Listing:
+    """The notes' CustomImageDataset: two CSVs of (path under image_root, label), every row checked."""
+    train_rows = read_rows(train_csv, image_root, max_pixels=max_pixels)
+    test_rows = read_rows(test_csv, image_root, max_pixels=max_pixels)
+    names = tuple(classes) if classes else label_set([row.label for row in train_rows])
+    train_labels = encode_labels(train_rows, names, train_csv).tolist()
+    test_labels = encode_labels(test_rows, names, test_csv).tolist()
+    headers = [row.header for row in train_rows + test_rows]
+    train = (tuple(str(row.path) for row in train_rows), tuple(train_labels))
+    test = (tuple(str(row.path) for row in test_rows), tuple(test_labels))
+    return _listing(names, train, test, headers, str(train_csv), str(test_csv))
+
+
+def list_folder(
+    train_dir: Path,
+    test_dir: Optional[Path] = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Listing:
+    """torchvision's ImageFolder layout: one subfolder per class (sorted names are the classes). The
+    test split is `test_dir` (same layout, same or fewer classes) or else a seeded, stratified
+    `test_fraction` of each training class."""
+    names = class_folders(train_dir)
+    paths, labels, headers = folder_files(train_dir, names, max_pixels)
+    if test_dir is not None:
+        extra = sorted(set(class_folders(test_dir)) - set(names))
+        if extra:
+            raise ImageFolderError(f"{test_dir}: classes {extra} have no folder in {train_dir}")
+        test_paths, test_labels, test_headers = folder_files(test_dir, names, max_pixels, missing_ok=True)
+        train, test = (paths, labels), (test_paths, test_labels)
+        return _listing(names, train, test, headers + test_headers, str(train_dir), str(test_dir))
+    keep, held = stratified_split(labels, test_fraction, seed)
+    train = (tuple(paths[i] for i in keep), tuple(labels[i] for i in keep))
+    test = (tuple(paths[i] for i in held), tuple(labels[i] for i in held))
+    test_origin = f"{train_dir} (stratified test split: fraction {test_fraction}, seed {seed})"
+    return _listing(names, train, test, headers, str(train_dir), test_origin)
+
+
+def class_folders(root: Path) -> tuple[str, ...]:
+    """The sorted names of `root`'s visible subfolders; at least two."""
+    if not root.is_dir():
+        raise ImageFolderError(f"image folder {root} does not exist")
+    names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if len(names) < 2:
+        raise ImageFolderError(
+            f"{root} has {len(names)} class folder(s) {list(names)}; expected one subfolder per class, "
+            "at least two"
+        )
+    return names
+
+
+def folder_files(
+    root: Path, classes: Sequence[str], max_pixels: int, missing_ok: bool = False
+) -> tuple[tuple[str, ...], tuple[int, ...], list[ImageHeader]]:
+    """Every image file under root/CLASS (any depth, sorted), with its label and checked header."""
+    base = root.resolve()
+    paths, labels, headers = [], [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir() and missing_ok:
+            continue
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FOLDER_SUFFIXES and p.is_file())
+        if not files and not missing_ok:
+            raise ImageFolderError(f"class folder {folder} holds no {'/'.join(FOLDER_SUFFIXES)} images")
+        for path in files:
+            headers.append(checked_header(path, base, max_pixels))
+            paths.append(str(path))
+            labels.append(label)
+    if not paths:
+        raise ImageFolderError(f"{root}: no images in its class folders {list(classes)}")
+    return tuple(paths), tuple(labels), headers
+
+
+def checked_header(path: Path, root: Path, max_pixels: int) -> ImageHeader:
+    """The header of an image that stays under `root` (symlinks included)."""
+    if not path.resolve().is_relative_to(root):
+        raise ImageFolderError(f"{path} resolves outside {root}; images must stay under the folder")
+    try:
+        return check_image_file(path, max_pixels)
+    except ImageFileError as error:
+        raise ImageFolderError(f"{path}: {error}") from None
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, test): `fraction` of each class, rounded, drawn by `seed`; a class of two or
+    more images keeps at least one on each side."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    by_class = torch.as_tensor(labels)
+    for label in sorted(set(labels)):
+        members = torch.nonzero(by_class == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)].tolist()
+        count = min(max(1, round(len(members) * fraction)), len(members) - 1) if len(members) > 1 else 0
+        test += members[:count]
+        train += members[count:]
+    if not test:
+        raise ImageFolderError(f"a test fraction of {fraction} leaves no test images; give --test-dir")
+    return sorted(train), sorted(test)
+
+
+def _listing(names, train, test, headers, train_origin: str, test_origin: str) -> Listing:
+    digest = hashlib.sha256("\n".join(names).encode())
+    for split, (paths, labels) in (("train", train), ("test", test)):
+        for path, label in zip(paths, labels):
+            stat = os.stat(path)
+            digest.update(f"{split}\t{path}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return Listing(
+        class_names=tuple(names),
+        train=train,
+        test=test,
+        sizes=frozenset((header.height, header.width) for header in headers),
+        colour=any(header.colour for header in headers),
+        train_origin=train_origin,
+        test_origin=test_origin,
+        stamp=digest.hexdigest(),
+    )
+
+
+def write_listing(
+    path: Path,
+    layout: prepared.Layout,
+    listing: Listing,
+    prep: Preprocessing,
+    workers: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    on_chunk: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Decodes and preprocesses every listed image into the sized prepared file at `path`: `workers`
+    processes, each writing its chunks in place, so no image crosses a process boundary."""
+    tasks = [
+        (path, layout, split, start, paths[start : start + _CHUNK], prep, max_pixels)
+        for split, (paths, _) in (("train", listing.train), ("test", listing.test))
+        for start in range(0, len(paths), _CHUNK)
+    ]
+    if workers <= 1 or len(tasks) <= 1:
+        done: Iterable[int] = map(_write_chunk, tasks)
+        for count in done:
+            on_chunk and on_chunk(count)
+        return
+    # fork, as torch's DataLoader does on Linux: workers start in milliseconds with the modules
+    # already imported (spawn would import torch and this project again, seconds per worker).
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+        for count in pool.map(_write_chunk, tasks):
+            on_chunk and on_chunk(count)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # one image at a time per process; the processes use the cores
+
+
+def _write_chunk(task: tuple) -> int:
+    path, layout, split, start, paths, prep, max_pixels = task
+    images = []
+    for source in paths:
+        try:
+            images.append(load_image(Path(source), prep, max_pixels))
+        except ImageFileError as error:
+            raise ImageFolderError(f"{source}: {error}") from None
+    prepared.write_images(path, layout, split, start, torch.stack(images))
+    return len(paths)
