@@ -20,9 +20,9 @@ if __name__ == "__main__":
 
     _config = parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
     exit_unless_tracking_answers()
+    exit_unless_weights_available(_config)
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
     exit_unless_hardware_fits(_config)
-    exit_unless_weights_available(_config)
 
 from prefect import flow
 from prefect.exceptions import CancelledRun

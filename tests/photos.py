@@ -235,9 +235,7 @@ def write_class_folders(
     return written
 
 
-def write_photos(
-    folder: Path, count: int, size: tuple[int, int] = (128, 128), seed: int = 0
-) -> list[Path]:
+def write_photos(folder: Path, count: int, size: tuple[int, int] = (128, 128), seed: int = 0) -> list[Path]:
     """`count` plain RGB JPEGs of one (height, width)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -139,5 +139,5 @@ def test_input_options_resolve_paths(tmp_path, monkeypatch):
         "data_dir": tmp_path / "data",
         "mirror": None,
         "max_image_pixels": 50_000_000,
-        "resize": False,
+        "resize": True,
     }

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import re
 import shutil
 import struct
 import zlib
@@ -9,7 +10,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import torchvision.io
 from conftest import run_train_script, write_csv
 from PIL import Image
 from torchvision.io import encode_jpeg, write_png
@@ -17,8 +17,11 @@ from torchvision.transforms.v2.functional import resize
 
 from flows.cli import parse_config, parse_sweep_config, short_user_errors
 from flows.config import DEFAULT_MAX_IMAGE_PIXELS, PredictConfig, TrainConfig
-from tasks.data.csv_images import CsvDatasetError, Row, decode_rows, load_csv_dataset, read_rows
+from tasks.data.csv_images import CsvDatasetError, read_rows
+from tasks.data.datasets import load_tensors, prepare_dataset
+from tasks.data.decoding import Preprocessing, decode_image_file, load_image
 from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, check_image_file, read_image_header
+from tasks.data.photos import ImageFolderError, list_csv
 from tasks.predict.image_inputs import Inputs, PredictionError, csv_inputs, folder_inputs
 from tasks.predict.prediction import RegisteredModel, predict_to_csv, to_pixels
 from tasks.predict.steps import list_images
@@ -48,14 +51,15 @@ def bomb_png(tmp_path_factory):
 
 @pytest.fixture
 def decoder_calls(monkeypatch):
-    """Every path torchvision's decode_image is asked to decode (decode_rows imports it per call)."""
-    calls, real = [], torchvision.io.decode_image
+    """Every path PIL is asked to open, which is where decode_image_file decodes (after its own
+    header check), in this process: prepare_dataset decodes here with its default one worker."""
+    calls, real = [], Image.open
 
     def spy(path, *args, **kwargs):
         calls.append(str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(torchvision.io, "decode_image", spy)
+    monkeypatch.setattr(Image, "open", spy)
     return calls
 
 
@@ -113,16 +117,19 @@ def outside_png(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
-def test_paths_leaving_the_image_root_are_refused(kind, png_dataset, outside_png):
+def test_paths_leaving_the_image_root_are_refused(kind, png_dataset, outside_png, tmp_path, decoder_calls):
     root = png_dataset["image_root"]
     name = {"dotdot": f"../{outside_png.name}", "absolute": str(outside_png), "symlink": "img/link.png"}[kind]
     (root / "img" / "link.png").symlink_to(outside_png)
     write_csv(png_dataset["train_csv"], [("img/000.png", "left"), (name, "right")])
     message = rf"train.csv row 3: image '{name}' resolves to '{outside_png}', outside the image root {root}"
     with pytest.raises(CsvDatasetError, match=message):
-        load_csv_dataset(**png_dataset)
+        list_csv(**png_dataset)
+    with pytest.raises(CsvDatasetError, match=message):  # the training dataset, before decoding
+        prepare_dataset("csv", tmp_path / "data", **png_dataset)
     with pytest.raises(CsvDatasetError, match=message):  # prediction CSVs too
         csv_inputs(png_dataset["train_csv"], root, ["left", "right"])
+    assert decoder_calls == []
 
 
 def test_etc_passwd_and_symlinks_inside_the_root(png_dataset):
@@ -134,7 +141,10 @@ def test_etc_passwd_and_symlinks_inside_the_root(png_dataset):
         read_rows(png_dataset["test_csv"], root)
     (root / "inside.png").symlink_to(root / "img" / "001.png")  # a link that stays inside is fine
     write_csv(png_dataset["test_csv"], [("inside.png", "right"), ("img/../img/000.png", "left")])
-    assert len(load_csv_dataset(**png_dataset).test_labels) == 2
+    assert list_csv(**png_dataset).test[1] == (1, 0)
+    data = load_tensors(prepare_dataset("csv", root / "data", **png_dataset).prepared_path)
+    assert torch.equal(data.test_images[0], data.train_images[1])  # 001.png, through the link
+    assert torch.equal(data.test_images[1], data.train_images[0])
 
 
 # 3. Files that are not images
@@ -147,7 +157,7 @@ def test_text_with_an_image_suffix_is_refused_by_its_first_bytes(png_dataset, de
         CsvDatasetError,
         match=r"train.csv row 4: image 'img/002.png': it is not a PNG, JPEG, GIF or WebP image",
     ):
-        load_csv_dataset(**png_dataset)
+        prepare_dataset("csv", png_dataset["image_root"] / "data", **png_dataset)
     with pytest.raises(PredictionError, match=r"img/002.png: it is not a PNG, JPEG, GIF or WebP image"):
         folder_inputs(root / "img")
     (root / "img" / "002.png").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")  # JPEG magic, no frame
@@ -173,8 +183,8 @@ def image_bytes(kind: str, width: int, height: int) -> bytes:
 def test_headers_of_every_decodable_format_give_the_size(kind, tmp_path):
     path = tmp_path / "image"
     path.write_bytes(image_bytes(kind, 13, 7))
-    assert read_image_header(path)[1:] == (13, 7)
-    assert tuple(torchvision.io.decode_image(str(path)).shape[1:]) == (7, 13)
+    assert read_image_header(path)[1:] == (13, 7, True)  # width, height, colour
+    assert tuple(decode_image_file(path).shape) == (3, 7, 13)
 
 
 def test_formats_the_decoder_cannot_read_are_refused(tmp_path):
@@ -182,6 +192,24 @@ def test_formats_the_decoder_cannot_read_are_refused(tmp_path):
     path.write_bytes(image_bytes("bmp", 4, 4))
     with pytest.raises(ImageFileError, match="not a PNG, JPEG, GIF or WebP image"):
         check_image_file(path)
+    with pytest.raises(ImageFileError, match="not a PNG, JPEG, GIF or WebP image"):
+        decode_image_file(path)  # though PIL reads BMP: only the format the header check judged
+
+
+def test_undecodable_files_are_named_by_the_training_and_prediction_decoders(png_dataset, tmp_path):
+    root = png_dataset["image_root"]
+    image = root / "img" / "040.png"  # in the test split
+    image.write_bytes(image.read_bytes()[:60])  # a sound header, then the data cut short
+    assert list_csv(**png_dataset).sizes == {(12, 12)}  # listing reads headers only
+    named = rf"^{re.escape(str(image))}: it cannot be decoded: "
+    with pytest.raises(ImageFolderError, match=named):  # from a decoding worker process
+        prepare_dataset("csv", tmp_path / "data", workers=2, **png_dataset)
+    assert not list((tmp_path / "data" / "prepared").iterdir())
+    inputs = csv_inputs(png_dataset["test_csv"], root, ["left", "right"])
+    with pytest.raises(
+        CsvDatasetError, match=rf"test.csv row 6: {re.escape(str(image))}: it cannot be decoded"
+    ):
+        list(inputs.batches(4, Preprocessing(1, (12, 12))))
 
 
 # 4. Decompression bombs
@@ -193,30 +221,41 @@ def test_a_png_bomb_is_refused_from_its_header_never_decoded(bomb_png, png_datas
     write_csv(png_dataset["train_csv"], [("img/000.png", "left"), ("img/bomb.png", "right")])
     declared = r"its PNG header declares 30000x30000 = 900,000,000 pixels, over the limit of 50,000,000"
     with pytest.raises(CsvDatasetError, match=rf"train.csv row 3: image 'img/bomb.png': {declared}"):
-        load_csv_dataset(**png_dataset)
+        prepare_dataset("csv", root / "data", **png_dataset)
     with pytest.raises(PredictionError, match=f"bomb.png: {declared}"):
         folder_inputs(root / "img")
+    assert decoder_calls == []
     # Straight to the decoding step, as a partition would be: still refused before the decoder.
     folder = Inputs("folder", str(root / "img"), 0, 2, names=("000.png", "bomb.png"))
     with pytest.raises(CsvDatasetError, match=f"bomb.png: {declared}"):
-        list(folder.batches(2))
+        list(folder.batches(2, Preprocessing(1, (12, 12))))
+    with pytest.raises(ImageFileError, match=declared):
+        load_image(root / "img" / "bomb.png", Preprocessing(1, (12, 12)))
     assert decoder_calls == [str(root / "img" / "000.png")]  # the sound image before it was decoded
 
 
 def test_the_pixel_limit_is_a_setting(png_dataset, tmp_path, capsys):
     assert DEFAULT_MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS == TrainConfig().max_image_pixels
     assert PredictConfig(registered_model="m", image_dir="x").max_image_pixels == DEFAULT_MAX_PIXELS
-    with pytest.raises(
-        CsvDatasetError, match=r"row 2: image 'img/000.png': .* 12x12 = 144 pixels, over the limit of 143"
-    ):
-        load_csv_dataset(**png_dataset, max_pixels=143)
-    assert len(load_csv_dataset(**png_dataset, max_pixels=144).train_labels) == 36
+    over = r"row 2: image 'img/000.png': .* 12x12 = 144 pixels, over the limit of 143"
+    with pytest.raises(CsvDatasetError, match=over):
+        list_csv(**png_dataset, max_pixels=143)
+    with pytest.raises(CsvDatasetError, match=over):
+        prepare_dataset("csv", tmp_path / "data", **png_dataset, max_image_pixels=143)
+    assert len(list_csv(**png_dataset, max_pixels=144).train[1]) == 36
+    ref = prepare_dataset("csv", tmp_path / "data", **png_dataset, max_image_pixels=144)
+    assert ref.train_size == 36
     csv = png_dataset["test_csv"]
     with pytest.raises(CsvDatasetError, match="over the limit of 100"):
         csv_inputs(csv, png_dataset["image_root"], ["left", "right"], max_pixels=100)
-    row = Row(2, png_dataset["image_root"] / "img" / "000.png", "")
-    with pytest.raises(CsvDatasetError, match="over the limit of 100"):
-        decode_rows([row], csv, max_pixels=100)
+    image = png_dataset["image_root"] / "img" / "000.png"
+    with pytest.raises(ImageFileError, match="over the limit of 100"):
+        decode_image_file(image, max_pixels=100)
+    with pytest.raises(ImageFileError, match="over the limit of 100"):
+        load_image(image, Preprocessing(1, (4, 4)), max_pixels=100)
+    folder = Inputs("folder", str(image.parent), 0, 1, names=("000.png",), max_pixels=100)
+    with pytest.raises(CsvDatasetError, match="000.png: .*over the limit of 100"):
+        list(folder.batches(1, Preprocessing(1, (12, 12))))
     jpeg = tmp_path / "wide.jpg"  # a JPEG frame header (SOF0) declaring 60000x60000
     frame = struct.pack(">BHHB", 8, 60000, 60000, 1) + b"\x01\x11\x00"
     jpeg.write_bytes(
@@ -260,7 +299,7 @@ def test_the_pixel_limit_is_a_setting(png_dataset, tmp_path, capsys):
 def test_broken_csvs_are_refused_naming_the_file_and_problem(content, problem, png_dataset):
     png_dataset["train_csv"].write_bytes(content)
     with pytest.raises(CsvDatasetError, match=problem):
-        load_csv_dataset(**png_dataset)
+        list_csv(**png_dataset)
 
 
 def test_prediction_csvs_may_lack_labels_but_not_rows(png_dataset, tmp_path):
@@ -280,39 +319,41 @@ def test_prediction_csvs_may_lack_labels_but_not_rows(png_dataset, tmp_path):
 # 6. Images of another size than the model's
 
 
-def test_other_sizes_are_refused_before_output_or_resized_with_the_flag(tmp_path):
+def test_other_sizes_are_resized_as_in_training_or_refused_with_no_resize(tmp_path):
     image = torch.arange(3 * 16 * 16, dtype=torch.int64).reshape(3, 16, 16).remainder(251).to(torch.uint8)
-    with pytest.raises(
-        PredictionError, match=r"a.png: image is \(16, 16\) pixels, the model takes \(8, 8\) .* --resize"
-    ):
-        to_pixels([image], ["a.png"], (3, 8, 8))
+    stretch = Preprocessing(3, (8, 8), "stretch")
     expected = resize(image, [8, 8], antialias=True).float().numpy() / 255
-    np.testing.assert_allclose(to_pixels([image], ["a.png"], (3, 8, 8), resize=True)[0], expected)
-    assert to_pixels([image], ["a.png"], (1, 8, 8), resize=True).shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(to_pixels([image], stretch)[0], expected)
+    assert to_pixels([image], Preprocessing(1, (8, 8))).shape == (1, 1, 8, 8)
 
     folder = tmp_path / "images"
     folder.mkdir()
     write_png(image, str(folder / "a.png"))
 
-    class Constant:
+    class Recording:
+        def __init__(self):
+            self.pixels = []
+
         def predict(self, pixels):
+            self.pixels.append(pixels)
             return np.zeros((len(pixels), 2), np.float32)
 
     (folder / "list.csv").write_text("a.png\n")
-    registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (3, 8, 8))
+    registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (3, 8, 8), stretch)
     where = {"folder": (None, None, folder), "csv": (folder / "list.csv", folder, None)}
-    for source in where.values():
-        # Refused from the headers while listing, before any image is decoded or predicted.
-        with pytest.raises(PredictionError, match=r"a.png: image is \(16, 16\) pixels.*--resize"):
-            list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8))
-        inputs = list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8), resize=True)
-        assert predict_to_csv(Constant(), inputs, registered, 4, tmp_path / "out" / "p.csv")["images"] == 1
-    # Without the listing's check (a dataset split), prediction refuses it and writes no CSV.
-    inputs = list_images.fn(None, None, folder, None, tmp_path, None, ["a", "b"])
-    with pytest.raises(PredictionError, match="give --resize"):
-        predict_to_csv(Constant(), inputs, registered, 4, tmp_path / "out" / "q.csv")
-    assert not (tmp_path / "out" / "q.csv").exists()
-    assert parse_config(["--registered-model", "m", "--image-dir", "x", "--resize"], PredictConfig).resize
+    refused = re.escape("a.png: image is (16, 16) pixels, the model takes (8, 8) (height, width); ")
+    refused += "prediction resizes images as training did unless --no-resize is given"
+    for name, source in where.items():
+        # --no-resize: refused from the headers while listing, before any image is decoded.
+        with pytest.raises(PredictionError, match=refused):
+            list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8), resize=False)
+        inputs = list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8))
+        model, output = Recording(), tmp_path / "out" / f"{name}.csv"
+        assert predict_to_csv(model, inputs, registered, 4, output)["images"] == 1
+        np.testing.assert_allclose(model.pixels[0][0], expected)  # the model's own preprocessing
+    assert parse_config(["--registered-model", "m", "--image-dir", "x"], PredictConfig).resize
+    flags = ["--registered-model", "m", "--image-dir", "x", "--no-resize"]
+    assert not parse_config(flags, PredictConfig).resize
 
 
 # 7. The console

@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
 from torchvision.io import write_png
 
 from tasks.data.csv_images import CsvDatasetError
+from tasks.data.decoding import Preprocessing, load_image
 from tasks.predict.image_inputs import (
     PredictionError,
     check_labels,
@@ -12,10 +15,12 @@ from tasks.predict.image_inputs import (
     partitions,
 )
 
+GREY_12 = Preprocessing(1, (12, 12))  # the png_dataset's images as they are
 
-def decoded(inputs, size=1000):
+
+def decoded(inputs, size=1000, prep=GREY_12):
     """All of `inputs` in one list per field: sources, labels, images."""
-    batches = list(inputs.batches(size))
+    batches = list(inputs.batches(size, prep))
     return [sum((list(batch[field]) for batch in batches), []) for field in range(3)]
 
 
@@ -35,7 +40,7 @@ def test_csv_parts_stream_their_own_rows_in_batches(png_dataset):
     assert len(inputs) == 36 and whole[1][:2] == ["left", "right"]
     parts = partitions(inputs, 10)
     assert [len(p) for p in parts] == [10, 10, 10, 6]
-    assert [len(batch[0]) for batch in parts[1].batches(4)] == [4, 4, 2]
+    assert [len(batch[0]) for batch in parts[1].batches(4, GREY_12)] == [4, 4, 2]
     assert sum((decoded(p)[0] for p in parts), []) == whole[0]
 
 
@@ -62,6 +67,23 @@ def test_dataset_parts_read_their_own_slice_of_the_test_split(tmp_path):
         dataset_inputs("synthetic", tmp_path, ["cat", "dog"])
 
 
-def test_write_png_helper_matches_decoder(tmp_path):
-    write_png(torch.zeros(3, 5, 5, dtype=torch.uint8), str(tmp_path / "a.png"))
-    assert decoded(folder_inputs(tmp_path))[2][0].shape == (3, 5, 5)
+def test_files_are_decoded_into_the_models_preprocessing(tmp_path):
+    image = torch.arange(3 * 5 * 5, dtype=torch.uint8).reshape(3, 5, 5)
+    write_png(image, str(tmp_path / "a.png"))
+    assert torch.equal(decoded(folder_inputs(tmp_path), prep=Preprocessing(3, (5, 5)))[2][0], image)
+    prep = Preprocessing(1, (8, 6), "pad")
+    [resized] = decoded(folder_inputs(tmp_path), prep=prep)[2]
+    assert resized.shape == (1, 8, 6) and torch.equal(resized, load_image(tmp_path / "a.png", prep))
+
+
+def test_a_size_given_at_listing_refuses_other_sizes_by_header(png_dataset, tmp_path):
+    root = png_dataset["image_root"]
+    write_png(torch.zeros(1, 5, 7, dtype=torch.uint8), str(root / "img" / "047.png"))
+    text = "image is (5, 7) pixels, the model takes (12, 12) (height, width); "
+    text += "prediction resizes images as training did unless --no-resize is given"
+    with pytest.raises(PredictionError, match=re.escape(f"{root / 'img' / '047.png'}: {text}")):
+        folder_inputs(root / "img", size=(12, 12))
+    with pytest.raises(PredictionError, match=re.escape(f"047.png: {text}")):
+        csv_inputs(png_dataset["test_csv"], root, ["left", "right"], size=(12, 12))
+    assert len(csv_inputs(png_dataset["train_csv"], root, ["left", "right"], size=(12, 12))) == 36
+    assert len(folder_inputs(root / "img")) == 48  # no size: any size will do

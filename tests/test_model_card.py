@@ -1,4 +1,5 @@
 from tasks.data.datasets import DatasetRef
+from tasks.data.decoding import Preprocessing
 from tasks.publish.model_card import Provenance, markdown_table, model_contract, version_card
 
 SHA = "abcdef0123456789" * 4
@@ -50,5 +51,6 @@ def test_card_links_when_servers_speak_http():
 
 def test_markdown_table_and_contract():
     assert markdown_table([{"a": 1, "b": 0.5}], ["a", "b"]) == "| a | b |\n|---|---|\n| 1 | 0.5000 |"
-    contract = model_contract(3, (32, 32), ["cat", "dog"])
-    assert "(N, 3, 32, 32)" in contract and "(N, 2)" in contract and "cat, dog" in contract
+    contract = model_contract(Preprocessing(3, (32, 48), "pad"), ["cat", "dog"])
+    assert "(N, 3, 32, 48)" in contract and "(N, 2)" in contract and "cat, dog" in contract
+    assert "32x48 pixels, resize mode `pad` (resized to fit inside, then padded with black" in contract

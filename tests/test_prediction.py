@@ -4,7 +4,9 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from tasks.data.images import ImageData
+from tasks.data import prepared
+from tasks.data.csv_images import CsvDatasetError
+from tasks.data.decoding import Preprocessing, preprocess
 from tasks.predict.image_inputs import Inputs, PredictionError, folder_inputs, partitions
 from tasks.predict.prediction import (
     COLUMNS,
@@ -12,6 +14,7 @@ from tasks.predict.prediction import (
     add_tallies,
     find_registered,
     merge_csvs,
+    model_preprocessing,
     predict_to_csv,
     predictions_table,
     tally,
@@ -21,11 +24,36 @@ from tasks.predict.prediction import (
 
 def test_pixels_are_scaled_and_channels_adapted():
     grey, rgb = torch.full((1, 4, 4), 255, dtype=torch.uint8), torch.zeros((3, 4, 4), dtype=torch.uint8)
-    pixels = to_pixels([grey, rgb], ["a", "b"], (3, 4, 4))
+    rgb[0] = 90
+    pixels = to_pixels([grey, rgb], Preprocessing(3, (4, 4)))
     assert pixels.dtype == np.float32 and pixels.shape == (2, 3, 4, 4) and pixels.max() == 1.0
-    assert to_pixels([grey, rgb], ["a", "b"], (1, 4, 4)).shape == (2, 1, 4, 4)
-    with pytest.raises(PredictionError, match=r"a: image is \(4, 4\) pixels, the model takes \(8, 8\)"):
-        to_pixels([grey, rgb], ["a", "b"], (1, 8, 8))
+    np.testing.assert_array_equal(pixels[1], rgb.float().numpy() / 255)  # already in shape: as it is
+    assert to_pixels([grey, rgb], Preprocessing(1, (4, 4))).shape == (2, 1, 4, 4)
+
+
+def test_pixels_of_another_size_are_preprocessed_as_in_training():
+    image = torch.arange(3 * 16 * 12, dtype=torch.int64).reshape(3, 16, 12).remainder(251).to(torch.uint8)
+    for prep in (
+        Preprocessing(3, (8, 8)),
+        Preprocessing(1, (8, 8), "pad"),
+        Preprocessing(3, (6, 9), "stretch"),
+    ):
+        pixels = to_pixels([image, image], prep)
+        assert pixels.shape == (2, prep.channels, *prep.size) and pixels.dtype == np.float32
+        np.testing.assert_array_equal(pixels[1], preprocess(image, prep).float().numpy() / 255)
+    crop, pad = (
+        to_pixels([image], Preprocessing(3, (8, 8)))[0],
+        to_pixels([image], Preprocessing(3, (8, 8), "pad"))[0],
+    )
+    assert not np.array_equal(crop, pad) and (pad[:, :, 0] == 0).all()  # pad: black bars left and right
+
+
+def test_models_carry_their_preprocessing():
+    stored = {"preprocessing": {"channels": 3, "size": [24, 32], "resize_mode": "pad"}}
+    assert model_preprocessing(stored, (3, 24, 32)) == Preprocessing(3, (24, 32), "pad")
+    # Models logged before the preprocessing was recorded: a plain resize to their input.
+    assert model_preprocessing({"class_names": ["a"]}, (1, 28, 28)) == Preprocessing(1, (28, 28), "stretch")
+    assert model_preprocessing(None, (1, 28, 28)) == Preprocessing(1, (28, 28), "stretch")
 
 
 def test_table_and_tally():
@@ -51,14 +79,23 @@ class PixelSum:
         return np.stack([~bright, bright], axis=1).astype(np.float32)
 
 
+def write_prepared(path, images, labels, class_names):
+    """A prepared dataset file holding `images` and `labels` as both splits."""
+    layout = prepared.plan_layout(class_names, len(labels), len(labels), tuple(images.shape[1:]))
+    prepared.create_file(path, layout, labels, labels)
+    for split in ("train", "test"):
+        prepared.write_images(path, layout, split, 0, images)
+
+
 def test_streamed_parts_merge_into_the_table_of_one_pass(tmp_path):
     images = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
     images[::3] = 255
     labels = torch.zeros(10, dtype=torch.int64)  # all "dark"
-    path = tmp_path / "t.pt"
-    torch.save(ImageData(images, labels, images, labels, ("dark", "bright"))._asdict(), path)
+    path = tmp_path / "t.safetensors"
+    write_prepared(path, images, labels, ("dark", "bright"))
     inputs = Inputs("dataset", str(path), 0, 10, dataset="t", class_names=("dark", "bright"))
-    registered = RegisteredModel("models:/m/1", "1", "run", ("dark", "bright"), (1, 2, 2))
+    prep = Preprocessing(1, (2, 2))
+    registered = RegisteredModel("models:/m/1", "1", "run", ("dark", "bright"), (1, 2, 2), prep)
 
     model = PixelSum()
     whole = predict_to_csv(model, inputs, registered, 4, tmp_path / "whole.csv")
@@ -79,12 +116,37 @@ def test_streamed_parts_merge_into_the_table_of_one_pass(tmp_path):
     assert table["path"].tolist() == [f"t/test/{k}" for k in range(10)]
 
 
+class Shapes(PixelSum):
+    """PixelSum that also records the shape of every batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def predict(self, pixels):
+        self.shapes.append(pixels.shape)
+        return super().predict(pixels)
+
+
+def test_files_of_any_size_reach_the_model_in_its_preprocessing(tmp_path):
+    write_png(torch.full((1, 4, 4), 255, dtype=torch.uint8), str(tmp_path / "a.png"))
+    write_png(torch.zeros((3, 12, 20), dtype=torch.uint8), str(tmp_path / "b.png"))
+    registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (1, 8, 8), Preprocessing(1, (8, 8)))
+    model = Shapes()
+    counts = predict_to_csv(model, folder_inputs(tmp_path), registered, 2, tmp_path / "out" / "p.csv")
+    assert model.shapes == [(2, 1, 8, 8)] and counts["classes"] == {"b": 1, "a": 1}
+
+
 def test_a_bad_image_leaves_no_output(tmp_path):
-    registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (1, 8, 8))
-    write_png(torch.zeros(1, 4, 4, dtype=torch.uint8), str(tmp_path / "small.png"))
-    inputs = folder_inputs(tmp_path)
-    with pytest.raises(PredictionError, match="small.png: image is"):
-        predict_to_csv(PixelSum(), inputs, registered, 2, tmp_path / "out" / "p.csv")
+    registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (1, 8, 8), Preprocessing(1, (8, 8)))
+    write_png(torch.zeros(1, 8, 8, dtype=torch.uint8), str(tmp_path / "a.png"))
+    write_png(torch.zeros(1, 8, 8, dtype=torch.uint8), str(tmp_path / "b.png"))
+    (tmp_path / "b.png").write_bytes((tmp_path / "b.png").read_bytes()[:40])  # header only
+    inputs = folder_inputs(tmp_path)  # listing reads headers only: both pass
+    model = PixelSum()
+    with pytest.raises(CsvDatasetError, match=r"row 2: .*b.png: it cannot be decoded"):
+        predict_to_csv(model, inputs, registered, 1, tmp_path / "out" / "p.csv")
+    assert model.batches == [1]  # a.png was predicted, and its rows written, before b.png failed
     assert list((tmp_path / "out").iterdir()) == []
 
 

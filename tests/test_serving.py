@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import mlflow
 from conftest import REPO, Processes, free_port, run_train_script, script_env, wait_until_up
-from torchvision.io import write_png
+from mlflow import MlflowClient
+from PIL import Image
+from photos import write_class_folders
 
-from tasks.data.offline_data import load_digits
+from tasks.data.photos import list_folder
 from tasks.predict.serving import main
 
 PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"
@@ -30,60 +34,92 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+PHOTO_SIZES = [(40 + 7 * k, 120 - 5 * k) for k in range(12)] + [(90 - 3 * k, 48 + 6 * k) for k in range(12)]
+
+
 @pytest.mark.slow
-def test_readme_serving_commands_answer_what_batch_prediction_does(tmp_path):
-    trained = run_train_script(tmp_path, "--dataset", "digits", "--epochs", "1")
+def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path):
+    """Issue 16's end-to-end: a class-folder tree of every kind and many sizes trains a resnet18 at
+    64 px (registered, ONNX gate passed, preprocessing in the model card); then the README's
+    serving commands (both flavors) and batch prediction (both flavors) give, image by image, what
+    evaluation computed for the same files during training."""
+    written = write_class_folders(tmp_path / "photos", ["ant", "bee", "wasp"], 200, PHOTO_SIZES)
+    assert len({Image.open(p).size for files in written.values() for p in files}) >= 20
+    flags = ["--dataset", "folder", "--train-dir", "photos", "--model", "resnet18", "--image-size", "64"]
+    trained = run_train_script(tmp_path, *flags, "--epochs", "2", "--registered-model", "photos")
     assert trained.returncode == 0, trained.stderr[-3000:]
-    digits = load_digits()
-    (tmp_path / "my-images").mkdir()
-    for index in range(12):
-        write_png(digits.test_images[index], str(tmp_path / "my-images" / f"{index:02d}.png"))
+    run_dir = Path(trained.stdout.rsplit("outputs in ", 1)[1].strip())
+    check_registered(tmp_path, "photos")
+    evaluated = np.load(run_dir / "test_logits.npy")
+    # The test split, in the order evaluation saw it, copied to one folder in that order.
+    test_files = list_folder(tmp_path / "photos").test[0]
+    (tmp_path / "my-photos").mkdir()
+    for index, source in enumerate(test_files):
+        shutil.copy(source, tmp_path / "my-photos" / f"{index:04d}-{Path(source).name}")
+    served, batches = serve_and_predict(tmp_path, ["photos-onnx", "photos"])
+    assert served["photos"].shape == evaluated.shape == (len(test_files), 3)
+    for flavor in served:
+        assert np.abs(served[flavor] - evaluated).max() <= 1e-4, flavor
+        batch = batches[flavor]
+        assert [Path(p).name for p in batch["path"]] == sorted(os.listdir(tmp_path / "my-photos"))
+        assert (batch["predicted_index"].to_numpy() == evaluated.argmax(axis=1)).all(), flavor
+        assert np.abs(batch["confidence"].to_numpy() - softmax(evaluated).max(axis=1)).max() <= 1e-4
+
+
+def check_registered(folder: Path, name: str) -> None:
+    """Both flavors are champions that passed the ONNX gate, and the card names the preprocessing."""
+    client = MlflowClient(script_env(folder)["MLFLOW_TRACKING_URI"])
+    for registered in (name, name + "-onnx"):
+        version = client.get_model_version_by_alias(registered, "champion")
+        assert version.tags["onnx_validated"] == "true"
+        assert "**Preprocessing** RGB (3 channels), 64x64 pixels, resize mode `crop`" in version.description
+        info = mlflow.models.get_model_info(f"models:/{registered}/{version.version}")
+        assert info.metadata["preprocessing"] == {"channels": 3, "size": [64, 64], "resize_mode": "crop"}
+
+
+def serve_and_predict(folder: Path, flavors: list[str]) -> tuple[dict, dict]:
+    """The README's serving commands for each flavor and predict_flow.py on my-photos for each, all
+    at once (starting processes is most of the time): the served logits and the batch CSVs."""
     env = {
-        **script_env(tmp_path),
+        **script_env(folder),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(REPO),  # the README runs these from the repository root
     }
     serve, request, post = readme_serving_commands()
     assert serve.startswith("mlflow models serve") and serve.endswith("&")
     assert "tasks.predict.serving" in request and "> request.json" in request and "@request.json" in post
-    flavors = {"digits-cnn-onnx": str(free_port()), "digits-cnn": str(free_port())}
-    # Both flavors are served at once, beside the batch prediction (starting processes is most of
-    # this test's time), so each gets its own port and the PyTorch flavor its own request file.
+    ports = {flavor: str(free_port()) for flavor in flavors}
     commands = {
         flavor: [
-            line.replace("digits-cnn-onnx", flavor).replace("5001", port).replace("request.json", body)
+            line.replace("photos-onnx", flavor).replace("5001", ports[flavor]).replace("request", flavor)
             for line in (serve, request, post)
         ]
-        for (flavor, port), body in zip(flavors.items(), ("request.json", "request-pytorch.json"))
+        for flavor in flavors
     }
-    processes = Processes(tmp_path, env, grace=5)
+    processes = Processes(folder, env, grace=5)
     try:
-        batch_command = [sys.executable, str(PREDICT_SCRIPT), "--registered-model", "digits-cnn"]
-        batch_command += ["--image-dir", "my-images", "--output", "batch.csv"]
-        predicting = processes.start_shell("predict", shlex.join(batch_command), tmp_path)
+        predicting = {}
+        for flavor in flavors:
+            model = ["--registered-model", "photos", "--flavor", "onnx" if "onnx" in flavor else "pytorch"]
+            command = [sys.executable, str(PREDICT_SCRIPT), *model, "--image-dir", "my-photos"]
+            command += ["--output", f"batch-{flavor}.csv"]
+            predicting[flavor] = processes.start_shell(f"predict-{flavor}", shlex.join(command), folder)
         servers = {
-            flavor: processes.start_shell(f"serve-{flavor}", lines[0].removesuffix("&"), tmp_path)
+            flavor: processes.start_shell(f"serve-{flavor}", lines[0].removesuffix("&"), folder)
             for flavor, lines in commands.items()
         }
-        requests = [shell(lines[1], tmp_path, env) for lines in commands.values()]
-        for started in requests:
+        for started in [shell(lines[1], folder, env) for lines in commands.values()]:
             finish(started)
         served = {}
         for flavor, lines in commands.items():
-            wait_until_up(f"http://127.0.0.1:{flavors[flavor]}/ping", *servers[flavor])
-            answer = json.loads(finish(shell(lines[2], tmp_path, env)))
+            wait_until_up(f"http://127.0.0.1:{ports[flavor]}/ping", *servers[flavor])
+            answer = json.loads(finish(shell(lines[2], folder, env)))
             served[flavor] = np.array(answer["predictions"], dtype=np.float32)
-        process, log = predicting
-        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+        for process, log in predicting.values():
+            assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         processes.stop_all()
-    batch = pd.read_csv(tmp_path / "batch.csv")
-    assert served["digits-cnn"].shape == (12, 10)
-    assert np.abs(served["digits-cnn"] - served["digits-cnn-onnx"]).max() <= 1e-4
-    probabilities = softmax(served["digits-cnn-onnx"])
-    assert batch["path"].map(lambda p: Path(p).name).tolist() == [f"{k:02d}.png" for k in range(12)]
-    assert (probabilities.argmax(axis=1) == batch["predicted_index"].to_numpy()).all()
-    assert np.abs(probabilities.max(axis=1) - batch["confidence"].to_numpy()).max() <= 1e-4
+    return served, {flavor: pd.read_csv(folder / f"batch-{flavor}.csv") for flavor in flavors}
 
 
 def shell(command: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:

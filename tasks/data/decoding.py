@@ -57,8 +57,10 @@ class Preprocessing:
 
 def _is_size(value: object) -> bool:
     """Whether `value` is a (height, width) of positive integers."""
-    return isinstance(value, tuple) and len(value) == 2 and all(
-        isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in value
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in value)
     )
 
 

@@ -7,6 +7,7 @@ import functools
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -34,9 +35,11 @@ def evaluate_model(
     logits, labels = predict_logits(model, test_loader)
     metrics, table, matrix = evaluation.summarise(logits, labels, class_names)
     table.to_csv(run_dir / "per_class_metrics.csv", index=False)
+    np.save(run_dir / "test_logits.npy", logits.numpy())  # per test image, in the split's order
     images = test_loader.images.cpu()
     artefacts = [
         run_dir / "per_class_metrics.csv",
+        run_dir / "test_logits.npy",
         plots.plot_confusion_matrix(matrix, class_names, run_dir / "confusion_matrix.png"),
         plots.plot_learning_curves(trained.history, run_dir / "learning_curves.png"),
         plots.plot_misclassified(
