@@ -5,9 +5,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from models import ModelSpec
+from tasks.data import datasets
 from tasks.data.datasets import prepare_dataset
 from tasks.data.loaders import make_loaders
 from tasks.train.training import TrainSettings, train
@@ -81,3 +83,35 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     straight, _ = run_training(ref, tmp_path / "straight" / "last.pt")
     for (name, a), b in zip(straight.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_augmented_run_resumed_after_an_epoch_ends_with_the_same_weights(tmp_path):
+    """The loader's generator draws the shuffle and the augmentation, and is checkpointed: resuming
+    replays the same crops, flips and jitter (bit-identical on CPU)."""
+    ref = prepare_dataset("synthetic", tmp_path / "data", shape=datasets.Shape("3"))
+    spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
+    settings = TrainSettings(2, "adamw", 3e-3, 1e-4, "onecycle", seed=0)
+
+    def loaders():
+        return make_loaders(ref, 256, 0.1, 0, "cpu", augment="standard")
+
+    def stop_after_first(epoch, metrics):
+        raise Interrupted
+
+    checkpoint = tmp_path / "resumed" / "last.pt"
+    with pytest.raises(Interrupted):
+        train(spec, loaders(), settings, checkpoint, on_epoch=stop_after_first)
+    resumed, history = train(spec, loaders(), settings, checkpoint)
+    straight, straight_history = train(spec, loaders(), settings, tmp_path / "straight" / "last.pt")
+    assert len(history) == 2 and history[1]["train_loss"] == straight_history[1]["train_loss"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain, _ = train(spec, make_loaders(ref, 256, 0.1, 0, "cpu"), settings, tmp_path / "plain" / "last.pt")
+    assert not torch.equal(
+        plain.state_dict()["1.linear_relu_stack.0.weight"],
+        straight.state_dict()["1.linear_relu_stack.0.weight"],
+    )

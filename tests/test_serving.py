@@ -38,7 +38,7 @@ PHOTO_SIZES = [(40 + 7 * k, 120 - 5 * k) for k in range(12)] + [(90 - 3 * k, 48 
 
 
 @pytest.mark.slow
-def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path):
+def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path, monkeypatch):
     """Issue 16's end-to-end: a class-folder tree of every kind and many sizes trains a resnet18 at
     64 px (registered, ONNX gate passed, preprocessing in the model card); then the README's
     serving commands (both flavors) and batch prediction (both flavors) give, image by image, what
@@ -49,7 +49,9 @@ def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path
     trained = run_train_script(tmp_path, *flags, "--epochs", "2", "--registered-model", "photos")
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = Path(trained.stdout.rsplit("outputs in ", 1)[1].strip())
-    check_registered(tmp_path, "photos")
+    monkeypatch.chdir(tmp_path)  # the run's store and its ./mlruns artefacts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", script_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    check_registered("photos")
     evaluated = np.load(run_dir / "test_logits.npy")
     # The test split, in the order evaluation saw it, copied to one folder in that order.
     test_files = list_folder(tmp_path / "photos").test[0]
@@ -66,9 +68,9 @@ def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path
         assert np.abs(batch["confidence"].to_numpy() - softmax(evaluated).max(axis=1)).max() <= 1e-4
 
 
-def check_registered(folder: Path, name: str) -> None:
+def check_registered(name: str) -> None:
     """Both flavors are champions that passed the ONNX gate, and the card names the preprocessing."""
-    client = MlflowClient(script_env(folder)["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
     for registered in (name, name + "-onnx"):
         version = client.get_model_version_by_alias(registered, "champion")
         assert version.tags["onnx_validated"] == "true"

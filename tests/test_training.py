@@ -3,7 +3,7 @@ import torch
 from conftest import EPOCH_METRICS
 
 from models import ModelSpec
-from tasks.data.datasets import prepare_dataset
+from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.loaders import TensorLoader, make_loaders
 from tasks.train.training import (
     TrainSettings,
@@ -115,8 +115,10 @@ def test_compiled_training_learns_and_checkpoints_the_plain_module(digits, tmp_p
     # Whole batches only: a smaller last batch would have torch.compile build a second training
     # graph, with dynamic shapes (about 20 s more on 2 cores with a cold inductor cache, as in CI).
     whole = loaders.train.num_samples // 64 * 64
-    images, labels = loaders.train.images[:whole], loaders.train.labels[:whole]
-    loaders = loaders._replace(train=TensorLoader(images, labels, 64, shuffle=True))
+    data = load_tensors(digits.prepared_path)
+    indices = loaders.train.indices[:whole]
+    train = TensorLoader(data.train_images, data.train_labels, 64, shuffle=True, indices=indices)
+    loaders = loaders._replace(train=train)
     settings = TrainSettings(2, "adamw", 3e-3, 1e-4, "onecycle", 0, compile=True)
     model, history = train(spec_for(digits, "cnn"), loaders, settings, tmp_path / "last.pt")
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["model"]

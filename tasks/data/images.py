@@ -42,6 +42,7 @@ DEFAULT_MAX_PIXELS = 50_000_000  # flows.config's max_image_pixels default: ~700
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn; C4, C8, CC are other markers
 _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD9)])  # markers without a length
 _JPEG_MAX_SEGMENTS = 1000
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations whose display swaps width and height
 
 
 class ImageFileError(ValueError):
@@ -105,8 +106,10 @@ def _webp_size(start: bytes) -> tuple[int, int]:
 
 
 def _jpeg_frame(handle: BinaryIO) -> tuple[int, int, bool]:
-    """Walks the segments after SOI to the first frame header (SOFn) and reads its size and whether
-    it has colour components (3 for YCbCr, 4 for CMYK; 1 is grey)."""
+    """Walks the segments after SOI to the first frame header (SOFn) and reads its size, as a viewer
+    shows it (an EXIF orientation that turns it a quarter swaps width and height), and whether it has
+    colour components (3 for YCbCr, 4 for CMYK; 1 is grey)."""
+    orientation = 1
     for _ in range(_JPEG_MAX_SEGMENTS):  # a bound, so a file of endless tiny segments ends
         if handle.read(1) != b"\xff":
             break
@@ -125,6 +128,35 @@ def _jpeg_frame(handle: BinaryIO) -> tuple[int, int, bool]:
             if len(frame) < 6:
                 break
             _, height, width, components = struct.unpack(">BHHB", frame)
+            if orientation in _QUARTER_TURNS:
+                width, height = height, width
             return width, height, components > 1
-        handle.seek(struct.unpack(">H", length)[0] - 2, 1)
+        body = struct.unpack(">H", length)[0] - 2
+        if marker[0] == 0xE1 and orientation == 1:  # APP1, where EXIF lives
+            segment = handle.read(body)
+            orientation = exif_orientation(segment)
+            continue
+        handle.seek(body, 1)
     raise ImageFileError("it is a JPEG file without a readable frame header")
+
+
+def exif_orientation(segment: bytes) -> int:
+    """The orientation tag (1-8) of an APP1 segment's EXIF data, 1 when it has none."""
+    if not segment.startswith(b"Exif\x00\x00") or len(segment) < 16:
+        return 1
+    tiff = segment[6:]
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    (first,) = struct.unpack(order + "I", tiff[4:8])
+    if first + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack(order + "H", tiff[first : first + 2])
+    for entry in range(min(count, 1000)):
+        start = first + 2 + 12 * entry
+        if start + 12 > len(tiff):
+            break
+        tag, _, _, value = struct.unpack(order + "HHIH", tiff[start : start + 10])
+        if tag == 0x0112:
+            return value if 1 <= value <= 8 else 1
+    return 1

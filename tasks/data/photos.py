@@ -73,7 +73,7 @@ def list_folder(
     names = class_folders(train_dir)
     paths, labels, headers = folder_files(train_dir, names, max_pixels)
     if test_dir is not None:
-        extra = sorted(set(class_folders(test_dir)) - set(names))
+        extra = sorted(set(class_folders(test_dir, minimum=1)) - set(names))
         if extra:
             raise ImageFolderError(f"{test_dir}: classes {extra} have no folder in {train_dir}")
         test_paths, test_labels, test_headers = folder_files(test_dir, names, max_pixels, missing_ok=True)
@@ -86,15 +86,16 @@ def list_folder(
     return _listing(names, train, test, headers, str(train_dir), test_origin)
 
 
-def class_folders(root: Path) -> tuple[str, ...]:
-    """The sorted names of `root`'s visible subfolders; at least two."""
+def class_folders(root: Path, minimum: int = 2) -> tuple[str, ...]:
+    """The sorted names of `root`'s visible subfolders; at least `minimum` (a test folder may hold
+    fewer classes than the training folder, but a training folder needs two)."""
     if not root.is_dir():
         raise ImageFolderError(f"image folder {root} does not exist")
     names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    if len(names) < 2:
+    if len(names) < minimum:
         raise ImageFolderError(
             f"{root} has {len(names)} class folder(s) {list(names)}; expected one subfolder per class, "
-            "at least two"
+            f"at least {minimum}"
         )
     return names
 
@@ -109,7 +110,7 @@ def folder_files(
         folder = root / name
         if not folder.is_dir() and missing_ok:
             continue
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FOLDER_SUFFIXES and p.is_file())
+        files = sorted(p for p in folder.rglob("*") if _listed(p, folder))
         if not files and not missing_ok:
             raise ImageFolderError(f"class folder {folder} holds no {'/'.join(FOLDER_SUFFIXES)} images")
         for path in files:
@@ -119,6 +120,12 @@ def folder_files(
     if not paths:
         raise ImageFolderError(f"{root}: no images in its class folders {list(classes)}")
     return tuple(paths), tuple(labels), headers
+
+
+def _listed(path: Path, folder: Path) -> bool:
+    """An image file under `folder`, hidden by no part of its path (macOS's ._ files, .thumbs/)."""
+    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return not hidden and path.suffix.lower() in FOLDER_SUFFIXES and path.is_file()
 
 
 def checked_header(path: Path, root: Path, max_pixels: int) -> ImageHeader:

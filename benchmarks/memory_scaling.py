@@ -1,0 +1,215 @@
+"""Memory scaling: the flow's peak anonymous memory on N and 4N photos (128x128 RGB JPEGs).
+
+For N and 4N generated photos in a class-folder tree (3 classes), runs the real CLI as a user
+would (`python flows/train_flow.py --dataset folder --train-dir DIR --model cnn --epochs 1 ...`,
+its own temporary Prefect server, MLflow in a SQLite file, each run in a fresh folder) and samples
+every 0.1 s the memory of the process and all its descendants (the Prefect server, the decoding
+workers), summed over the tree at each sample:
+
+- RssAnon, the figure that counts: the pages of the memory-mapped prepared file are page cache
+  the kernel can drop, so they are not the run's own;
+- RssFile and Pss_Anon (shared anonymous pages divided among the forked processes that share
+  them), for information.
+
+With `--ref GIT_REF` the same runs use that commit's code (extracted with `git archive`); code
+that has no folder dataset (`--train-dir` absent from its --help) gets the same photos as CSVs.
+Prints both peaks, the growth and whether it stays under --limit-mb; writes
+benchmarks/results/memory_scaling[-REF].md.
+
+    python benchmarks/memory_scaling.py [--images 2000] [--model cnn] [--epochs 1] [--ref 777fcd4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests")]
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+from photos import class_image, write_rgb_jpeg  # noqa: E402  (tests/photos.py)
+
+CLASSES = ("alpha", "beta", "gamma")
+FIELDS = {"RssAnon": "status", "RssFile": "status", "Pss_Anon": "smaps_rollup"}
+SAMPLE_SECONDS = 0.1
+
+
+def write_one(task: tuple[Path, int, int]) -> None:
+    """One 128x128 photo of class `label`, the same for a seed."""
+    path, label, seed = task
+    write_rgb_jpeg(path, class_image(label, len(CLASSES), (128, 128), np.random.default_rng(seed)))
+
+
+def write_tree(root: Path, count: int) -> list[tuple[str, int]]:
+    """root/CLASS/NNNNN.jpg, `count` in all; returns (path under root, label) per photo."""
+    rows = [(f"{CLASSES[i % 3]}/{i:05d}.jpg", i % 3) for i in range(count)]
+    for name in CLASSES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    with Pool(os.cpu_count()) as pool:
+        pool.map(write_one, [(root / path, label, i) for i, (path, label) in enumerate(rows)], chunksize=64)
+    return rows
+
+
+def dataset_flags(script: Path, root: Path, rows: list[tuple[str, int]], scratch: Path) -> list[str]:
+    """The folder dataset's flags, or for code without one the same photos as train and test CSVs
+    (every fifth photo for test, as the folder dataset's default --test-fraction 0.2)."""
+    usage = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
+    if "--train-dir" in usage:
+        return ["--dataset", "folder", "--train-dir", str(root), "--image-size", "128", "--augment", "none"]
+    for name, part in (("train", [r for i, r in enumerate(rows) if i % 5]), ("test", rows[::5])):
+        (scratch / f"{name}.csv").write_text("".join(f"{path},{CLASSES[label]}\n" for path, label in part))
+    csvs = ["--train-csv", str(scratch / "train.csv"), "--test-csv", str(scratch / "test.csv")]
+    return ["--dataset", "csv", *csvs, "--image-root", str(root)]
+
+
+def tree_memory(process: psutil.Process) -> dict[str, int]:
+    """kB of each of FIELDS summed over `process` and its descendants (those alive at the read)."""
+    totals = dict.fromkeys(FIELDS, 0)
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return totals
+    for member in members:
+        for source in set(FIELDS.values()):
+            try:
+                text = Path(f"/proc/{member.pid}/{source}").read_text()
+            except OSError:  # exited, or smaps_rollup not in this kernel
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                if FIELDS.get(key) == source:
+                    totals[key] += int(value.split()[0])
+    return totals
+
+
+@dataclass
+class Run:
+    images: int
+    peaks: dict[str, int]  # kB, peak of each summed field
+    seconds: float
+    returncode: int
+    log_tail: str
+
+
+def measure(script: Path, flags: list[str], cwd: Path, extra_env: dict[str, str]) -> Run:
+    """Runs the flow script in `cwd` and samples its process tree's memory until it exits."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(cwd / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+        **extra_env,
+    }
+    env.pop("PREFECT_API_URL", None)  # its own temporary server, as a user's first run
+    peaks, started = dict.fromkeys(FIELDS, 0), time.perf_counter()
+    with open(cwd / "flow.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(script), *flags], cwd=cwd, env=env, stdout=log, stderr=log
+        )
+        watched = psutil.Process(process.pid)
+        while process.poll() is None:
+            for key, value in tree_memory(watched).items():
+                peaks[key] = max(peaks[key], value)
+            time.sleep(SAMPLE_SECONDS)
+    seconds = time.perf_counter() - started
+    tail = (cwd / "flow.log").read_text(errors="replace")[-3000:]
+    return Run(0, peaks, seconds, process.returncode, tail)
+
+
+def extract(ref: str, into: Path) -> Path:
+    """The tree of commit `ref`, from `git archive` (no worktree, nothing in .git changes)."""
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def run_size(code: Path, count: int, args: argparse.Namespace, scratch: Path) -> Run:
+    """Writes `count` photos and measures one run of the flow on them, in a folder of their own."""
+    folder = scratch / f"n{count}"
+    folder.mkdir()
+    rows = write_tree(folder / "photos", count)
+    flags = dataset_flags(code / "flows/train_flow.py", folder / "photos", rows, folder)
+    flags += ["--model", args.model, "--epochs", str(args.epochs), "--no-system-metrics"]
+    flags += ["--registered-model", f"memory-{count}"]
+    extra = {"MALLOC_ARENA_MAX": str(args.arena_max)} if args.arena_max else {}
+    run = measure(code / "flows/train_flow.py", flags, folder, extra)
+    run.images = count
+    status = "ok" if run.returncode == 0 else f"FAILED (exit {run.returncode})"
+    mb = {key: value / 1024 for key, value in run.peaks.items()}
+    print(
+        f"{count:6d} photos: peak RssAnon {mb['RssAnon']:7.0f} MB, RssFile {mb['RssFile']:6.0f} MB, "
+        f"Pss_Anon {mb['Pss_Anon']:7.0f} MB; {run.seconds:5.0f} s; {status}"
+    )
+    if run.returncode:
+        print(run.log_tail)
+    return run
+
+
+def report(args: argparse.Namespace, label: str, runs: list[Run]) -> str:
+    """The Markdown note: command, machine, one row per size, the growth and the verdict."""
+    command = " ".join(
+        shlex.quote(part) for part in ["python", "benchmarks/memory_scaling.py", *sys.argv[1:]]
+    )
+    facts = (
+        f"{datetime.date.today()}: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+    )
+    lines = [
+        f"## Memory scaling: {label}",
+        "",
+        f"`{command}`",
+        "",
+        f"{facts}; peaks of the flow's process tree (summed), sampled every {SAMPLE_SECONDS} s.",
+        "",
+        "| photos | peak RssAnon (MB) | peak RssFile (MB) | peak Pss_Anon (MB) | seconds | exit |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        mb = {key: value / 1024 for key, value in run.peaks.items()}
+        lines.append(
+            f"| {run.images:,} | {mb['RssAnon']:,.0f} | {mb['RssFile']:,.0f} | {mb['Pss_Anon']:,.0f} "
+            f"| {run.seconds:.0f} | {run.returncode} |"
+        )
+    growth = (runs[1].peaks["RssAnon"] - runs[0].peaks["RssAnon"]) / 1024
+    verdict = "pass" if growth < args.limit_mb and all(run.returncode == 0 for run in runs) else "fail"
+    lines += ["", f"RssAnon growth from {runs[0].images:,} to {runs[1].images:,} photos: "]
+    lines[-1] += f"{growth:,.0f} MB (limit {args.limit_mb:.0f} MB): {verdict}."
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="N; the second run has 4N")
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--ref", help="measure this commit's code instead of the working tree")
+    parser.add_argument("--limit-mb", type=float, default=150.0)
+    parser.add_argument("--arena-max", type=int, help="MALLOC_ARENA_MAX for the runs (default: unset)")
+    parser.add_argument("--output", type=Path, help="default: benchmarks/results/memory_scaling[-REF].md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="memory-scaling-") as scratch:
+        code = extract(args.ref, Path(scratch) / "code") if args.ref else ROOT
+        label = f"commit {args.ref}" if args.ref else "working tree"
+        print(f"{label}: {args.model}, {args.epochs} epoch(s), N={args.images}")
+        runs = [run_size(code, count, args, Path(scratch)) for count in (args.images, 4 * args.images)]
+    note = report(args, label, runs)
+    output = args.output or ROOT / f"benchmarks/results/memory_scaling{'-' + args.ref if args.ref else ''}.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(note + "\n")
+    print(note)
+
+
+if __name__ == "__main__":
+    main()
