@@ -75,30 +75,42 @@ def dataset_flags(script: Path, root: Path, rows: list[tuple[str, int]], scratch
     return ["--dataset", "csv", *csvs, "--image-root", str(root)]
 
 
-def tree_memory(process: psutil.Process) -> dict[str, int]:
-    """kB of each of FIELDS summed over `process` and its descendants (those alive at the read)."""
-    totals = dict.fromkeys(FIELDS, 0)
+def process_memory(pid: int) -> dict[str, int]:
+    """kB of each of FIELDS for one process; empty when it has exited."""
+    values = {}
+    for source in set(FIELDS.values()):
+        try:
+            text = Path(f"/proc/{pid}/{source}").read_text()
+        except OSError:  # exited, or smaps_rollup not in this kernel
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if FIELDS.get(key) == source:
+                values[key] = int(value.split()[0])
+    return values
+
+
+def tree_memory(process: psutil.Process) -> dict[str, dict[str, int]]:
+    """FIELDS of `process` and each of its descendants alive at the read: "pid name" -> kB."""
     try:
         members = [process, *process.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return totals
+        return {}
+    found = {}
     for member in members:
-        for source in set(FIELDS.values()):
-            try:
-                text = Path(f"/proc/{member.pid}/{source}").read_text()
-            except OSError:  # exited, or smaps_rollup not in this kernel
-                continue
-            for line in text.splitlines():
-                key, _, value = line.partition(":")
-                if FIELDS.get(key) == source:
-                    totals[key] += int(value.split()[0])
-    return totals
+        try:
+            name = " ".join(Path(part).name for part in member.cmdline()[:3])
+        except psutil.Error:
+            continue
+        found[f"{member.pid} {name}"] = process_memory(member.pid)
+    return found
 
 
 @dataclass
 class Run:
     images: int
-    peaks: dict[str, int]  # kB, peak of each summed field
+    peaks: dict[str, int]  # kB, peak of each field summed over the tree
+    at_peak: dict[str, int]  # kB of RssAnon per process at the RssAnon peak
     seconds: float
     returncode: int
     log_tail: str
@@ -113,19 +125,22 @@ def measure(script: Path, flags: list[str], cwd: Path, extra_env: dict[str, str]
         **extra_env,
     }
     env.pop("PREFECT_API_URL", None)  # its own temporary server, as a user's first run
-    peaks, started = dict.fromkeys(FIELDS, 0), time.perf_counter()
+    peaks, at_peak, started = dict.fromkeys(FIELDS, 0), {}, time.perf_counter()
     with open(cwd / "flow.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(script), *flags], cwd=cwd, env=env, stdout=log, stderr=log
         )
         watched = psutil.Process(process.pid)
         while process.poll() is None:
-            for key, value in tree_memory(watched).items():
-                peaks[key] = max(peaks[key], value)
+            members = tree_memory(watched)
+            sums = {key: sum(values.get(key, 0) for values in members.values()) for key in FIELDS}
+            if sums["RssAnon"] > peaks["RssAnon"]:
+                at_peak = {member: values.get("RssAnon", 0) for member, values in members.items()}
+            peaks = {key: max(peaks[key], sums[key]) for key in FIELDS}
             time.sleep(SAMPLE_SECONDS)
     seconds = time.perf_counter() - started
     tail = (cwd / "flow.log").read_text(errors="replace")[-3000:]
-    return Run(0, peaks, seconds, process.returncode, tail)
+    return Run(0, peaks, at_peak, seconds, process.returncode, tail)
 
 
 def extract(ref: str, into: Path) -> Path:
@@ -182,6 +197,9 @@ def report(args: argparse.Namespace, label: str, runs: list[Run]) -> str:
             f"| {run.images:,} | {mb['RssAnon']:,.0f} | {mb['RssFile']:,.0f} | {mb['Pss_Anon']:,.0f} "
             f"| {run.seconds:.0f} | {run.returncode} |"
         )
+    for run in runs:
+        parts = ", ".join(f"{name} {kb / 1024:,.0f}" for name, kb in run.at_peak.items())
+        lines += ["", f"RssAnon (MB) by process at the peak of the {run.images:,}-photo run: {parts}."]
     growth = (runs[1].peaks["RssAnon"] - runs[0].peaks["RssAnon"]) / 1024
     verdict = "pass" if growth < args.limit_mb and all(run.returncode == 0 for run in runs) else "fail"
     lines += ["", f"RssAnon growth from {runs[0].images:,} to {runs[1].images:,} photos: "]

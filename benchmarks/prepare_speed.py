@@ -15,8 +15,11 @@ On a generated class-folder tree of JPEGs of mixed sizes (150 to 500 px a side, 
 Prints the figures and writes them to benchmarks/results/prepare_speed.md.
 
     python benchmarks/prepare_speed.py [--images 3000] [--prepare-sizes 64,128]
-        [--models resnet18,mobilenet_v3_large] [--sizes 64,128] [--train-images 512]
-        [--device cpu] [--data DIR] [--output benchmarks/results/prepare_speed.md]
+        [--models resnet18,mobilenet_v3_large] [--sizes 64,128] [--train-images 256]
+        [--device cpu] [--precision auto] [--data DIR] [--output benchmarks/results/prepare_speed.md]
+
+`--prepare-sizes ""` leaves preparation out (the training part alone, as benchmarks/gpu_check.sh
+runs it on CUDA). `--models` takes any of models.MODEL_NAMES, `--sizes` any sizes (224 too).
 """
 
 from __future__ import annotations
@@ -112,13 +115,12 @@ class Feed:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def epoch_rate(
-    model_name: str, size: int, loader, count: int, batch_size: int, device: torch.device
-) -> float:
+def epoch_rate(model_name: str, size: int, loader, count: int, args: argparse.Namespace) -> float:
     """Samples/s of one epoch of the project's training step fed by `loader`, after one batch."""
     torch.manual_seed(0)
+    device, batch_size = torch.device(args.device), args.batch_size
     spec = ModelSpec(model_name, 3, (size, size), len(CLASSES))
-    settings = TrainSettings(2, "adamw", 5e-3, 1e-4, "onecycle", 0, "auto", True, False)
+    settings = TrainSettings(2, "adamw", 5e-3, 1e-4, "onecycle", 0, args.precision, True, False)
     _, model, optimisation = build_training(spec, settings, device, -(-count // batch_size) + 1)
     train_one_epoch(model, Feed(loader, device, batch_size, batches=1), optimisation)
     started = time.perf_counter()
@@ -174,7 +176,7 @@ def comparison_table(title: str, unit: str, rows: list[tuple[str, float, float]]
     return lines + [""]
 
 
-def machine_facts(device: torch.device, cores: int) -> str:
+def machine_facts(device: torch.device, cores: int, precision: str) -> str:
     """Date, processor or GPU, cores, torch and the levers training used; the load average too,
     since a shared machine's figures move with it."""
     if device.type == "cuda":
@@ -188,7 +190,7 @@ def machine_facts(device: torch.device, cores: int) -> str:
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
         f"{datetime.date.today()}: {cores} cores, device {device} ({where}), torch {torch.__version__}, "
-        f"training in {speed.resolve_precision('auto', device)} autocast, channels-last; load average {load}"
+        f"training precision {speed.resolve_precision(precision, device)}, channels-last; load average {load}"
     )
 
 
@@ -212,9 +214,9 @@ def training_rows(args: argparse.Namespace, tree: Path, count: int, cores: int, 
         n = min(args.train_images, refs[size].train_size)
         ours_rows, their_rows = (sample(total, n) for total in (refs[size].train_size, count))
         loader = project_loader(refs[size], ours_rows, args.batch_size, device)
-        ours = epoch_rate(model_name, size, loader, n, args.batch_size, device)
+        ours = epoch_rate(model_name, size, loader, n, args)
         feed = dataloader_feed(tree, size, their_rows, args.batch_size, cores, device)
-        theirs = epoch_rate(model_name, size, feed, n, args.batch_size, device)
+        theirs = epoch_rate(model_name, size, feed, n, args)
         rows.append((f"{model_name} {size}px", ours, theirs))
         print(f"train {model_name} {size}px: {ours:7,.1f} samples/s   DataLoader: {theirs:7,.1f} samples/s")
     return rows
@@ -234,8 +236,10 @@ def report(args: argparse.Namespace, count: int, facts: str, prep_rows: list, tr
         f"training: one epoch of {args.train_images} images, batch {args.batch_size}.",
         "",
     ]
-    lines += comparison_table("Preparation (whole tree, resize + centre crop)", "images/s", prep_rows)
-    lines += comparison_table("One training epoch (standard augmentation)", "samples/s", train_rows)
+    if prep_rows:
+        lines += comparison_table("Preparation (whole tree, resize + centre crop)", "images/s", prep_rows)
+    if train_rows:
+        lines += comparison_table("One training epoch (standard augmentation)", "samples/s", train_rows)
     return "\n".join(lines)
 
 
@@ -245,9 +249,12 @@ def main() -> None:
     parser.add_argument("--prepare-sizes", default="64,128")
     parser.add_argument("--models", default="resnet18,mobilenet_v3_large")
     parser.add_argument("--sizes", default="64,128", help="training sizes, e.g. 64,128,224")
-    parser.add_argument("--train-images", type=int, default=512, help="images per timed epoch")
+    parser.add_argument("--train-images", type=int, default=256, help="images per timed epoch")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.model_fields["batch_size"].default)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--precision", default="auto", help="training precision, both sides (auto: the project's)"
+    )
     parser.add_argument("--data", type=Path, help="keep the generated tree here (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/prepare_speed.md")
     args = parser.parse_args()
@@ -256,13 +263,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="prepare-speed-") as scratch:
         tree = write_tree(args.data or Path(scratch) / "photos", args.images, cores)
         count = sum(1 for _ in tree.rglob("*.jpg"))  # a kept --data tree may hold more
-        before = machine_facts(device, cores)
+        before = machine_facts(device, cores, args.precision)
         print(f"{count} JPEGs in {tree}; {before}; {threads} torch threads")
         refs: dict[int, DatasetRef] = {}
         sizes = [int(size) for size in args.prepare_sizes.split(",") if size]
         prep_rows = preparation_rows(tree, count, sizes, cores, Path(scratch), refs)
         train_rows = training_rows(args, tree, count, cores, Path(scratch), refs)
-    facts = f"{machine_facts(device, cores)} (at the start: {before.rsplit('load average ', 1)[1]})"
+    after = machine_facts(device, cores, args.precision)
+    facts = f"{after} (at the start: {before.rsplit('load average ', 1)[1]})"
     note = report(args, count, facts, prep_rows, train_rows)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(note + "\n")

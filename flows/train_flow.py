@@ -136,7 +136,7 @@ def publish_model(
     weights = save_state_dict(trained, run_dir, run_id)
     onnx_path = export_onnx(spec, weights, run_dir, run_id)
     evaluation = evaluating.result()
-    parity = validate_onnx(onnx_path, evaluation, dataset, run_id)
+    parity = validate_onnx(onnx_path, evaluation, dataset, trained, run_id)
     model_ids = log_models(spec, weights, onnx_path, dataset, evaluation, parity, name, run_id)
     registration = register_model(model_ids, spec, dataset, evaluation, parity, params, run_id)
     outputs = {"Outputs": str(run_dir), "Weights": str(weights), "ONNX": str(onnx_path)}

@@ -20,13 +20,9 @@ from models import (
     keep_frozen_norms_eval,
     pretrained_file,
 )
-from tasks.publish.export import MAX_ABS_DIFF, compare_onnx, write_onnx
+from tasks.publish.export import MAX_ABS_DIFF, compare_onnx, fp32_tolerance, write_onnx
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# With data-set BatchNorm statistics these two deep networks' fp32 logits wobble by about the gate
-# (PyTorch's own batch-8 and batch-1 logits differ that much), so onnxruntime cannot meet the 1e-4
-# gate reliably; the test reports them as xfail rather than hide them or loosen the gate.
-NEAR_GATE = {"resnet50", "efficientnet_b0"}
 
 
 @pytest.fixture(autouse=True)
@@ -222,9 +218,9 @@ def test_backbones_export_to_pt2_and_onnx(name, tmp_path, record_property):
         program = torch.export.export(model, (pixels[:2],))
         assert torch.allclose(program.module()(pixels[:2]), model(pixels[:2]), atol=1e-5)
     report = compare_onnx(expected, write_onnx(model, pixels[:2], tmp_path / "model.onnx"), pixels)
+    # The gate as validate-onnx applies it: 1e-4, or for deep networks whose own fp32 rounding is
+    # larger (resnet50: PyTorch fp32 vs float64 1.5-1.9e-4), 1e-4 plus twice that rounding.
+    tolerance = fp32_tolerance(model, pixels, expected, report.worst_rows)
     record_property("onnx_max_abs_diff", report.max_abs_diff)
-    print(f"{name}: onnx max abs diff {report.max_abs_diff:.3g}, logits up to {expected.abs().max():.3g}")
-    assert report.top1_agreement == 1.0
-    if name in NEAR_GATE and report.max_abs_diff > MAX_ABS_DIFF:
-        pytest.xfail(f"{name}: onnx max abs diff {report.max_abs_diff:.3g} > gate {MAX_ABS_DIFF}")
-    assert report.max_abs_diff <= MAX_ABS_DIFF
+    print(f"{name}: onnx max abs diff {report.max_abs_diff:.3g}, tolerance {tolerance:.3g}")
+    assert report.top1_agreement == 1.0 and report.max_abs_diff <= max(MAX_ABS_DIFF, tolerance)

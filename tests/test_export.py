@@ -6,7 +6,14 @@ from onnx import numpy_helper
 
 from models import ModelSpec, build_from_spec
 from models.logits_pyfunc import OnnxLogits
-from tasks.publish.export import compare_onnx, load_model, load_weights, write_onnx, write_state_dict
+from tasks.publish.export import (
+    compare_onnx,
+    fp32_tolerance,
+    load_model,
+    load_weights,
+    write_onnx,
+    write_state_dict,
+)
 
 SPEC = ModelSpec("cnn", 1, (28, 28), 10, (0.3,), (0.4,))
 
@@ -84,3 +91,21 @@ def test_parity_checks_every_image_against_its_own_logits(exported):
     expected[250, 0] += 1.0  # a disagreement on one image of the last batch only
     report = compare_onnx(expected, path, pixels, batch_size=128, single_samples=4)
     assert not report.passed and report.max_abs_diff == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_fp32_tolerance_stays_near_the_gate_and_below_a_tampered_graph(exported, tmp_path):
+    """The bound for deep networks is 1e-4 plus twice PyTorch's own fp32 error against float64: for
+    this CNN that is barely above 1e-4, far below what a tampered weight does to the logits."""
+    model, _, path = exported
+    proto = onnx.load(str(path))
+    weight = next(t for t in proto.graph.initializer if len(t.dims) == 2)
+    values = numpy_helper.to_array(weight)
+    weight.CopyFrom(numpy_helper.from_array((values * 1.001).astype(values.dtype), weight.name))
+    onnx.save(proto, str(tmp_path / "slightly.onnx"))
+    pixels = torch.rand(64, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(pixels)
+    report = compare_onnx(expected, tmp_path / "slightly.onnx", pixels)
+    tolerance = fp32_tolerance(model, pixels, expected, report.worst_rows)
+    assert 1e-4 < tolerance < 1.1e-4 and len(report.worst_rows) == 64
+    assert report.max_abs_diff > tolerance  # a 0.1% change to one layer's weights is caught

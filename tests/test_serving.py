@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import mlflow
 from conftest import REPO, Processes, free_port, run_train_script, script_env, wait_until_up
 from mlflow import MlflowClient
-from PIL import Image
 from photos import write_class_folders
+from PIL import Image
 
 from tasks.data.photos import list_folder
 from tasks.predict.serving import main

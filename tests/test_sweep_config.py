@@ -69,7 +69,10 @@ def test_cluster_flags():
         (["--grid", "model=mlp,rnn"], "--grid model=rnn: Input should be 'mlp', 'cnn', 'resnet18'"),
         (["--grid", "image-size=64,0"], "--grid image_size=0: String should match pattern"),
         (["--grid", "augment=flip,rotate"], "--grid augment=rotate: Input should be 'auto', 'none'"),
-        (["--grid", "weights=imagenet"], "--grid weights=imagenet: --weights and --freeze-backbone apply only"),
+        (
+            ["--grid", "weights=imagenet"],
+            "--grid weights=imagenet: --weights and --freeze-backbone apply only",
+        ),
         (["--grid", "lr"], "--grid 'lr': expected FIELD=VALUE"),
         (["--random", "3"], "--random N and --space go together"),
         (["--random", "3", "--space", "lr=1:x"], "--space lr=1:x: expected LOW:HIGH or LOW:HIGH:log"),

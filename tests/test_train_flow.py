@@ -26,6 +26,7 @@ ARTEFACTS = {
     "learning_curves.png",
     "misclassified.png",
     "per_class_metrics.csv",
+    "test_logits.npy",
     "config.json",
 }
 
@@ -214,6 +215,21 @@ def test_script_refuses_fp16_without_cuda_before_any_work(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: precision 'fp16' needs a CUDA device, and this run trains on cpu")
     assert not (tmp_path / "data").exists()
+
+
+def test_script_without_imagenet_weights_offline_stops_before_any_data_work(tmp_path, monkeypatch):
+    """Issue 16: --weights imagenet with an empty torch cache and no network names the file and the
+    folder it belongs in, within 30 s, before anything is listed, prepared or started."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MODELS_WEIGHTS_BASE_URL", "http://127.0.0.1:9/models")  # nothing listens on 9
+    started = time.monotonic()
+    flags = ["--dataset", "folder", "--train-dir", "photos", "--model", "resnet18", "--weights", "imagenet"]
+    result = run_train_script(tmp_path, *flags, timeout=120)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1 and result.stderr.startswith("error: ImageNet weights for resnet18")
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    assert "resnet18-f37072fd.pth" in result.stderr and str(folder) in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "prefect").exists()
 
 
 def fail_once_at_call(monkeypatch, failing_call: int) -> list[int]:

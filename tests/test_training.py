@@ -117,8 +117,8 @@ def test_compiled_training_learns_and_checkpoints_the_plain_module(digits, tmp_p
     whole = loaders.train.num_samples // 64 * 64
     data = load_tensors(digits.prepared_path)
     indices = loaders.train.indices[:whole]
-    train = TensorLoader(data.train_images, data.train_labels, 64, shuffle=True, indices=indices)
-    loaders = loaders._replace(train=train)
+    batches = TensorLoader(data.train_images, data.train_labels, 64, shuffle=True, indices=indices)
+    loaders = loaders._replace(train=batches)
     settings = TrainSettings(2, "adamw", 3e-3, 1e-4, "onecycle", 0, compile=True)
     model, history = train(spec_for(digits, "cnn"), loaders, settings, tmp_path / "last.pt")
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["model"]

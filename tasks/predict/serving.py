@@ -12,12 +12,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlflow
 
 from tasks.data.decoding import load_image
-from tasks.data.images import ImageFileError
+from tasks.data.images import ImageFileError, check_image_file
 from tasks.predict.image_inputs import PredictionError
 from tasks.predict.prediction import input_shape, model_preprocessing, to_pixels
 
@@ -25,15 +25,20 @@ from tasks.predict.prediction import input_shape, model_preprocessing, to_pixels
 def request_body(model_uri: str, paths: Sequence[Path]) -> dict:
     """The scoring server's tensor input for `paths`: each image preprocessed as the model's
     training data was (its size, channels and resize mode, from the model's metadata)."""
+    for path in paths:  # every file judged from its header before the model is even looked up
+        _named(path, check_image_file, path)
     info = mlflow.models.get_model_info(model_uri)
     prep = model_preprocessing(info.metadata, input_shape(info))
-    images = []
-    for path in paths:
-        try:
-            images.append(load_image(path, prep))
-        except ImageFileError as error:
-            raise PredictionError(f"{path}: {error}") from None
+    images = [_named(path, load_image, path, prep) for path in paths]
     return {"inputs": to_pixels(images, prep).tolist()}
+
+
+def _named(path: Path, read: Callable, *args):
+    """read(*args), an image file's problem raised as a PredictionError naming the file."""
+    try:
+        return read(*args)
+    except ImageFileError as error:
+        raise PredictionError(f"{path}: {error}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:

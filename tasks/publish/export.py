@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnxruntime
@@ -17,6 +19,7 @@ from tasks.files import atomic_path, atomic_save
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 MAX_ABS_DIFF = 1e-4
+_EXACT_ROWS = 64  # images the float64 reference is computed for (the most different ones)
 _BATCH_PIXELS = 1 << 24  # values per onnxruntime batch: 1024 28x28 images, 111 RGB ones at 224x224
 
 
@@ -73,6 +76,8 @@ class ParityReport:
     samples: int
     single_samples: int
     passed: bool
+    tolerance: float = MAX_ABS_DIFF  # the bound max_abs_diff is held to (see fp32_tolerance)
+    worst_rows: tuple[int, ...] = ()  # the images whose logits differ most, worst first
 
 
 def onnx_session(path: Path) -> onnxruntime.InferenceSession:
@@ -101,13 +106,33 @@ def compare_onnx(
     starts = range(0, len(images), batch_size)
     chunks = [(images[s : s + batch_size], expected[s : s + batch_size]) for s in starts]
     chunks += [(images[i : i + 1], expected[i : i + 1]) for i in range(singles)]
-    worst, agree = 0.0, 0
+    row_diffs, agree = [], 0
     for chunk, reference in chunks:
         pixels = chunk.float() / 255 if chunk.dtype == torch.uint8 else chunk
         got = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0]
         reference = reference.numpy()
-        worst = max(worst, float(np.abs(got - reference).max()))
+        row_diffs.append(np.abs(got - reference).max(axis=1))
         agree += int((got.argmax(1) == reference.argmax(1)).sum())
+    diffs = np.concatenate(row_diffs)
     checked = len(images) + singles
+    worst = float(diffs.max())
     passed = worst <= MAX_ABS_DIFF and agree == checked
-    return ParityReport(worst, agree / checked, len(images), singles, passed)
+    rows = np.argsort(-diffs[: len(images)], kind="stable")[:_EXACT_ROWS]
+    return ParityReport(worst, agree / checked, len(images), singles, passed, worst_rows=tuple(rows.tolist()))
+
+
+def fp32_tolerance(
+    model: nn.Module, images: torch.Tensor, expected: torch.Tensor, rows: Sequence[int]
+) -> float:
+    """MAX_ABS_DIFF plus twice PyTorch's own fp32 error (against float64) on `rows`.
+
+    Deep networks (resnet50, efficientnet_b0) accumulate more fp32 rounding than 1e-4 in their
+    logits: PyTorch's fp32 logits differ from float64 ones by 1.5e-4 to 5e-3 there (benchmarks:
+    tests/test_backbones.py). An exporter that is as exact as PyTorch's fp32 may then differ from it
+    by up to twice that, and no more, so that bound still catches a wrong graph or weight."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    pixels = images[index].double() / (255 if images.dtype == torch.uint8 else 1)
+    exact = copy.deepcopy(model).cpu().double().eval()
+    with torch.no_grad():
+        error = (exact(pixels) - expected[index].double()).abs().max().item()
+    return MAX_ABS_DIFF + 2 * error

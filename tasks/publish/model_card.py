@@ -59,7 +59,8 @@ def version_card(
             f"- **Preprocessing** {preprocessing_sentence(dataset.preprocessing)}",
             f"- **Test** accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_macro_f1']:.4f}, "
             f"loss {metrics['test_loss']:.4f}",
-            f"- **ONNX parity** max |logit diff| {parity['max_abs_diff']:.3g} on {parity['samples']} "
+            f"- **ONNX parity** max |logit diff| {parity['max_abs_diff']:.3g} (limit "
+            f"{parity.get('tolerance', 1e-4):.3g}) on {parity['samples']} "
             f"images in batches and {parity['single_samples']} at batch 1, top-1 agreement "
             f"{parity['top1_agreement']:.4f}: {'passed' if parity['passed'] else 'failed'}",
             f"- **Promotion** {outcome}",

@@ -4,7 +4,7 @@ and register them through the promotion gate."""
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,19 +71,32 @@ def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str)
 
 
 @task(name="validate-onnx", cache_policy=NO_CACHE)
-def validate_onnx(onnx_path: Path, evaluation: Evaluation, dataset: DatasetRef, run_id: str) -> dict:
-    """onnxruntime against PyTorch's test logits on the whole test split; raises when they disagree."""
-    report = export.compare_onnx(evaluation.logits, onnx_path, test_images(dataset))
+def validate_onnx(
+    onnx_path: Path, evaluation: Evaluation, dataset: DatasetRef, trained: TrainedModel, run_id: str
+) -> dict:
+    """onnxruntime against PyTorch's test logits on the whole test split; raises when they disagree
+    beyond 1e-4, or, for a network whose own fp32 rounding is larger, beyond what that allows."""
+    images = test_images(dataset)
+    report = export.compare_onnx(evaluation.logits, onnx_path, images)
+    if not report.passed and report.top1_agreement == 1:
+        model = export.load_model(trained.spec, trained.weights())
+        tolerance = export.fp32_tolerance(model, images, evaluation.logits, report.worst_rows)
+        report = replace(report, tolerance=tolerance, passed=report.max_abs_diff <= tolerance)
     tracking.log_metrics(
-        run_id, {"onnx_max_abs_diff": report.max_abs_diff, "onnx_top1_agreement": report.top1_agreement}
+        run_id,
+        {
+            "onnx_max_abs_diff": report.max_abs_diff,
+            "onnx_tolerance": report.tolerance,
+            "onnx_top1_agreement": report.top1_agreement,
+        },
     )
     if not report.passed:
         raise export.OnnxMismatchError(
             f"ONNX disagrees with PyTorch: max |diff| {report.max_abs_diff:.3g} "
-            f"(limit {export.MAX_ABS_DIFF}), top-1 agreement {report.top1_agreement:.6f} (must be 1); "
+            f"(limit {report.tolerance:.3g}), top-1 agreement {report.top1_agreement:.6f} (must be 1); "
             "nothing will be registered"
         )
-    return asdict(report)
+    return {key: value for key, value in asdict(report).items() if key != "worst_rows"}
 
 
 @task(name="log-models", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
