@@ -3,7 +3,8 @@
 # precision, resume on CUDA, ONNX parity of a CUDA-trained model, onnxruntime's CUDA provider
 # when installed), training speed on CUDA against each lever, then a default run on CUDA on the
 # generated 60k set: the whole flow when Prefect and MLflow are installed, else the same default
-# training without them. Prints the figures.
+# training without them; last, the photo pipeline's training speed on CUDA (prepare_speed.py).
+# Prints the figures.
 #
 #     bash benchmarks/gpu_check.sh [DATA_DIR]
 set -euo pipefail
@@ -27,3 +28,9 @@ else
     echo "Prefect or MLflow not installed: the default training on CUDA without the flow"
     python benchmarks/default_settings.py --device cuda --datasets digits60k --data-dir "$data_dir"
 fi
+# The photo pipeline on CUDA: one epoch per backbone and size fed by the prepared file (augmented
+# on the GPU) against ImageFolder + DataLoader (augmented per image in the workers), same network
+# and levers; the table goes to benchmarks/results/prepare_speed_cuda.md.
+python benchmarks/prepare_speed.py --device cuda --prepare-sizes "" --train-images 2048 \
+    --models resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny --sizes 64,128,224 \
+    --output benchmarks/results/prepare_speed_cuda.md

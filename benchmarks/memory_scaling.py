@@ -17,6 +17,10 @@ Prints both peaks, the growth and whether it stays under --limit-mb; writes
 benchmarks/results/memory_scaling[-REF].md.
 
     python benchmarks/memory_scaling.py [--images 2000] [--model cnn] [--epochs 1] [--ref 777fcd4]
+        [--arena-max N] [--keep DIR] [--output FILE]
+
+`--keep DIR` keeps each run's folder: flow.log and memory.csv (every sample: the main process's
+RssAnon and the tree's sums), to see which step the peak falls in.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import datetime
 import io
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -126,7 +131,8 @@ def measure(script: Path, flags: list[str], cwd: Path, extra_env: dict[str, str]
     }
     env.pop("PREFECT_API_URL", None)  # its own temporary server, as a user's first run
     peaks, at_peak, started = dict.fromkeys(FIELDS, 0), {}, time.perf_counter()
-    with open(cwd / "flow.log", "w") as log:
+    with open(cwd / "flow.log", "w") as log, open(cwd / "memory.csv", "w") as samples:
+        samples.write("time,main_rss_anon_kb," + ",".join(f"{key.lower()}_kb" for key in FIELDS) + "\n")
         process = subprocess.Popen(
             [sys.executable, str(script), *flags], cwd=cwd, env=env, stdout=log, stderr=log
         )
@@ -134,6 +140,8 @@ def measure(script: Path, flags: list[str], cwd: Path, extra_env: dict[str, str]
         while process.poll() is None:
             members = tree_memory(watched)
             sums = {key: sum(values.get(key, 0) for values in members.values()) for key in FIELDS}
+            main = next(iter(members.values()), {}).get("RssAnon", 0)
+            samples.write(f"{time.time():.2f},{main}," + ",".join(str(sums[key]) for key in FIELDS) + "\n")
             if sums["RssAnon"] > peaks["RssAnon"]:
                 at_peak = {member: values.get("RssAnon", 0) for member, values in members.items()}
             peaks = {key: max(peaks[key], sums[key]) for key in FIELDS}
@@ -216,12 +224,19 @@ def main() -> None:
     parser.add_argument("--limit-mb", type=float, default=150.0)
     parser.add_argument("--arena-max", type=int, help="MALLOC_ARENA_MAX for the runs (default: unset)")
     parser.add_argument("--output", type=Path, help="default: benchmarks/results/memory_scaling[-REF].md")
+    parser.add_argument("--keep", type=Path, help="keep each run's folder (flow.log, memory.csv) under here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="memory-scaling-") as scratch:
-        code = extract(args.ref, Path(scratch) / "code") if args.ref else ROOT
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="memory-scaling-", dir=args.keep))
+    try:
+        code = extract(args.ref, scratch / "code") if args.ref else ROOT
         label = f"commit {args.ref}" if args.ref else "working tree"
         print(f"{label}: {args.model}, {args.epochs} epoch(s), N={args.images}")
-        runs = [run_size(code, count, args, Path(scratch)) for count in (args.images, 4 * args.images)]
+        runs = [run_size(code, count, args, scratch) for count in (args.images, 4 * args.images)]
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
     note = report(args, label, runs)
     output = args.output or ROOT / f"benchmarks/results/memory_scaling{'-' + args.ref if args.ref else ''}.md"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="keep the generated tree here (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/prepare_speed.md")
     args = parser.parse_args()
-    device, cores = torch.device(args.device), speed.physical_cores()
+    # all the cores this process may use, as fetch_dataset's default --prepare-workers
+    device, cores = torch.device(args.device), len(os.sched_getaffinity(0))
     threads = speed.set_threads(None)
     with tempfile.TemporaryDirectory(prefix="prepare-speed-") as scratch:
         tree = write_tree(args.data or Path(scratch) / "photos", args.images, cores)

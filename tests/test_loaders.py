@@ -1,6 +1,6 @@
 import torch
 
-from tasks.data.datasets import prepare_dataset
+from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.loaders import TensorLoader, make_loaders, split_indices
 
 
@@ -38,3 +38,21 @@ def test_make_loaders_splits_the_training_set(tmp_path):
     loaders = make_loaders(ref, batch_size=32, val_fraction=0.25, seed=0, device="cpu")
     assert loaders.train.num_samples + loaders.val.num_samples == ref.train_size
     assert loaders.val.num_samples == ref.train_size // 4 and loaders.test.num_samples == ref.test_size
+
+
+def test_a_shuffled_pass_leaves_out_a_last_batch_of_one():
+    loader = TensorLoader(torch.zeros(9, 1, 1, 1, dtype=torch.uint8), torch.arange(9), 4, shuffle=True)
+    assert [len(labels) for _, labels in loader] == [4, 4] and loader.num_samples == 8 and len(loader) == 2
+    in_order = TensorLoader(torch.zeros(9, 1, 1, 1, dtype=torch.uint8), torch.arange(9), 4)
+    assert [len(labels) for _, labels in in_order] == [4, 4, 1]  # evaluation sees every image
+
+
+def test_loaders_gather_from_the_mapped_file_without_copying_the_split(tmp_path):
+    ref = prepare_dataset("synthetic", tmp_path)
+    loaders = make_loaders(ref, batch_size=32, val_fraction=0.25, seed=0, device="cpu")
+    mapped = load_tensors(ref.prepared_path).train_images
+    assert loaders.train.images.numpy().base is not None and loaders.train.images.shape == mapped.shape
+    pixels, labels = next(iter(loaders.val))
+    first = loaders.val.indices[: len(labels)]
+    assert torch.equal(pixels, mapped[first].float() / 255)
+    assert torch.equal(labels, load_tensors(ref.prepared_path).train_labels[first])

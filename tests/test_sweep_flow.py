@@ -37,7 +37,7 @@ def best_of(children: list) -> object:
 def test_script_sweeps_a_grid_and_registers_the_best_child_run(tmp_path):
     result = run_train_script(
         tmp_path,
-        *("--dataset", "digits", "--epochs", "2", "--grid", "lr=0.001,0.003", "--grid", "model=mlp,cnn"),
+        *("--dataset", "digits", "--epochs", "2", "--grid", "image-size=20,28", "--grid", "model=mlp,cnn"),
         *("--registered-model", "digits-sweep"),
         script=SWEEP_SCRIPT,
     )
@@ -50,13 +50,22 @@ def test_script_sweeps_a_grid_and_registers_the_best_child_run(tmp_path):
         client = MlflowClient()
         parent, children = runs_of("image-classifier")
         assert len(children) == 4 and all(run.info.status == "FINISHED" for run in children)
-        swept = [(run.data.params["lr"], run.data.params["model"]) for run in children]
-        assert swept == [("0.001", "mlp"), ("0.001", "cnn"), ("0.003", "mlp"), ("0.003", "cnn")]
+        swept = [(run.data.params["image_size"], run.data.params["model"]) for run in children]
+        assert swept == [("20", "mlp"), ("20", "cnn"), ("28", "mlp"), ("28", "cnn")]
+        # The data was prepared once per image size, and each trial trained on its own.
+        assert len(list((tmp_path / "data" / "prepared").glob("digits-*.safetensors"))) == 2
+        digests = {
+            run.data.params["image_size"]: {d.dataset.digest for d in run.inputs.dataset_inputs}
+            for run in children
+        }
+        assert digests["20"].isdisjoint(digests["28"])
         worker = f"{socket.gethostname()}:"
         assert all(run.data.tags["worker"].startswith(worker) for run in children)
         best = best_of(children)
         champion = client.get_model_version_by_alias("digits-sweep", "champion")
         assert champion.run_id == best.info.run_id == parent.data.tags["best_run_id"]
+        size = int(best.data.params["image_size"])
+        assert f"{size}x{size} pixels" in champion.description  # the winner's own preprocessing
         assert client.get_model_version_by_alias("digits-sweep-onnx", "champion").run_id == best.info.run_id
         assert "test_accuracy" in best.data.metrics and "onnx_max_abs_diff" in best.data.metrics
         assert parent.data.metrics["trials_finished"] == 4 and parent.info.status == "FINISHED"

@@ -12,28 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
-from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
 from tasks.data import prepared
-from tasks.data.decoding import Preprocessing, preprocess
+from tasks.data.decoding import Preprocessing
 from tasks.data.images import ImageData, check_image_data
 from tasks.data.mnist_files import FIRST_MIRRORS, RAW_FILES, SOURCES, load_mnist_family, raw_files_stamp
 from tasks.data.offline_data import load_digits, make_synthetic
-from tasks.data.photos import Listing, list_csv, list_folder, write_listing
+from tasks.data.photos import list_csv, list_folder
+from tasks.data.storing import Logger, Source, channel_stats, memory_source, photo_source, store
 from tasks.files import atomic_output
 
 _logger = logging.getLogger(__name__)
-Logger = Union[logging.Logger, logging.LoggerAdapter]
 PHOTO_SOURCES = ("csv", "folder")
 IN_MEMORY = (*SOURCES, "synthetic", "digits")
-_STATS_CHUNK = 1024  # images per step of the channel statistics
 
 
 @dataclass(frozen=True)
@@ -121,25 +117,6 @@ def tensor_digest(data: ImageData) -> str:
     return digest.hexdigest()
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images on the [0, 1] scale, a chunk at a time (float64
-    sums), so a memory-mapped split is read once and never copied whole."""
-    channels = images.shape[1]
-    total, squares, count = (
-        torch.zeros(channels, dtype=torch.float64),
-        torch.zeros(channels, dtype=torch.float64),
-        0,
-    )
-    for start in range(0, len(images), _STATS_CHUNK):
-        pixels = images[start : start + _STATS_CHUNK].transpose(0, 1).reshape(channels, -1).double() / 255
-        total += pixels.sum(1)
-        squares += (pixels * pixels).sum(1)
-        count += pixels.shape[1]
-    mean = total / count
-    std = ((squares - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist())
-
-
 def load_tensors(path: str) -> ImageData:
     """Maps a prepared file (tasks.data.prepared.open_file): pages are read only when used.
 
@@ -189,12 +166,15 @@ def prepare_dataset(
         manifest = folder / f"{name}-{_stamp(raw, shape)[:16]}.json" if raw else None
         reused = reuse_prepared(manifest)
         if reused is None:
-            source = memory_source(check_image_data(load_source(name, data_dir, **options)), shape)
+            data = check_image_data(load_source(name, data_dir, **options))
+            first = data.train_images.shape
+            source = memory_source(data, shape.resolve(frozenset([tuple(first[2:])]), first[1] == 3))
             if name in SOURCES:  # downloaded by now
                 manifest = folder / f"{name}-{_stamp(raw_files_stamp(name, data_dir), shape)[:16]}.json"
     if reused is not None:
         return DatasetRef(**reused, train_origin=origins[0], test_origin=origins[1])
-    ref = store(name, folder, source, origins, logger)
+    path, sha256 = store(name, folder, source, logger)
+    ref = describe(name, path, sha256, source, origins)
     if manifest is not None:
         with atomic_output(manifest) as out:
             json.dump({k: v for k, v in asdict(ref).items() if not k.endswith("_origin")}, out)
@@ -206,79 +186,10 @@ def _stamp(made_from: object, prep: object) -> str:
     return hashlib.sha256(json.dumps([made_from, repr(prep)], default=str).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Source:
-    """What a prepared file will hold, and how to fill in its images."""
-
-    class_names: tuple[str, ...]
-    train_labels: torch.Tensor
-    test_labels: torch.Tensor
-    prep: Preprocessing
-    fill: Callable[[Path, prepared.Layout], None]
-
-
-def photo_source(
-    listing: Listing,
-    prep: Preprocessing,
-    workers: int,
-    max_pixels: Optional[int],
-    progress: Optional[Callable[[int, int], None]],
-) -> Source:
-    """Listed photos, decoded and resized by `workers` processes into the file."""
-    limit = {"max_pixels": max_pixels} if max_pixels else {}
-    total = len(listing.train[0]) + len(listing.test[0])
-    on_chunk = (lambda images: progress(images, total)) if progress else None
-
-    def fill(path: Path, layout: prepared.Layout) -> None:
-        write_listing(path, layout, listing, prep, workers, on_chunk=on_chunk, **limit)
-
-    labels = [torch.tensor(split[1], dtype=torch.int64) for split in (listing.train, listing.test)]
-    return Source(listing.class_names, *labels, prep, fill)
-
-
-def memory_source(data: ImageData, shape: Shape) -> Source:
-    """An in-memory dataset in the asked preprocessing (by default its own size and channels)."""
-    first = data.train_images.shape
-    prep = shape.resolve(frozenset([tuple(first[2:])]), first[1] == 3)
-
-    def fill(path: Path, layout: prepared.Layout) -> None:
-        for split in ("train", "test"):
-            images = getattr(data, f"{split}_images")
-            for start in range(0, len(images), _STATS_CHUNK):
-                chunk = images[start : start + _STATS_CHUNK]
-                if tuple(chunk.shape[1:]) != (prep.channels, *prep.size):
-                    chunk = torch.stack([preprocess(image, prep) for image in chunk])
-                prepared.write_images(path, layout, split, start, chunk)
-
-    return Source(data.class_names, data.train_labels, data.test_labels, prep, fill)
-
-
-def store(name: str, folder: Path, source: Source, origins: tuple[str, str], logger: Logger) -> DatasetRef:
-    """Writes `source` to a temporary file, names it by its data's digest and publishes it, unless
-    a sound file of that name is there already (a damaged one is replaced, with a warning)."""
+def describe(name: str, path: Path, sha256: str, source: Source, origins: tuple[str, str]) -> DatasetRef:
+    """The DatasetRef of a stored source."""
     prep = source.prep
-    layout = prepared.plan_layout(
-        source.class_names, len(source.train_labels), len(source.test_labels), (prep.channels, *prep.size)
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-    try:
-        prepared.create_file(tmp, layout, source.train_labels, source.test_labels)
-        source.fill(tmp, layout)
-        file_sha256, sha256 = prepared.digests(tmp, layout)
-        path = folder / f"{name}-{sha256[:16]}{prepared.SUFFIX}"
-        problem = prepared.file_problem(path) if path.exists() else "missing"
-        if problem != "missing" and problem is not None:
-            logger.warning(
-                "prepared dataset %s is damaged (%s); rebuilding it from the source", path, problem
-            )
-        if problem is not None:
-            prepared.publish(tmp, path, file_sha256)
-    finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    data = prepared.open_file(path)
-    mean, std = channel_stats(data.train_images)
+    mean, std = channel_stats(prepared.open_file(path).train_images)
     return DatasetRef(
         name=name,
         prepared_path=str(path),

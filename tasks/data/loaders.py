@@ -41,16 +41,19 @@ class TensorLoader:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self.num_samples // self.batch_size)
 
     @property
     def num_samples(self) -> int:
-        return len(self.labels)
+        """Samples per pass. A shuffled (training) pass leaves out a last batch of one: batch norm
+        cannot normalise a single sample once a network has pooled it to 1x1."""
+        count = len(self.labels)
+        return count - 1 if self.shuffle and count > 1 and count % self.batch_size == 1 else count
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         count, device = len(self.labels), self.labels.device
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
-        for start in range(0, count, self.batch_size):
+        for start in range(0, self.num_samples, self.batch_size):
             index = order[start : start + self.batch_size]
             rows = index if self.indices is None else self.indices[index]
             batch = self.images[rows].to(device, non_blocking=True)
