@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -171,24 +171,3 @@ def _resize(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
 def load_image(path: Path, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A file as the network sees it: uint8 (prep.channels, *prep.size)."""
     return preprocess(decode_image_file(path, max_pixels, prep), prep)
-
-
-def batch_load(
-    paths: Sequence[Path], prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> torch.Tensor:
-    """uint8 (N, prep.channels, *prep.size), filled in place so only one decoded image is held."""
-    batch = torch.empty((len(paths), prep.channels, *prep.size), dtype=torch.uint8)
-    for index, path in enumerate(paths):
-        batch[index] = load_image(path, prep, max_pixels)
-    return batch
-
-
-def colour_channels(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """1 for a grey file, 3 for any other (palette included), from its header: no pixels decoded.
-    The same answer as the channel count `decode_image_file` returns."""
-    header = check_image_file(path, max_pixels)
-    try:
-        with Image.open(path, formats=[header.format.upper()]) as image:
-            return 1 if image.mode in _GREY_MODES else 3
-    except _DECODE_ERRORS as error:
-        raise ImageFileError(f"it cannot be read as an image: {error}") from error

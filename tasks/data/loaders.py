@@ -11,6 +11,7 @@ from tasks.data.augment import augment_batch
 from tasks.data.datasets import DatasetRef, load_tensors
 
 _EVAL_BATCH = 256  # larger batches of small images spill the CPU's caches
+_EVAL_BATCH_VALUES = 1 << 22  # and of large images hold large activations: 85 RGB images at 128 px
 
 
 class TensorLoader:
@@ -92,7 +93,7 @@ def make_loaders(
         raise ValueError(f"{dataset.name}: need at least 2 training images to hold out validation")
     train, val = split_indices(len(data.train_labels), val_fraction, seed)
     images, labels = data.train_images, data.train_labels
-    eval_batch = max(batch_size, _EVAL_BATCH)
+    eval_batch = evaluation_batch(batch_size, images[0].numel())
     return Loaders(
         TensorLoader(images, labels, batch_size, True, seed, device, indices=train, augment=augment),
         TensorLoader(images, labels, eval_batch, device=device, indices=val),
@@ -100,9 +101,15 @@ def make_loaders(
     )
 
 
+def evaluation_batch(batch_size: int, values_per_image: int) -> int:
+    """Evaluation's batch: 256 small images, fewer large ones, never fewer than training's batch."""
+    return max(batch_size, min(_EVAL_BATCH, _EVAL_BATCH_VALUES // values_per_image))
+
+
 def make_test_loader(
-    dataset: DatasetRef, device: torch.device | str, batch_size: int = _EVAL_BATCH
+    dataset: DatasetRef, device: torch.device | str, batch_size: Optional[int] = None
 ) -> TensorLoader:
-    """The test split, in order."""
+    """The test split, in order (batches as evaluation_batch says unless given)."""
     data = load_tensors(dataset.prepared_path)
+    batch_size = batch_size or evaluation_batch(1, data.test_images[0].numel())
     return TensorLoader(data.test_images, data.test_labels, batch_size, device=device)

@@ -10,7 +10,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -190,8 +190,7 @@ def write_listing(
         for start in range(0, len(paths), _CHUNK)
     ]
     if workers <= 1 or len(tasks) <= 1:
-        done: Iterable[int] = map(_write_chunk, tasks)
-        for count in done:
+        for count in map(_write_chunk, tasks):
             on_chunk and on_chunk(count)
         return
     # fork, as torch's DataLoader does on Linux: workers start in milliseconds with the modules

@@ -19,7 +19,7 @@ from tasks.data.images import ImageData
 from tasks.data.photos import Listing, write_listing
 
 Logger = Union[logging.Logger, logging.LoggerAdapter]
-_CHUNK = 1024  # images per step when copying or summarising a split
+_CHUNK_VALUES = 1 << 22  # pixel values per step when copying or summarising a split (32 MB as float64)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -31,14 +31,20 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         torch.zeros(channels, dtype=torch.float64),
         0,
     )
-    for start in range(0, len(images), _CHUNK):
-        pixels = images[start : start + _CHUNK].transpose(0, 1).reshape(channels, -1).double() / 255
+    step = chunk_size(images)
+    for start in range(0, len(images), step):
+        pixels = images[start : start + step].transpose(0, 1).reshape(channels, -1).double() / 255
         total += pixels.sum(1)
         squares += (pixels * pixels).sum(1)
         count += pixels.shape[1]
     mean = total / count
     std = ((squares - count * mean * mean) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-3)
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def chunk_size(images: torch.Tensor) -> int:
+    """Images per step, so a step's values stay within _CHUNK_VALUES whatever the image size."""
+    return max(1, _CHUNK_VALUES // max(1, images[0].numel()))
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,9 @@ def memory_source(data: ImageData, prep: Preprocessing) -> Source:
     def fill(path: Path, layout: prepared.Layout) -> None:
         for split in ("train", "test"):
             images = getattr(data, f"{split}_images")
-            for start in range(0, len(images), _CHUNK):
-                chunk = images[start : start + _CHUNK]
+            step = chunk_size(images)
+            for start in range(0, len(images), step):
+                chunk = images[start : start + step]
                 if tuple(chunk.shape[1:]) != (prep.channels, *prep.size):
                     chunk = torch.stack([preprocess(image, prep) for image in chunk])
                 prepared.write_images(path, layout, split, start, chunk)
