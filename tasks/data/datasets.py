@@ -156,29 +156,36 @@ def prepare_dataset(
         listing = list_photos(name, **options)
         prep = shape.resolve(listing.sizes, listing.colour)
         origins = (listing.train_origin, listing.test_origin)
-        manifest = folder / f"{name}-{_stamp(listing.stamp, prep)[:16]}.json"
-        reused = reuse_prepared(manifest)
-        if reused is None:
-            source = photo_source(listing, prep, workers, options.get("max_image_pixels"), progress)
+        key: Optional[str] = _stamp(listing.stamp, prep)
+
+        def make_source() -> Source:
+            return photo_source(listing, prep, workers, options.get("max_image_pixels"), progress)
     else:
         origins = data_origins(name, options.get("mirror"))
-        raw = raw_files_stamp(name, data_dir) if name in SOURCES else None
-        manifest = folder / f"{name}-{_stamp(raw, shape)[:16]}.json" if raw else None
-        reused = reuse_prepared(manifest)
-        if reused is None:
+        key = _memory_key(name, data_dir, shape)
+
+        def make_source() -> Source:
             data = check_image_data(load_source(name, data_dir, **options))
             first = data.train_images.shape
-            source = memory_source(data, shape.resolve(frozenset([tuple(first[2:])]), first[1] == 3))
-            if name in SOURCES:  # downloaded by now
-                manifest = folder / f"{name}-{_stamp(raw_files_stamp(name, data_dir), shape)[:16]}.json"
+            return memory_source(data, shape.resolve(frozenset([tuple(first[2:])]), first[1] == 3))
+
+    reused = reuse_prepared(folder / f"{name}-{key[:16]}.json" if key else None)
     if reused is not None:
         return DatasetRef(**reused, train_origin=origins[0], test_origin=origins[1])
-    path, sha256 = store(name, folder, source, logger)
-    ref = describe(name, path, sha256, source, origins)
-    if manifest is not None:
-        with atomic_output(manifest) as out:
+    source = make_source()
+    ref = describe(name, *store(name, folder, source, logger), source, origins)
+    key = key or _memory_key(name, data_dir, shape)  # raw files downloaded just now have one
+    if key:
+        with atomic_output(folder / f"{name}-{key[:16]}.json") as out:
             json.dump({k: v for k, v in asdict(ref).items() if not k.endswith("_origin")}, out)
     return ref
+
+
+def _memory_key(name: str, data_dir: Path, shape: Shape) -> Optional[str]:
+    """The manifest key of an in-memory dataset: its raw files (FashionMNIST, MNIST) and the asked
+    shape; None for generated data (regenerated each time) and raw files not downloaded yet."""
+    raw = raw_files_stamp(name, data_dir) if name in SOURCES else None
+    return _stamp(raw, shape) if raw else None
 
 
 def _stamp(made_from: object, prep: object) -> str:

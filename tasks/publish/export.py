@@ -20,7 +20,7 @@ from tasks.files import atomic_path, atomic_save
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 MAX_ABS_DIFF = 1e-4
 _EXACT_ROWS = 64  # images the float64 reference is computed for (the most different ones)
-_BATCH_PIXELS = 1 << 24  # values per onnxruntime batch: 1024 28x28 images, 111 RGB ones at 224x224
+_BATCH_PIXELS = 1 << 22  # values per onnxruntime batch: 1024 28x28 images, 27 RGB ones at 224x224
 
 
 class OnnxMismatchError(RuntimeError):
@@ -80,9 +80,12 @@ class ParityReport:
     worst_rows: tuple[int, ...] = ()  # the images whose logits differ most, worst first
 
 
-def onnx_session(path: Path) -> onnxruntime.InferenceSession:
-    """A CPU session: the reference runtime users will most often have."""
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def onnx_session(path: Path, arena: bool = True) -> onnxruntime.InferenceSession:
+    """A CPU session: the reference runtime users will most often have. Without `arena`, memory
+    goes back after each run (onnxruntime's arena keeps the largest activations it ever held)."""
+    options = onnxruntime.SessionOptions()
+    options.enable_cpu_mem_arena = arena
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def compare_onnx(
@@ -100,7 +103,7 @@ def compare_onnx(
     Batch 1 is another shape through the same graph (onnxruntime may pick other kernels for it,
     but not other weights or operators); a sample shows that path agrees, and checking every image
     that way would cost seconds per run for no new kind of error."""
-    session = onnx_session(onnx_path)
+    session = onnx_session(onnx_path, arena=False)  # one pass; then the memory is not needed
     singles = min(single_samples, len(images))
     batch_size = max(1, min(batch_size, _BATCH_PIXELS // max(1, images[0].numel())))
     starts = range(0, len(images), batch_size)
