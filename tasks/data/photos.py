@@ -183,26 +183,25 @@ def write_listing(
     on_chunk: Optional[Callable[[int], None]] = None,
 ) -> None:
     """Decodes and preprocesses every listed image into the sized prepared file at `path`: `workers`
-    processes, each writing its chunks in place, so no image crosses a process boundary."""
+    processes, each writing its chunks in place, so no image crosses a process boundary and no
+    decoding buffer stays in this process (one worker too: it is this process's twin, forked)."""
     tasks = [
         (path, layout, split, start, paths[start : start + _CHUNK], prep, max_pixels)
         for split, (paths, _) in (("train", listing.train), ("test", listing.test))
         for start in range(0, len(paths), _CHUNK)
     ]
-    if workers <= 1 or len(tasks) <= 1:
-        for count in map(_write_chunk, tasks):
-            on_chunk and on_chunk(count)
-        return
     # fork, as torch's DataLoader does on Linux: workers start in milliseconds with the modules
     # already imported (spawn would import torch and this project again, seconds per worker).
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_one_thread) as pool:
         for count in pool.map(_write_chunk, tasks):
             on_chunk and on_chunk(count)
 
 
 def _one_thread() -> None:
-    torch.set_num_threads(1)  # one image at a time per process; the processes use the cores
+    # One image at a time per process; the processes use the cores. Two threads per process would
+    # also oversubscribe a busy machine, where small copies then wait milliseconds at each barrier.
+    torch.set_num_threads(1)
 
 
 def _write_chunk(task: tuple) -> int:
