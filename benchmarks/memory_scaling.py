@@ -13,14 +13,16 @@ workers), summed over the tree at each sample:
 
 With `--ref GIT_REF` the same runs use that commit's code (extracted with `git archive`); code
 that has no folder dataset (`--train-dir` absent from its --help) gets the same photos as CSVs.
-Prints both peaks, the growth and whether it stays under --limit-mb; writes
-benchmarks/results/memory_scaling[-REF].md.
+Prints both peaks, the Prefect task each fell in, the growth and whether it stays under
+--limit-mb (150 MB); writes benchmarks/results/memory_scaling[-REF].md.
 
     python benchmarks/memory_scaling.py [--images 2000] [--model cnn] [--epochs 1] [--ref 777fcd4]
-        [--arena-max N] [--keep DIR] [--output FILE]
+        [--repeats 1] [--arena-max N] [--keep DIR] [--output FILE]
 
-`--keep DIR` keeps each run's folder: flow.log and memory.csv (every sample: the main process's
-RssAnon and the tree's sums), to see which step the peak falls in.
+`--repeats R` runs N, 4N, N, 4N, ... R times each and compares the highest peak of each size
+(the peak moves by about +-150 MB between runs of one size: see the note). `--arena-max N` sets
+MALLOC_ARENA_MAX for the runs. `--keep DIR` keeps each run's folder: flow.log and memory.csv
+(every sample: the main process's RssAnon and the tree's sums), to see where the peak falls.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import datetime
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -50,6 +53,9 @@ from photos import class_image, write_rgb_jpeg  # noqa: E402  (tests/photos.py)
 CLASSES = ("alpha", "beta", "gamma")
 FIELDS = {"RssAnon": "status", "RssFile": "status", "Pss_Anon": "smaps_rollup"}
 SAMPLE_SECONDS = 0.1
+TASK_FINISHED = re.compile(
+    r"^(?P<clock>\d\d:\d\d:\d\d\.\d+) \| \w+ +\| Task run '(?P<task>[\w-]+?)-\w{3}' - Finished", re.M
+)
 
 
 def write_one(task: tuple[Path, int, int]) -> None:
@@ -116,6 +122,7 @@ class Run:
     images: int
     peaks: dict[str, int]  # kB, peak of each field summed over the tree
     at_peak: dict[str, int]  # kB of RssAnon per process at the RssAnon peak
+    peak_step: str  # the Prefect task running at the RssAnon peak
     seconds: float
     returncode: int
     log_tail: str
@@ -130,7 +137,7 @@ def measure(script: Path, flags: list[str], cwd: Path, extra_env: dict[str, str]
         **extra_env,
     }
     env.pop("PREFECT_API_URL", None)  # its own temporary server, as a user's first run
-    peaks, at_peak, started = dict.fromkeys(FIELDS, 0), {}, time.perf_counter()
+    peaks, at_peak, peak_time, started = dict.fromkeys(FIELDS, 0), {}, 0.0, time.perf_counter()
     with open(cwd / "flow.log", "w") as log, open(cwd / "memory.csv", "w") as samples:
         samples.write("time,main_rss_anon_kb," + ",".join(f"{key.lower()}_kb" for key in FIELDS) + "\n")
         process = subprocess.Popen(
@@ -144,11 +151,22 @@ def measure(script: Path, flags: list[str], cwd: Path, extra_env: dict[str, str]
             samples.write(f"{time.time():.2f},{main}," + ",".join(str(sums[key]) for key in FIELDS) + "\n")
             if sums["RssAnon"] > peaks["RssAnon"]:
                 at_peak = {member: values.get("RssAnon", 0) for member, values in members.items()}
+                peak_time = time.time()
             peaks = {key: max(peaks[key], sums[key]) for key in FIELDS}
             time.sleep(SAMPLE_SECONDS)
     seconds = time.perf_counter() - started
-    tail = (cwd / "flow.log").read_text(errors="replace")[-3000:]
-    return Run(0, peaks, at_peak, seconds, process.returncode, tail)
+    log_text = (cwd / "flow.log").read_text(errors="replace")
+    return Run(0, peaks, at_peak, step_at(log_text, peak_time), seconds, process.returncode, log_text[-3000:])
+
+
+def step_at(log_text: str, moment: float) -> str:
+    """The first Prefect task the log shows finishing after `moment` (a Unix time, same day)."""
+    day = datetime.datetime.fromtimestamp(moment).date()
+    for found in TASK_FINISHED.finditer(log_text):
+        clock = datetime.datetime.strptime(found["clock"], "%H:%M:%S.%f").time()
+        if datetime.datetime.combine(day, clock).timestamp() >= moment:
+            return found["task"]
+    return "after the last task"
 
 
 def extract(ref: str, into: Path) -> Path:
@@ -159,9 +177,9 @@ def extract(ref: str, into: Path) -> Path:
     return into
 
 
-def run_size(code: Path, count: int, args: argparse.Namespace, scratch: Path) -> Run:
+def run_size(code: Path, count: int, args: argparse.Namespace, scratch: Path, repeat: int = 0) -> Run:
     """Writes `count` photos and measures one run of the flow on them, in a folder of their own."""
-    folder = scratch / f"n{count}"
+    folder = scratch / f"n{count}-{repeat}"
     folder.mkdir()
     rows = write_tree(folder / "photos", count)
     flags = dataset_flags(code / "flows/train_flow.py", folder / "photos", rows, folder)
@@ -174,45 +192,73 @@ def run_size(code: Path, count: int, args: argparse.Namespace, scratch: Path) ->
     mb = {key: value / 1024 for key, value in run.peaks.items()}
     print(
         f"{count:6d} photos: peak RssAnon {mb['RssAnon']:7.0f} MB, RssFile {mb['RssFile']:6.0f} MB, "
-        f"Pss_Anon {mb['Pss_Anon']:7.0f} MB; {run.seconds:5.0f} s; {status}"
+        f"Pss_Anon {mb['Pss_Anon']:7.0f} MB; peak during {run.peak_step}; {run.seconds:5.0f} s; {status}"
     )
     if run.returncode:
         print(run.log_tail)
     return run
 
 
-def report(args: argparse.Namespace, label: str, runs: list[Run]) -> str:
-    """The Markdown note: command, machine, one row per size, the growth and the verdict."""
+def code_version(ref: str | None = None) -> str:
+    """The commit measured: `ref`, else HEAD, marked when files outside benchmarks/ have changes."""
+    if ref:
+        return git("rev-parse", "--short", ref)
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
+
+
+def git(*words: str) -> str:
+    """What a git command prints in this checkout; "unknown" without git or a repository."""
+    try:
+        done = subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def report(args: argparse.Namespace, label: str, version: str, runs: list[Run]) -> str:
+    """The Markdown note: command, machine, one row per run, the growth and the verdict."""
     command = " ".join(
         shlex.quote(part) for part in ["python", "benchmarks/memory_scaling.py", *sys.argv[1:]]
     )
-    facts = (
-        f"{datetime.date.today()}: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
-    )
+    memory = psutil.virtual_memory().total / 2**30
+    arena = f", MALLOC_ARENA_MAX={args.arena_max}" if args.arena_max else ""
     lines = [
         f"## Memory scaling: {label}",
         "",
         f"`{command}`",
         "",
-        f"{facts}; peaks of the flow's process tree (summed), sampled every {SAMPLE_SECONDS} s.",
+        f"{datetime.date.today()}, code {version}: {os.cpu_count()} cores, "
+        f"{memory:.0f} GiB; {args.model}, "
+        f"{args.epochs} epoch(s){arena}. Peaks of the flow's process tree (summed over its processes), "
+        f"sampled every {SAMPLE_SECONDS} s.",
         "",
-        "| photos | peak RssAnon (MB) | peak RssFile (MB) | peak Pss_Anon (MB) | seconds | exit |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| photos | peak RssAnon (MB) | during | peak RssFile (MB) | peak Pss_Anon (MB) | seconds | exit |",
+        "|---:|---:|---|---:|---:|---:|---:|",
     ]
     for run in runs:
         mb = {key: value / 1024 for key, value in run.peaks.items()}
         lines.append(
-            f"| {run.images:,} | {mb['RssAnon']:,.0f} | {mb['RssFile']:,.0f} | {mb['Pss_Anon']:,.0f} "
-            f"| {run.seconds:.0f} | {run.returncode} |"
+            f"| {run.images:,} | {mb['RssAnon']:,.0f} | {run.peak_step} | {mb['RssFile']:,.0f} "
+            f"| {mb['Pss_Anon']:,.0f} | {run.seconds:.0f} | {run.returncode} |"
         )
+    lines.append("")
     for run in runs:
         parts = ", ".join(f"{name} {kb / 1024:,.0f}" for name, kb in run.at_peak.items())
-        lines += ["", f"RssAnon (MB) by process at the peak of the {run.images:,}-photo run: {parts}."]
-    growth = (runs[1].peaks["RssAnon"] - runs[0].peaks["RssAnon"]) / 1024
+        lines.append(f"- RssAnon (MB) by process at the peak of the {run.images:,}-photo run: {parts}.")
+    small, large = (max(r.peaks["RssAnon"] for r in runs if r.images == n) / 1024 for n in sizes(args))
+    growth = large - small
     verdict = "pass" if growth < args.limit_mb and all(run.returncode == 0 for run in runs) else "fail"
-    lines += ["", f"RssAnon growth from {runs[0].images:,} to {runs[1].images:,} photos: "]
-    lines[-1] += f"{growth:,.0f} MB (limit {args.limit_mb:.0f} MB): {verdict}."
+    lines += ["", f"RssAnon growth from {args.images:,} to {4 * args.images:,} photos"]
+    lines[-1] += " (highest peak of each size)" if args.repeats > 1 else ""
+    lines[-1] += (
+        f": {small:,.0f} to {large:,.0f} MB, {growth:+,.0f} MB (limit {args.limit_mb:.0f} MB): {verdict}."
+    )
     return "\n".join(lines)
+
+
+def sizes(args: argparse.Namespace) -> tuple[int, int]:
+    return args.images, 4 * args.images
 
 
 def main() -> None:
@@ -222,23 +268,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--ref", help="measure this commit's code instead of the working tree")
     parser.add_argument("--limit-mb", type=float, default=150.0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each size, alternating")
     parser.add_argument("--arena-max", type=int, help="MALLOC_ARENA_MAX for the runs (default: unset)")
     parser.add_argument("--output", type=Path, help="default: benchmarks/results/memory_scaling[-REF].md")
     parser.add_argument("--keep", type=Path, help="keep each run's folder (flow.log, memory.csv) under here")
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
+    version = code_version(args.ref)  # before the runs: others may commit while they go on
     scratch = Path(tempfile.mkdtemp(prefix="memory-scaling-", dir=args.keep))
     try:
         code = extract(args.ref, scratch / "code") if args.ref else ROOT
         label = f"commit {args.ref}" if args.ref else "working tree"
         print(f"{label}: {args.model}, {args.epochs} epoch(s), N={args.images}")
-        runs = [run_size(code, count, args, scratch) for count in (args.images, 4 * args.images)]
+        runs = [run_size(code, count, args, scratch, r) for r in range(args.repeats) for count in sizes(args)]
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    note = report(args, label, runs)
-    output = args.output or ROOT / f"benchmarks/results/memory_scaling{'-' + args.ref if args.ref else ''}.md"
+    note = report(args, label, version, runs)
+    suffix = "-" + re.sub(r"[^\w.-]", "-", args.ref) if args.ref else ""
+    output = args.output or ROOT / f"benchmarks/results/memory_scaling{suffix}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(note + "\n")
     print(note)

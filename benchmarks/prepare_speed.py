@@ -12,11 +12,16 @@ On a generated class-folder tree of JPEGs of mixed sizes (150 to 500 px a side, 
   flip, ColorJitter), samples/s. Network, optimiser and levers are the same, so the ratio is the
   data pipeline's. Each side trains one batch before the timed epoch.
 
+With `--repeats R` each case runs R times (the two sides taking turns to go first) and the table
+keeps the best of each side: on a shared machine other processes' threads slow single runs by up
+to several times, and the best run is the nearest to an idle machine.
+
 Prints the figures and writes them to benchmarks/results/prepare_speed.md.
 
     python benchmarks/prepare_speed.py [--images 3000] [--prepare-sizes 64,128]
         [--models resnet18,mobilenet_v3_large] [--sizes 64,128] [--train-images 256]
-        [--device cpu] [--precision auto] [--data DIR] [--output benchmarks/results/prepare_speed.md]
+        [--device cpu] [--precision auto] [--repeats 1] [--data DIR]
+        [--output benchmarks/results/prepare_speed.md]
 
 `--prepare-sizes ""` leaves preparation out (the training part alone, as benchmarks/gpu_check.sh
 runs it on CUDA). `--models` takes any of models.MODEL_NAMES, `--sizes` any sizes (224 too).
@@ -30,6 +35,7 @@ import itertools
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,8 +183,7 @@ def comparison_table(title: str, unit: str, rows: list[tuple[str, float, float]]
 
 
 def machine_facts(device: torch.device, cores: int, precision: str) -> str:
-    """Date, processor or GPU, cores, torch and the levers training used; the load average too,
-    since a shared machine's figures move with it."""
+    """Date, code, processor or GPU, cores, torch and the levers training used."""
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
@@ -187,39 +192,73 @@ def machine_facts(device: torch.device, cores: int, precision: str) -> str:
             (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), ""
         )
         where = where or platform.processor() or platform.machine()
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
-        f"{datetime.date.today()}: {cores} cores, device {device} ({where}), torch {torch.__version__}, "
-        f"training precision {speed.resolve_precision(precision, device)}, channels-last; load average {load}"
+        f"{datetime.date.today()}, code {code_version()}: {cores} cores, device {device} ({where}), "
+        f"torch {torch.__version__}, training precision {speed.resolve_precision(precision, device)}, "
+        "channels-last"
     )
 
 
-def preparation_rows(tree: Path, count: int, sizes: list[int], cores: int, scratch: Path, refs: dict) -> list:
-    """(case, project images/s, DataLoader images/s) per size; fills `refs` with the prepared sets."""
-    rows = []
-    for size in sizes:
-        seconds, refs[size] = prepare(tree, size, cores, scratch)
-        theirs = count / dataloader_pass(tree, size, cores)
-        rows.append((f"{size}x{size}, {cores} workers", count / seconds, theirs))
-        print(f"prepare {size}px: {count / seconds:8,.0f} images/s   DataLoader: {theirs:8,.0f} images/s")
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: a shared machine's figures move with them."""
+    return ", ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def code_version() -> str:
+    """The commit measured (HEAD, marked when files outside benchmarks/ have changes), or "unknown"."""
+    try:
+        head, dirty = (
+            subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+            for words in (
+                ["rev-parse", "--short", "HEAD"],
+                ["status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks"],
+            )
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.strip() + (" with uncommitted changes" if dirty.strip() else "")
+
+
+def preparation_rows(args: argparse.Namespace, tree: Path, count: int, scratch: Path, refs: dict) -> list:
+    """(case, project images/s, DataLoader images/s) per size, the best of --repeats each; fills
+    `refs` with the prepared sets."""
+    rows, cores = [], args.cores
+    for size in [int(size) for size in args.prepare_sizes.split(",") if size]:
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            seconds, refs[size] = prepare(tree, size, cores, scratch)
+            ours.append(count / seconds)
+            theirs.append(count / dataloader_pass(tree, size, cores))
+        rows.append((f"{size}x{size}, {cores} workers", max(ours), max(theirs)))
+        print(f"prepare {size}px: {rates(ours)} images/s   DataLoader: {rates(theirs)} images/s")
     return rows
 
 
-def training_rows(args: argparse.Namespace, tree: Path, count: int, cores: int, scratch: Path, refs: dict):
-    """(case, project samples/s, DataLoader samples/s) per model and size."""
+def training_rows(args: argparse.Namespace, tree: Path, count: int, scratch: Path, refs: dict) -> list:
+    """(case, project samples/s, DataLoader samples/s) per model and size, the best of --repeats
+    each, the two sides taking turns to go first."""
     device, rows = torch.device(args.device), []
     for model_name, size in itertools.product(args.models.split(","), map(int, args.sizes.split(","))):
         if size not in refs:
-            refs[size] = prepare(tree, size, cores, scratch)[1]
+            refs[size] = prepare(tree, size, args.cores, scratch)[1]
         n = min(args.train_images, refs[size].train_size)
         ours_rows, their_rows = (sample(total, n) for total in (refs[size].train_size, count))
-        loader = project_loader(refs[size], ours_rows, args.batch_size, device)
-        ours = epoch_rate(model_name, size, loader, n, args)
-        feed = dataloader_feed(tree, size, their_rows, args.batch_size, cores, device)
-        theirs = epoch_rate(model_name, size, feed, n, args)
-        rows.append((f"{model_name} {size}px", ours, theirs))
-        print(f"train {model_name} {size}px: {ours:7,.1f} samples/s   DataLoader: {theirs:7,.1f} samples/s")
+        sides = {
+            "ours": lambda: project_loader(refs[size], ours_rows, args.batch_size, device),
+            "theirs": lambda: dataloader_feed(tree, size, their_rows, args.batch_size, args.cores, device),
+        }
+        found = {"ours": [], "theirs": []}
+        for repeat in range(args.repeats):
+            for side in ("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours"):
+                found[side].append(epoch_rate(model_name, size, sides[side](), n, args))
+        rows.append((f"{model_name} {size}px", max(found["ours"]), max(found["theirs"])))
+        ours, theirs = rates(found["ours"]), rates(found["theirs"])
+        print(f"train {model_name} {size}px: {ours} samples/s   DataLoader: {theirs} samples/s")
     return rows
+
+
+def rates(values: list[float]) -> str:
+    return ", ".join(f"{value:,.1f}" for value in values)
 
 
 def report(args: argparse.Namespace, count: int, facts: str, prep_rows: list, train_rows: list) -> str:
@@ -233,7 +272,8 @@ def report(args: argparse.Namespace, count: int, facts: str, prep_rows: list, tr
         f"{facts}.",
         "",
         f"{count} generated JPEGs, {SIDES[0]} to {SIDES[1]} px a side, 3 classes; "
-        f"training: one epoch of {args.train_images} images, batch {args.batch_size}.",
+        f"training: one epoch of {args.train_images} images, batch {args.batch_size}. "
+        + (f"Best of {args.repeats} runs of each case." if args.repeats > 1 else "One run of each case."),
         "",
     ]
     if prep_rows:
@@ -255,23 +295,23 @@ def main() -> None:
     parser.add_argument(
         "--precision", default="auto", help="training precision, both sides (auto: the project's)"
     )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each case; the table keeps the best")
     parser.add_argument("--data", type=Path, help="keep the generated tree here (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/prepare_speed.md")
     args = parser.parse_args()
     # all the cores this process may use, as fetch_dataset's default --prepare-workers
     device, cores = torch.device(args.device), len(os.sched_getaffinity(0))
+    args.cores = cores
     threads = speed.set_threads(None)
     with tempfile.TemporaryDirectory(prefix="prepare-speed-") as scratch:
         tree = write_tree(args.data or Path(scratch) / "photos", args.images, cores)
         count = sum(1 for _ in tree.rglob("*.jpg"))  # a kept --data tree may hold more
-        before = machine_facts(device, cores, args.precision)
-        print(f"{count} JPEGs in {tree}; {before}; {threads} torch threads")
+        facts, load_before = machine_facts(device, cores, args.precision), load_average()
+        print(f"{count} JPEGs in {tree}; {facts}; {threads} torch threads; load average {load_before}")
         refs: dict[int, DatasetRef] = {}
-        sizes = [int(size) for size in args.prepare_sizes.split(",") if size]
-        prep_rows = preparation_rows(tree, count, sizes, cores, Path(scratch), refs)
-        train_rows = training_rows(args, tree, count, cores, Path(scratch), refs)
-    after = machine_facts(device, cores, args.precision)
-    facts = f"{after} (at the start: {before.rsplit('load average ', 1)[1]})"
+        prep_rows = preparation_rows(args, tree, count, Path(scratch), refs)
+        train_rows = training_rows(args, tree, count, Path(scratch), refs)
+    facts += f"; load average {load_before} at the start, {load_average()} at the end"
     note = report(args, count, facts, prep_rows, train_rows)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(note + "\n")

@@ -124,3 +124,17 @@ def test_compiled_training_learns_and_checkpoints_the_plain_module(digits, tmp_p
     saved = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
     assert set(saved) == set(model.state_dict())  # no "_orig_mod." prefixes
     assert evaluate_loss(model, loaders.test)["accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 7, 8, 100])
+def test_one_cycle_schedules_runs_of_any_length(steps):
+    """OneCycleLR divides by zero when its warm-up is exactly one step (4 steps at a quarter)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = make_scheduler(optimizer, "onecycle", 0.1, steps)
+    used = []
+    for _ in range(steps):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert 0 < min(used) and max(used) <= 0.1 + 1e-12
+    assert used[0] < 0.1 and (steps < 3 or max(used) == pytest.approx(0.1))  # warms up to the peak

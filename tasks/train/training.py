@@ -98,8 +98,11 @@ def make_scheduler(
     """A per-step schedule over the whole run: one-cycle, cosine decay or constant."""
     if name == "onecycle":
         peaks = [group["lr"] for group in optimizer.param_groups]  # each group's own peak
+        # A warm-up of exactly one step divides by zero in OneCycleLR (4 steps at 0.25): short runs
+        # warm up over two steps; from 8 steps on it is the usual quarter.
+        warm_up = max(0.25, 2 / total_steps) if total_steps >= 3 else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=0.25
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=warm_up
         )
     if name == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
