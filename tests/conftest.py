@@ -16,9 +16,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -169,23 +170,17 @@ class FileServer:
     requests: list[str] = field(default_factory=list)
 
 
-@pytest.fixture
-def file_server(tiny_fashion):
-    """Serves the tiny FashionMNIST files on 127.0.0.1, optionally failing or corrupting them."""
-    state = FileServer("")
+@contextmanager
+def http_files(answer: Callable[[str], tuple[int, bytes]]) -> Iterator[str]:
+    """Serves GETs on 127.0.0.1, answering each with answer(the path's last part) -> (status, body);
+    yields the server's root URL, and stops it after."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            name = self.path.strip("/").split("/")[-1]
-            state.requests.append(name)
-            if state.failures_left > 0:
-                state.failures_left -= 1
-                self.send_error(503)
+            status, body = answer(self.path.strip("/").split("/")[-1])
+            if status != 200:
+                self.send_error(status)
                 return
-            if name not in tiny_fashion:
-                self.send_error(404)
-                return
-            body = tiny_fashion[name][:-5] + b"xxxxx" if name in state.corrupt else tiny_fashion[name]
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -195,12 +190,31 @@ def file_server(tiny_fashion):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/files/"
-    yield state
-    server.shutdown()
-    server.server_close()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def file_server(tiny_fashion):
+    """Serves the tiny FashionMNIST files on 127.0.0.1, optionally failing or corrupting them."""
+    state = FileServer("")
+
+    def answer(name: str) -> tuple[int, bytes]:
+        state.requests.append(name)
+        if state.failures_left > 0:
+            state.failures_left -= 1
+            return 503, b""
+        if name not in tiny_fashion:
+            return 404, b""
+        return 200, tiny_fashion[name][:-5] + b"xxxxx" if name in state.corrupt else tiny_fashion[name]
+
+    with http_files(answer) as root:
+        state.url = f"{root}/files/"
+        yield state
 
 
 def free_port() -> int:

@@ -1,12 +1,10 @@
 import hashlib
-import http.server
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, http_files
 from torch import nn
 from torchvision import models as tv
 
@@ -115,27 +113,9 @@ def hub(tmp_path, monkeypatch) -> Path:
 def weights_server(monkeypatch):
     """Serves a dict of file name -> bytes on 127.0.0.1 as the weights download base."""
     files: dict[str, bytes] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = files.get(self.path.rsplit("/", 1)[-1])
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("MODELS_WEIGHTS_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/models")
-    yield files
-    server.shutdown()
-    server.server_close()
+    with http_files(lambda name: (200, files[name]) if name in files else (404, b"")) as root:
+        monkeypatch.setenv("MODELS_WEIGHTS_BASE_URL", f"{root}/models")
+        yield files
 
 
 def test_imagenet_offline_names_the_file_the_folder_and_the_url(hub, monkeypatch):
