@@ -37,10 +37,15 @@ def fetch_dataset(
 ) -> DatasetRef:
     """Fetches the dataset and prepares it, in `shape`, as one memory-mapped uint8 file; photos are
     decoded by `workers` processes (default: one per core), with a progress bar on a terminal."""
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cores()
     logger = get_run_logger()  # warnings reach the UI
     with progress_bar(sys.stdout.isatty()) as progress:
         return prepare_dataset(name, data_dir, logger, shape, workers, progress, **options)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity on Linux), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager
