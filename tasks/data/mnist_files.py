@@ -32,7 +32,7 @@ RAW_FILES = (
 )
 OFFLINE_HINT = (
     "Offline choices: put the files under --data-dir yourself ({folder}), "
-    "or use your own photos (--dataset folder or csv), --dataset synthetic or --dataset digits."
+    "or use --dataset folder, --dataset csv, --dataset synthetic or --dataset digits."
 )
 _TIMEOUT_SECONDS = 10
 _ATTEMPTS = 4
