@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import tempfile
-import urllib.request
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models as tv
+
+from tasks.downloads import download, redact
 
 BACKBONES: tuple[str, ...] = (
     "resnet18",
@@ -26,6 +25,8 @@ MIN_IMAGE_SIZE: dict[str, int] = dict.fromkeys(BACKBONES, 32)
 # Lets tests (or a local mirror) serve the weight files; the file names stay torchvision's.
 WEIGHTS_BASE_URL_ENV = "MODELS_WEIGHTS_BASE_URL"
 _TIMEOUT_S = 10  # per connect and per read: an unreachable network fails well within 30 s
+WEIGHTS_MAX_BYTES = 512 << 20  # the largest backbone here (convnext_tiny) is about 110 MB
+WEIGHTS_DEADLINE_SECONDS = 1800.0  # per file: 110 MB at 60 kB/s
 # (classifier Linear, first conv) per architecture, as module paths inside the torchvision network.
 _LAYOUTS: dict[type, tuple[str, str]] = {
     tv.ResNet: ("fc", "conv1"),
@@ -119,7 +120,7 @@ def pretrained_file(name: str, base_url: str | None = None) -> Path:
         _download(url, target)
     except (OSError, ValueError) as error:  # urllib's errors and timeouts are OSErrors
         raise PretrainedWeightsUnavailable(
-            f"ImageNet weights for {name} ({file_name}) are not in {folder} and downloading {url} "
+            f"ImageNet weights for {name} ({file_name}) are not in {folder} and downloading {redact(url)} "
             f"failed: {error}. On a machine with network fetch {official} and copy it, named "
             f"{file_name}, into {folder} (torch hub's checkpoints folder: $TORCH_HOME/hub/checkpoints, "
             "TORCH_HOME defaulting to ~/.cache/torch); or train with weights 'none' or a local file."
@@ -128,22 +129,16 @@ def pretrained_file(name: str, base_url: str | None = None) -> Path:
 
 
 def _download(url: str, target: Path) -> None:
-    """Streams `url` to `target` via a temporary file, checking the hash prefix in its name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        # torchvision names files <name>-<first hex digits of their sha256>.pth, as torch.hub checks.
-        prefix = re.search(r"-([a-f0-9]+)\.", target.name)
-        if prefix and not digest.hexdigest().startswith(prefix.group(1)):
-            raise ValueError(f"its sha256 {digest.hexdigest()} does not start with {prefix.group(1)}")
-        os.replace(tmp, target)  # two runs downloading at once each rename a whole file
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Downloads `url` to `target` whole, within the size cap and deadline, checking the hash prefix
+    in its name."""
+    # torchvision names files <name>-<first hex digits of their sha256>.pth, as torch.hub checks.
+    prefix = re.search(r"-([a-f0-9]+)\.", target.name)
+
+    def verify(digest: str) -> None:
+        if prefix and not digest.startswith(prefix.group(1)):
+            raise ValueError(f"its sha256 {digest} does not start with {prefix.group(1)}")
+
+    download(url, target, WEIGHTS_MAX_BYTES, WEIGHTS_DEADLINE_SECONDS, "sha256", verify, _TIMEOUT_S)
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -33,21 +33,40 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` for a writer that takes a file name; when the block completes
     the file is synced to disk and renamed to `path`. On failure the temporary file is removed,
     `path` keeps its old content, and an OSError becomes an OutputWriteError naming `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    tmp: Optional[Path] = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor, tmp = exclusive_temp(path)
+        except OSError as error:  # it names the temporary file; the error is about `path`
+            raise write_error(path, error) from error
+        os.close(descriptor)  # the writer opens it by name; the name is ours alone
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
     except OutputWriteError:
         raise
     except OSError as error:
-        if _names_another_file(error, (tmp, path, *path.parents)):
+        if _names_another_file(error, (path, *path.parents, *([tmp] if tmp else []))):
             raise  # an input the block reads failed, not this write
         raise write_error(path, error) from error
     finally:
-        with suppress(OSError):  # a failure here would hide the one that matters
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with suppress(OSError):  # a failure here would hide the one that matters
+                tmp.unlink(missing_ok=True)
+
+
+def exclusive_temp(path: Path) -> tuple[int, Path]:
+    """A new empty file beside `path` under a random name, open for writing: created with O_EXCL, so
+    never a file or link someone placed there, with the umask's permissions (unlike mkstemp's 0600,
+    which would hide a shared data folder's files from its other users)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 2**-64 for a random name; a planted one is simply passed over
+            continue
 
 
 def _names_another_file(error: OSError, ours: tuple[Path, ...]) -> bool:

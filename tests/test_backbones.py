@@ -12,6 +12,7 @@ from models import (
     BACKBONES,
     PretrainedWeightsUnavailable,
     backbone_parameters,
+    backbones,
     build_model,
     freeze_backbone,
     head_parameters,
@@ -148,6 +149,17 @@ def test_a_download_that_fails_its_hash_is_not_cached(hub, weights_server):
     weights_server["resnet18-f37072fd.pth"] = b"not the weights"
     with pytest.raises(PretrainedWeightsUnavailable, match="sha256"):
         pretrained_file("resnet18")
+    assert not any(hub.iterdir())
+
+
+def test_weights_over_the_size_cap_are_refused_naming_the_url_and_the_sizes(hub, monkeypatch):
+    monkeypatch.setattr(backbones, "WEIGHTS_MAX_BYTES", 1000)
+    with http_files(lambda name: (200, b"w" * 1001)) as root:
+        monkeypatch.setenv("MODELS_WEIGHTS_BASE_URL", f"{root}/models")
+        with pytest.raises(PretrainedWeightsUnavailable) as raised:
+            pretrained_file("resnet18")
+    named = f"{root}/models/resnet18-f37072fd.pth is 1001 bytes, over the limit of 1000 bytes"
+    assert named in str(raised.value)
     assert not any(hub.iterdir())
 
 

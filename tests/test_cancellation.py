@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from prefect import flow
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling
 
+from tasks.track import cancellation
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
 
 
@@ -33,6 +34,29 @@ def test_the_watch_raises_once_the_flow_run_is_cancelling(prefect_server):
     assert (
         "was cancelled in Prefect" in seen["message"] and "retrying this flow run resumes" in seen["message"]
     )
+
+
+def test_a_task_watches_its_flow_run_and_the_default_interval_is_read_when_made(prefect_server, monkeypatch):
+    """A sweep's trials are tasks, on this process's threads or a cluster's workers: they stop when
+    the flow run they belong to is cancelled."""
+    monkeypatch.setattr(cancellation, "CHECK_EVERY_SECONDS", 0)
+
+    @task
+    def trial():
+        watch = CancelWatch()
+        watch()
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        watch()
+
+    @flow
+    def sweep():
+        with pytest.raises(FlowRunCancelled) as raised:
+            trial()
+        assert flow_run.id in str(raised.value)
+        return Cancelled()
+
+    assert sweep(return_state=True).is_cancelled()
 
 
 def test_outside_a_flow_run_the_watch_does_nothing():

@@ -75,6 +75,26 @@ def test_atomic_path_hands_a_file_name_to_writers_and_renames_only_on_success(tm
     assert torch.load(target, weights_only=True) == {"version": 2}
 
 
+def test_temporary_files_pass_over_a_planted_name_and_keep_the_umasks_permissions(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_text("not to be overwritten")
+    names = ["planted", "fresh", "planted", "other"]
+    monkeypatch.setattr(files.secrets, "token_hex", lambda size: names.pop(0))
+    for name in ("x.pt", "y.pt"):  # names someone guessed, leading elsewhere
+        (tmp_path / f".{name}.planted.part").symlink_to(victim)
+    descriptor, tmp = files.exclusive_temp(tmp_path / "x.pt")
+    os.close(descriptor)
+    assert tmp.name == ".x.pt.fresh.part" and tmp.stat().st_size == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert tmp.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes files, not mkstemp's 0600
+    with atomic_path(tmp_path / "y.pt") as made:
+        made.write_text("new")
+        assert made.name == ".y.pt.other.part"
+    assert (tmp_path / "y.pt").read_text() == "new"
+    assert victim.read_text() == "not to be overwritten"
+
+
 def test_an_unwritable_folder_names_the_file(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     target = tmp_path / "taken" / "sub" / "x.pt"

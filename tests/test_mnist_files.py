@@ -2,9 +2,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import http_files
 from prefect import flow
 from torchvision import datasets
 
@@ -46,6 +48,33 @@ def test_unreachable_mirror_fails_fast_naming_offline_choices(tmp_path, monkeypa
     for choice in ("--data-dir", "--dataset csv", "--dataset synthetic", "--dataset digits"):
         assert choice in str(error.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_file_over_the_cap_is_refused_at_once_naming_the_url_without_its_token(tmp_path):
+    requests = []
+
+    def answer(name):
+        requests.append(name)
+        return 200, b"x" * 5000
+
+    target = tmp_path / "raw" / "train.gz"
+    with http_files(answer) as root:
+        with pytest.raises(DownloadError) as raised:
+            download_file([f"{root}/train.gz?token=s3cret"], target, "0" * 32, max_bytes=4999)
+    message = str(raised.value)
+    assert f"{root}/train.gz is 5000 bytes, over the limit of 4999 bytes" in message
+    assert "s3cret" not in message and "--dataset synthetic" in message
+    assert len(requests) == 1  # too big now is too big on a retry
+    assert not list(target.parent.iterdir())
+
+
+def test_a_download_past_its_deadline_fails_without_a_retry(file_server, tmp_path, monkeypatch):
+    name = "train-labels-idx1-ubyte.gz"
+    clock = SimpleNamespace(monotonic=iter(range(0, 10**6, 100)).__next__)  # 100 s pass per look
+    monkeypatch.setattr(mnist_files.downloads, "time", clock)
+    with pytest.raises(DownloadError, match=rf"{name} took longer than the 30 s allowed for this file"):
+        download_file([file_server.url + name], tmp_path / name, "0" * 32, deadline_seconds=30)
+    assert file_server.requests == [name] and not list(tmp_path.iterdir())
 
 
 def test_default_mirrors_are_torchvisions():

@@ -1,4 +1,13 @@
-from tasks.train.search_space import Range, grid_points, random_draws, trial_overrides
+import pytest
+
+from tasks.train.search_space import (
+    Range,
+    TooManyTrialsError,
+    grid_points,
+    random_draws,
+    trial_count,
+    trial_overrides,
+)
 
 
 def test_grid_points_are_the_product_first_field_slowest():
@@ -30,3 +39,13 @@ def test_grid_crossed_with_the_same_draws():
     assert len(trials) == 6
     assert [t["lr"] for t in trials[:3]] == [t["lr"] for t in trials[3:]]
     assert trial_overrides({"model": ["mlp"]}, {}, 0, seed=0) == [{"model": "mlp"}]
+
+
+def test_the_count_comes_from_the_sizes_and_the_limit_holds_before_building():
+    grid = {"a": range(1000), "b": range(1000), "c": range(1000)}
+    assert trial_count(grid, 0) == 10**9 and trial_count(grid, 3) == 3 * 10**9
+    assert trial_count({}, 4) == 4 and trial_count({"a": [1, 2]}, 0) == 2
+    # Building 10**9 dicts would take minutes and all memory: the refusal comes first.
+    with pytest.raises(TooManyTrialsError, match="1000000000 trials, more than the limit of 1000"):
+        trial_overrides(grid, {}, 0, seed=0, limit=1000)
+    assert len(trial_overrides({"a": range(10)}, {"x": Range(0, 1)}, 100, seed=0, limit=1000)) == 1000

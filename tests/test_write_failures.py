@@ -18,11 +18,14 @@ from mlflow import MlflowClient
 
 from models import ModelSpec, build_from_spec
 from tasks.data.datasets import prepare_dataset
-from tasks.data.loaders import make_loaders
+from tasks.data.loaders import TensorLoader, make_loaders
 from tasks.files import OutputWriteError, atomic_output, atomic_save
 from tasks.publish.export import load_model, write_onnx
 from tasks.publish.plots import plot_confusion_matrix, plot_learning_curves
+from tasks.publish.steps import evaluate_model
 from tasks.track import tracking
+from tasks.train.steps import TrainedModel
+from tasks.train.sweep_steps import report_trials
 from tasks.train.sweeps import plot_by_setting, trials_table
 from tasks.train.training import TrainSettings, train
 
@@ -145,6 +148,35 @@ def test_plots_fail_whole_and_close_their_figures(tmp_path, fill_disk):
     assert len(failed) == 3 and target.read_bytes() == b"old plot"
     assert_only(tmp_path, "cm.png")
     assert plt.get_fignums() == []
+
+
+def test_per_class_metrics_fail_whole_and_the_previous_table_stays(tmp_path, fill_disk):
+    spec = ModelSpec("mlp", 1, (8, 8), 3, (0.5,), (0.5,))
+    checkpoint = tmp_path / "last.pt"
+    atomic_save({"model": build_from_spec(spec).state_dict()}, checkpoint)
+    trained = TrainedModel(spec, str(checkpoint), [])
+    images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    test = TensorLoader(images, torch.arange(30) % 3, batch_size=16)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    target = run_dir / "per_class_metrics.csv"
+    target.write_text("the previous table\n")
+    failed = fill_disk(".per_class_metrics.csv.*.part", room=10)
+    with pytest.raises(OutputWriteError, match=f"cannot write {target}: {NO_SPACE}"):
+        evaluate_model.fn(trained, test, ("a", "b", "c"), run_dir, "no-run: fails before logging")
+    assert failed and target.read_text() == "the previous table\n"
+    assert_only(run_dir, "per_class_metrics.csv")
+
+
+def test_trials_table_fails_whole_and_the_previous_table_stays(tmp_path, fill_disk):
+    target = tmp_path / "trials.csv"
+    target.write_text("the previous table\n")
+    rows = [{"trial": i, "status": "finished", "lr": i / 10, "val_accuracy": 0.5} for i in range(1, 50)]
+    failed = fill_disk(".trials.csv.*.part", room=100)
+    with pytest.raises(OutputWriteError, match=f"cannot write {target}: {NO_SPACE}"):
+        report_trials.fn(rows, ["lr"], tmp_path, "no-run: fails before logging", "key")
+    assert failed and target.read_text() == "the previous table\n"
+    assert_only(tmp_path, "trials.csv")
 
 
 def test_artefact_copy_into_a_full_local_store_names_both_files(mlflow_store, tmp_path, monkeypatch):

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import random
 import shutil
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from tasks import downloads
 from tasks.data.images import ImageData
+from tasks.downloads import DownloadLimitError, redact
+from tasks.files import exclusive_temp
 
 RAW_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's class names
 SOURCES = tuple(RAW_FOLDERS)
@@ -34,6 +35,8 @@ OFFLINE_HINT = (
     "Offline choices: put the files under --data-dir yourself ({folder}), "
     "or use --dataset folder, --dataset csv, --dataset synthetic or --dataset digits."
 )
+MAX_FILE_BYTES = 64 << 20  # the largest file (train images) is about 26 MB
+DEADLINE_SECONDS = 600.0  # per file: 26 MB at 45 kB/s
 _TIMEOUT_SECONDS = 10
 _ATTEMPTS = 4
 _BACKOFF_SECONDS = 0.5
@@ -89,66 +92,63 @@ def _ensure_raw_file(raw_folder: Path, archive: str, md5: str, mirrors: list[str
     packed = raw_folder / archive
     if not packed.exists():
         download_file([mirror + archive for mirror in mirrors], packed, md5)
-    tmp = _part_path(extracted)
+    descriptor, tmp = exclusive_temp(extracted)
     try:
-        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+        with os.fdopen(descriptor, "wb") as dst, gzip.open(packed, "rb") as src:
             shutil.copyfileobj(src, dst)
         tmp.replace(extracted)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def download_file(urls: list[str], target: Path, md5: str) -> None:
+def download_file(
+    urls: list[str],
+    target: Path,
+    md5: str,
+    max_bytes: int = MAX_FILE_BYTES,
+    deadline_seconds: float = DEADLINE_SECONDS,
+) -> None:
     """Downloads the first reachable URL to `target` atomically; the md5 must match.
 
     Transient failures (timeouts, resets, HTTP 5xx/429) are retried with jittered exponential
-    backoff; an unresolvable host or an HTTP 4xx moves on at once, so offline runs fail fast.
+    backoff; an unresolvable host, an HTTP 4xx or a file over `max_bytes` or `deadline_seconds`
+    moves on to the next URL at once, so offline runs fail fast.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _part_path(target)
     errors = []
-    try:
-        for url in urls:
-            try:
-                digest = _fetch_with_backoff(url, tmp)
-            except (urllib.error.URLError, OSError) as error:
-                errors.append(f"{url}: {error}")
-                continue
-            if digest != md5:
-                raise ChecksumError(f"{url} has md5 {digest}, expected {md5}; nothing was kept")
-            tmp.replace(target)  # atomic: a concurrent download of the same file renames the same bytes
+    for url in urls:
+        try:
+            _fetch_with_backoff(url, target, md5, max_bytes, deadline_seconds)
             return
-    finally:
-        tmp.unlink(missing_ok=True)
+        except DownloadLimitError as error:
+            errors.append(str(error))  # it names the URL
+        except (urllib.error.URLError, OSError) as error:
+            errors.append(f"{redact(url)}: {error}")
     hint = OFFLINE_HINT.format(folder=target.parent)
     raise DownloadError(f"could not download {target.name}: {'; '.join(errors)}. {hint}")
 
 
-def _part_path(path: Path) -> Path:
-    """A temporary name beside `path` that no other writer (process or thread) shares."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+def _fetch_with_backoff(url: str, target: Path, md5: str, max_bytes: int, deadline: float) -> None:
+    """Downloads `url` to `target`, retrying transient errors; a wrong md5 keeps nothing."""
 
+    def verify(digest: str) -> None:
+        if digest != md5:
+            raise ChecksumError(f"{redact(url)} has md5 {digest}, expected {md5}; nothing was kept")
 
-def _fetch_with_backoff(url: str, path: Path) -> str:
-    """Streams `url` into `path`, retrying transient errors; returns the md5 of what it wrote."""
     for attempt in range(1, _ATTEMPTS + 1):
         try:
-            digest = hashlib.md5()
-            with urllib.request.urlopen(url, timeout=_TIMEOUT_SECONDS) as response, open(path, "wb") as out:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-            return digest.hexdigest()
+            downloads.download(url, target, max_bytes, deadline, "md5", verify, _TIMEOUT_SECONDS)
+            return
         except (urllib.error.URLError, OSError) as error:
-            path.unlink(missing_ok=True)
             if attempt == _ATTEMPTS or not _is_transient(error):
                 raise
             time.sleep(_BACKOFF_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
-    raise AssertionError("unreachable")
 
 
 def _is_transient(error: OSError) -> bool:
-    """Worth retrying: server overload or a dropped connection, not a bad URL or no network."""
+    """Worth retrying: server overload or a dropped connection, not a bad URL, no network, or a
+    file too big or too slow (it would be again)."""
+    if isinstance(error, DownloadLimitError):
+        return False
     if isinstance(error, urllib.error.HTTPError):
         return error.code in (408, 429) or error.code >= 500
     reason = getattr(error, "reason", error)

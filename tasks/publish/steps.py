@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef, test_images, test_pixels
 from tasks.data.loaders import TensorLoader
+from tasks.files import atomic_output
 from tasks.publish import evaluation, export, gate_lock, model_card, plots, registry
 from tasks.publish.evaluation import Evaluation
 from tasks.track import lineage, reports, tracking
@@ -34,7 +35,8 @@ def evaluate_model(
         model = model.to(memory_format=torch.channels_last)
     logits, labels = predict_logits(model, test_loader)
     metrics, table, matrix = evaluation.summarise(logits, labels, class_names)
-    table.to_csv(run_dir / "per_class_metrics.csv", index=False)
+    with atomic_output(run_dir / "per_class_metrics.csv") as handle:
+        table.to_csv(handle, index=False)
     np.save(run_dir / "test_logits.npy", logits.numpy())  # per test image, in the split's order
     images = test_loader.images.cpu()
     artefacts = [

@@ -1,9 +1,11 @@
-"""Stopping training when its flow run is cancelled in Prefect, and the MLflow status that says so.
+"""Stopping training and sweeps when their flow run is cancelled in Prefect, and the MLflow status
+that says so.
 
 A worker stops a cancelled flow run it started by sending its process SIGTERM, which Prefect turns
 into TerminationSignal. A run started from the command line (`python flows/train_flow.py`) has no
 worker: cancelling it in the UI, with `prefect flow-run cancel` or through the API only marks it
-CANCELLING, and CancelWatch is what stops it.
+CANCELLING, and CancelWatch is what stops it. Prefect still runs the tasks of a CANCELLING flow
+run (their states are client-side), so a sweep's trials check too, wherever they run.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ def ended_status(error: BaseException) -> str:
 
 class CancelWatch:
     """Called as often as one likes (the training loop calls it after every step): at most every
-    `interval` seconds it reads the flow run's state and raises FlowRunCancelled once it is
-    CANCELLING or CANCELLED. Outside a flow run it does nothing; an API error is logged and the
-    next check tries again (losing the API must not stop training)."""
+    `interval` seconds (default CHECK_EVERY_SECONDS) it reads the state of the flow run it was made
+    in (from a task: the task's flow run) and raises FlowRunCancelled once it is CANCELLING or
+    CANCELLED. Outside a flow run it does nothing; an API error is logged and the next check tries
+    again (losing the API must not stop training)."""
 
-    def __init__(self, interval: float = CHECK_EVERY_SECONDS) -> None:
+    def __init__(self, interval: Optional[float] = None) -> None:
         self.flow_run_id: Optional[str] = flow_run.id
         self.name = flow_run.name if self.flow_run_id else None
-        self.interval = interval
+        self.interval = CHECK_EVERY_SECONDS if interval is None else interval
         self.checked = -float("inf")
 
     def __call__(self, *_: object) -> None:

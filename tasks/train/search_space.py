@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence, Sized
 
 
 class Range(NamedTuple):
@@ -36,13 +36,27 @@ def random_draws(
     return draws
 
 
+class TooManyTrialsError(ValueError):
+    """A sweep would have more trials than its limit."""
+
+
+def trial_count(grid: Mapping[str, Sized], count: int) -> int:
+    """How many trials trial_overrides makes, from the sizes alone (nothing is built)."""
+    return math.prod(len(values) for values in grid.values()) * max(count, 1)
+
+
 def trial_overrides(
     grid: Mapping[str, Sequence[object]],
     space: Mapping[str, Range],
     count: int,
     seed: int,
     integers: frozenset[str] = frozenset(),
+    limit: Optional[int] = None,
 ) -> list[dict[str, object]]:
-    """Each grid point with each random draw (the same draws for every point, so they pair up)."""
+    """Each grid point with each random draw (the same draws for every point, so they pair up);
+    more than `limit` trials raise TooManyTrialsError before any is built."""
+    total = trial_count(grid, count)
+    if limit is not None and total > limit:
+        raise TooManyTrialsError(f"{total} trials, more than the limit of {limit}")
     draws = random_draws(space, count, seed, integers) if count else [{}]
     return [{**point, **draw} for point in grid_points(grid) for draw in draws]

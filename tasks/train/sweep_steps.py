@@ -18,8 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import make_loaders
+from tasks.files import atomic_output
+from tasks.retrying import retry_except
 from tasks.track import lineage, reports, tracking
-from tasks.track.cancellation import ended_status
+from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
 from tasks.train import sweeps
 from tasks.train.steps import Watch, train_logged
 from tasks.train.training import TrainSettings, resolve_device
@@ -50,11 +52,20 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@task(name="train-trial", task_run_name="trial-{trial.index}", cache_policy=NO_CACHE, retries=1)
+@task(
+    name="train-trial",
+    task_run_name="trial-{trial.index}",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_condition_fn=retry_except(FlowRunCancelled),
+)
 def run_trial(
     trial: Trial, dataset: DatasetRef, parent_run_id: str, sweep_dir: Path, tracking_uri: str
 ) -> dict:
-    """Trains one trial in its own child MLflow run; a retry resumes from its last checkpoint."""
+    """Trains one trial in its own child MLflow run; a retry resumes from its last checkpoint. Once
+    the sweep's flow run is cancelled in Prefect, a trial not yet started does not start, and one
+    training stops at its next check (its child run KILLED)."""
+    CancelWatch(interval=0)()  # the runner may start it long after the sweep was cancelled
     tracking.use_tracking_uri(tracking_uri)
     device = resolve_device(trial.device)
     tags = {"worker": worker_name(), "device": str(device), "torch_version": torch.__version__}
@@ -64,7 +75,7 @@ def run_trial(
         lineage.log_splits(run_id, dataset, trial.settings.seed, trial.val_fraction)
         seed = trial.settings.seed
         loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, seed, device, trial.augment)
-        watch = Watch(system_metrics=trial.params["system_metrics"])
+        watch = Watch(system_metrics=trial.params["system_metrics"], stop_when_cancelled=True)
         trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id, watch)
     except BaseException as error:
         tracking.finish_run(run_id, ended_status(error))
@@ -93,7 +104,8 @@ def report_trials(
     to the parent run."""
     table = sweeps.trials_table(outcomes, swept)
     csv = sweep_dir / "trials.csv"
-    table.to_csv(csv, index=False)
+    with atomic_output(csv) as handle:
+        table.to_csv(handle, index=False)
     plot = sweeps.plot_by_setting(table, swept, sweep_dir / "val_accuracy_by_setting.png")
     tracking.log_artifacts(run_id, [csv] + ([plot] if plot else []))
     finished = int((table["status"] == sweeps.FINISHED).sum())
