@@ -44,7 +44,14 @@ def check_name(value: str, limit: int = NAME_LIMIT, why: str = "") -> str:
 
 
 def check_registered_name(value: str) -> str:
-    """A registered-model name that leaves room for the ONNX flavor's suffix."""
+    """A registered-model name that leaves room for the ONNX flavor's suffix and is not itself an
+    ONNX flavor's name (its versions would land in another model's ONNX line)."""
+    if value.endswith(ONNX_SUFFIX):
+        base = value.removesuffix(ONNX_SUFFIX)
+        raise ValueError(
+            f"{value!r} ends in {ONNX_SUFFIX!r}, which names the ONNX flavor of {base!r}; give the "
+            f"PyTorch flavor's name (the ONNX one is it plus {ONNX_SUFFIX!r}), or another name"
+        )
     room = f" ({NAME_LIMIT} less the {ONNX_SUFFIX!r} the ONNX flavor's name adds)"
     return check_name(value, NAME_LIMIT - len(ONNX_SUFFIX), room)
 

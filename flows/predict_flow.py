@@ -23,6 +23,7 @@ from prefect import flow
 from flows import api_server
 from flows.cli import parse_config
 from flows.config import PredictConfig, resolve_path
+from flows.confinement import check_confined
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.train_flow import USER_ERRORS
 from tasks.predict.image_inputs import PredictionError, partitions
@@ -40,6 +41,7 @@ from tasks.track.steps import make_run_dir, mlflow_run
 @flow(name="predict-images", log_prints=True)
 def predict_flow(config: PredictConfig) -> dict:
     """Find the registered model, list the images, predict them in partitions and log the predictions."""
+    check_confined(config)
     runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
     registered = load_registered_model(config.registry_name, config.alias)
     size = registered.input_shape[1:]

@@ -7,7 +7,7 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.config import ClusterOptions, TrainConfig
-from tasks.train.search_space import Range, trial_overrides
+from tasks.train.search_space import Range, trial_count, trial_overrides
 
 # Settings a trial may change; the data, folders and registry name stay those of the sweep.
 SWEEPABLE = (
@@ -73,14 +73,24 @@ class SweepConfig(ClusterOptions):
         for name, values in self.grid.items():
             if not values:
                 raise ValueError(f"--grid {name}: give at least one value")
+        self._check_trial_count()  # from the sizes, before any value or trial is built
+        for name, values in self.grid.items():
             for value in values:
                 self._check(f"--grid {name}={value}", {name: value})
         for name, bounds in self.space.items():
             self._check_range(name, bounds)
-        count = len(self.trial_configs())
-        if count > MAX_TRIALS:
-            raise ValueError(f"{count} trials; a sweep runs at most {MAX_TRIALS}")
+        self.trial_configs()  # combinations the fields accept one by one may still clash
         return self
+
+    def _check_trial_count(self) -> None:
+        count = trial_count(self.grid, self.random)
+        if count > MAX_TRIALS:
+            factors = [f"--grid {name} ({len(values)} values)" for name, values in self.grid.items()]
+            factors += [f"--random {self.random}"] if self.random else []
+            raise ValueError(
+                f"{count} trials ({' x '.join(factors)}); a sweep runs at most {MAX_TRIALS}: "
+                "give fewer values or draws"
+            )
 
     def _check(self, where: str, overrides: dict[str, object]) -> TrainConfig:
         try:
@@ -107,7 +117,7 @@ class SweepConfig(ClusterOptions):
     def trial_configs(self) -> list[TrainConfig]:
         """One TrainConfig per trial, in trial order; the random draws are seeded by base.seed."""
         ranges = {name: Range(r.low, r.high, r.log) for name, r in self.space.items()}
-        overrides = trial_overrides(self.grid, ranges, self.random, self.base.seed, INTEGERS)
+        overrides = trial_overrides(self.grid, ranges, self.random, self.base.seed, INTEGERS, MAX_TRIALS)
         return [TrainConfig(**{**self.base.model_dump(), **values}) for values in overrides]
 
 

@@ -19,13 +19,16 @@ if __name__ == "__main__":
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
     exit_unless_trials_fit(_config)
 
+import pandas as pd
 from prefect import flow
 from prefect.futures import PrefectFuture
+from prefect.states import Cancelled
 from prefect.task_runners import TaskRunner
 
 from flows import api_server
 from flows.cli import exit_unless_trials_fit, parse_sweep_config
 from flows.config import TrainConfig, resolve_path
+from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.sweep_config import SweepConfig
@@ -35,6 +38,7 @@ from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
 from tasks.data.steps import fetch_dataset, fetch_weights
 from tasks.track import tracking
+from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train.steps import TrainedModel
 from tasks.train.sweep_steps import Trial, report_trials, run_trial
@@ -44,33 +48,33 @@ from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
 @flow(name="sweep-image-classifier", log_prints=True)
 def sweep_flow(config: SweepConfig) -> dict:
     """Prepare the data once, train every trial, then publish the best one through the champion gate."""
+    check_confined(config)
     base = config.base
     runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
     sweep_dir = make_run_dir(resolve_path(base.output_dir))
     params = {**base.model_dump(), **config.model_dump(exclude={"base"})}
-    with mlflow_run(base.experiment, params, base.device, sweep_dir) as parent_id:
-        configs = config.trial_configs()
-        for model in sorted({trial.model for trial in configs if trial.weights == "imagenet"}):
-            fetch_weights(model)  # before any data work: offline, it fails in seconds
-        datasets = prepare_shapes(base, {data_shape(trial) for trial in configs})
-        for dataset in datasets.values():
-            log_dataset(parent_id, dataset)
-        trials = [
-            make_trial(index, trial_config, config.swept_fields, datasets[data_shape(trial_config)])
-            for index, trial_config in enumerate(configs, 1)
-        ]
-        outcomes = run_trials(runner, trials, parent_id, sweep_dir, config)
-        key = base.registered_model or base.dataset
-        table = report_trials(outcomes, config.swept_fields, sweep_dir, parent_id, key)
-        best = outcomes[int(best_trial(table).trial) - 1]
-        winner = trials[best["trial"] - 1]
-        trained = TrainedModel(winner.spec, best["checkpoint"], best["history"])
-        name = TrainConfig(**winner.params).model_name
-        dataset = winner.dataset
-        test = make_test_loader(dataset, "cpu")
-        published = publish_model(
-            trained, test, dataset, name, winner.params, sweep_dir / winner.name, best["run_id"]
-        )
+    try:
+        with mlflow_run(base.experiment, params, base.device, sweep_dir) as parent_id:
+            configs = config.trial_configs()
+            for model in sorted({trial.model for trial in configs if trial.weights == "imagenet"}):
+                fetch_weights(model)  # before any data work: offline, it fails in seconds
+            datasets = prepare_shapes(base, {data_shape(trial) for trial in configs})
+            for dataset in datasets.values():
+                log_dataset(parent_id, dataset)
+            stop_if_cancelled = CancelWatch(interval=0)
+            stop_if_cancelled()
+            trials = [
+                make_trial(index, trial_config, config.swept_fields, datasets[data_shape(trial_config)])
+                for index, trial_config in enumerate(configs, 1)
+            ]
+            outcomes = run_trials(runner, trials, parent_id, sweep_dir, config)
+            stop_if_cancelled()  # its trials stopped at their next check: nothing is registered
+            key = base.registered_model or base.dataset
+            table = report_trials(outcomes, config.swept_fields, sweep_dir, parent_id, key)
+            stop_if_cancelled()
+            winner, best, published = publish_best(trials, outcomes, table, sweep_dir)
+    except FlowRunCancelled as cancelled:  # the parent and running child runs ended KILLED
+        return Cancelled(message=str(cancelled))  # what Prefect asked for: the run ends Cancelled
     return {
         "mlflow_run_id": parent_id,
         "run_dir": str(sweep_dir),
@@ -80,6 +84,22 @@ def sweep_flow(config: SweepConfig) -> dict:
         "best_settings": winner.swept,
         **published,
     }
+
+
+def publish_best(
+    trials: list[Trial], outcomes: list[dict], table: pd.DataFrame, sweep_dir: Path
+) -> tuple[Trial, dict, dict]:
+    """Tests, exports, checks and registers the best trial's model as train_flow does its one;
+    returns the winning trial, its outcome and what publishing it gave."""
+    best = outcomes[int(best_trial(table).trial) - 1]
+    winner = trials[best["trial"] - 1]
+    trained = TrainedModel(winner.spec, best["checkpoint"], best["history"])
+    name = TrainConfig(**winner.params).model_name
+    test = make_test_loader(winner.dataset, "cpu")
+    published = publish_model(
+        trained, test, winner.dataset, name, winner.params, sweep_dir / winner.name, best["run_id"]
+    )
+    return winner, best, published
 
 
 def prepare_shapes(base: TrainConfig, shapes: set[Shape]) -> dict[Shape, DatasetRef]:

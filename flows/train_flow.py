@@ -37,6 +37,7 @@ from flows.cli import (
     short_user_errors,
 )
 from flows.config import TrainConfig, resolve_path
+from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
 from models import PretrainedWeightsUnavailable
 from tasks.data.augment import resolve_augment
@@ -86,6 +87,7 @@ USER_ERRORS = (
 @flow(name="train-image-classifier", log_prints=True)
 def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     """Fetch data, train, evaluate, save, export ONNX, validate it and register the model."""
+    check_confined(config)
     device = str(resolve_device(config.device))
     set_threads(config.threads)
     run_dir = make_run_dir(resolve_path(config.output_dir))

@@ -141,3 +141,16 @@ def test_input_options_resolve_paths(tmp_path, monkeypatch):
         "max_image_pixels": 50_000_000,
         "resize": True,
     }
+
+
+def test_a_registered_name_may_not_be_an_onnx_flavors_name():
+    # "x-onnx" would register its PyTorch versions in x's ONNX line (and its ONNX ones in "x-onnx-onnx").
+    for make in (
+        lambda name: TrainConfig(registered_model=name),
+        lambda name: PredictConfig(registered_model=name, dataset="digits"),
+    ):
+        with pytest.raises(
+            ValueError, match="'digits-cnn-onnx' ends in '-onnx', which names the ONNX flavor of 'digits-cnn'"
+        ):
+            make("digits-cnn-onnx")
+        assert make("digits-onnxish").registered_model == "digits-onnxish"

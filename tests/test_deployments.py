@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import pytest
@@ -19,6 +21,7 @@ from prefect.flow_runs import wait_for_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 pytestmark = pytest.mark.slow
+ESCAPED = re.compile(r"\d{8}-\d{6}-escaped-[0-9a-f]{8}")  # the folder of a flow run named ../../escaped
 
 
 @pytest.fixture
@@ -37,6 +40,8 @@ def deployed(tmp_path):
         # The worker looks for flow runs to start every second, not every 10 s: each of this test's
         # three flow runs would otherwise wait half that, on average, before it starts.
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # Deployment runs may use paths under the test's folder only (not the repository, the default).
+        "PIC_ALLOWED_ROOTS": str(tmp_path),
     }
     processes = Processes(tmp_path, env)
     try:
@@ -71,19 +76,25 @@ def deployed(tmp_path):
         processes.stop_all()
 
 
-def start_run(prefect_url: str, name: str, config: dict) -> FlowRun:
+def start_run(prefect_url: str, name: str, config: dict, run_name: Optional[str] = None) -> FlowRun:
     """A flow run of deployment `name`, created for the worker to pick up; it is not waited for."""
     with temporary_settings({PREFECT_API_URL: prefect_url}):
-        return run_deployment(name, parameters={"config": config}, timeout=0)
+        return run_deployment(name, parameters={"config": config}, flow_run_name=run_name, timeout=0)
 
 
-def run_and_wait(prefect_url: str, name: str, config: dict, worker_log: Path) -> FlowRun:
-    return wait_completed(prefect_url, start_run(prefect_url, name, config), worker_log)
+def run_and_wait(
+    prefect_url: str, name: str, config: dict, worker_log: Path, run_name: Optional[str] = None
+) -> FlowRun:
+    return wait_completed(prefect_url, start_run(prefect_url, name, config, run_name), worker_log)
+
+
+def wait_finished(prefect_url: str, flow_run: FlowRun) -> FlowRun:
+    with temporary_settings({PREFECT_API_URL: prefect_url}):
+        return asyncio.run(wait_for_flow_run(flow_run.id, timeout=600))
 
 
 def wait_completed(prefect_url: str, flow_run: FlowRun, worker_log: Path) -> FlowRun:
-    with temporary_settings({PREFECT_API_URL: prefect_url}):
-        finished = asyncio.run(wait_for_flow_run(flow_run.id, timeout=600))
+    finished = wait_finished(prefect_url, flow_run)
     assert finished.state.is_completed(), (
         f"{flow_run.name}: {finished.state}\n{worker_log.read_text()[-5000:]}"
     )
@@ -113,6 +124,9 @@ def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
     base = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "swept", **folders}
     sweep_config = {"base": base, "grid": {"lr": [0.001, 0.003]}, "task_runner": "dask", "max_parallel": 2}
     sweeping = start_run(prefect_url, "sweep-image-classifier/sweep", sweep_config)
+    # Whoever can reach the API chooses the parameters: a path outside PIC_ALLOWED_ROOTS is refused.
+    predict = {"registered_model": "scheduled", "dataset": "synthetic", **folders}
+    refused = start_run(prefect_url, "predict-images/predict-batch", {**predict, "output": "/etc/x"})
 
     # Triggered the way the README says, with custom parameters, watched until it ends.
     config = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled", **folders}
@@ -133,14 +147,19 @@ def test_deployments_train_and_predict_on_real_servers(deployed, tmp_path):
         assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
     output = tmp_path / "predictions.csv"
+    name = "../../escaped"  # the flow run's name becomes its folder's: slugified, inside output_dir
     run_and_wait(
-        prefect_url,
-        "predict-images/predict-batch",
-        {"registered_model": "scheduled", "dataset": "synthetic", "output": str(output), **folders},
-        worker_log,
+        prefect_url, "predict-images/predict-batch", {**predict, "output": str(output)}, worker_log, name
     )
     table = pd.read_csv(output)
     assert len(table) == 1000 and table["correct"].mean() > 0.5
+    [run_dir] = [path for path in Path(folders["output_dir"]).iterdir() if ESCAPED.fullmatch(path.name)]
+    assert (run_dir / "config.json").is_file() and not (tmp_path / "escaped").exists()
+
+    failed = wait_finished(prefect_url, refused)
+    assert failed.state.is_failed(), failed.state
+    assert "ParameterOutsideRootsError: parameter output='/etc/x' resolves to /etc/x" in failed.state.message
+    assert f"PIC_ALLOWED_ROOTS={tmp_path}" in failed.state.message
 
     wait_completed(prefect_url, sweeping, worker_log)
     champion = client.get_model_version_by_alias("swept", "champion")

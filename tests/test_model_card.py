@@ -54,3 +54,13 @@ def test_markdown_table_and_contract():
     contract = model_contract(Preprocessing(3, (32, 48), "pad"), ["cat", "dog"])
     assert "(N, 3, 32, 48)" in contract and "(N, 2)" in contract and "cat, dog" in contract
     assert "32x48 pixels, resize mode `pad` (resized to fit inside, then padded with black" in contract
+
+
+def test_card_shows_a_mirror_without_its_credentials():
+    mirror = "https://bob:pa55@files.example/mnist/?token=t0ken"
+    sizes = {"training": 90, "validation": 10, "test": 20}
+    text = version_card(
+        DATASET, sizes, {"mirror": mirror}, METRICS, PER_CLASS, PARITY, "champion: none", Provenance("r")
+    )
+    assert "`mirror=https://***@files.example/mnist/?token=***`" in text
+    assert "pa55" not in text and "t0ken" not in text

@@ -1,5 +1,8 @@
+import time
+
 import pytest
 from conftest import REPO, run_train_script
+from pydantic import ValidationError
 
 from flows.cli import parse_sweep_config
 from flows.config import TrainConfig
@@ -92,7 +95,18 @@ def test_cluster_flags():
         ),
         (["--grid", "seed=1", "--task-runner", "dask", "--address", "ray://h:1"], "takes tcp://HOST:PORT"),
         (["--grid", "seed=1", "--max-parallel", "0"], "--max-parallel 0"),
-        (["--grid", "seed=" + ",".join(map(str, range(1001)))], "1001 trials; a sweep runs at most 1000"),
+        (
+            ["--grid", "seed=" + ",".join(map(str, range(1001)))],
+            "1001 trials (--grid seed (1001 values)); a sweep runs at most 1000",
+        ),
+        (
+            ["--grid", "lr=0.1,0.2", "--random", "501", "--space", "epochs=1:3"],
+            "1002 trials (--grid lr (2 values) x --random 501); a sweep runs at most 1000",
+        ),
+        (
+            ["--random", "1001", "--space", "lr=0.1:0.2"],
+            "--random 1001: Input should be less than or equal to 1000",
+        ),
     ],
 )
 def test_bad_sweeps_exit_2_naming_the_value(flags, named, capsys):
@@ -100,6 +114,24 @@ def test_bad_sweeps_exit_2_naming_the_value(flags, named, capsys):
         parse_sweep_config(flags)
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_huge_grids_are_refused_from_their_sizes_before_anything_is_built(monkeypatch):
+    def build(*args, **kwargs):
+        raise AssertionError("a trial or value was built before the count was checked")
+
+    monkeypatch.setattr(TrainConfig, "model_validate", build)  # each grid value's check
+    grid = {"lr": [0.1] * 1000, "seed": list(range(1000)), "batch_size": [32] * 1000}
+    started = time.monotonic()
+    with pytest.raises(ValidationError) as raised:
+        SweepConfig(grid=grid)
+    message = str(raised.value)
+    assert (
+        "1000000000 trials (--grid lr (1000 values) x --grid seed (1000 values) x --grid batch_size"
+        in message
+    )
+    assert "a sweep runs at most 1000" in message
+    assert time.monotonic() - started < 2
 
 
 def test_the_prefect_form_takes_the_same_config_as_json():

@@ -10,10 +10,14 @@ import pandas as pd
 import pytest
 from conftest import REPO, prefect_artifacts, run_train_script
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
+from prefect.states import Cancelling
 
 from flows.config import TrainConfig
 from flows.sweep_config import SweepConfig
 from flows.sweep_flow import sweep_flow
+from tasks.track import cancellation
 from tasks.train import training
 from tasks.train.sweeps import SweepFailedError
 
@@ -140,6 +144,36 @@ def test_a_sweep_whose_trials_all_fail_fails_and_registers_nothing(
         sweep_flow(sweep(tmp_path, grid={"lr": [0.003]}))
     parent, [child] = runs_of("sweeps")
     assert parent.info.status == "FAILED" and child.info.status == "FAILED"
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_a_sweep_cancelled_in_prefect_stops_its_trials_and_registers_nothing(
+    prefect_server, mlflow_store, tmp_path, monkeypatch
+):
+    """Cancelled as from the UI, the CLI or the API, with no worker to stop its process, after the
+    first trial's first epoch: that trial stops at its next check, no other trial starts, nothing
+    is registered, and the parent and child runs end KILLED."""
+    monkeypatch.setattr(cancellation, "CHECK_EVERY_SECONDS", 0)  # check at every batch: no timing
+    real, started = training.train_one_epoch, []
+
+    def then_cancel(model, loader, optimisation, *rest):
+        started.append(optimisation.optimizer.defaults["lr"])
+        metrics = real(model, loader, optimisation, *rest)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        return metrics
+
+    monkeypatch.setattr(training, "train_one_epoch", then_cancel)
+    config = sweep(tmp_path, grid={"lr": [0.001, 0.002, 0.003]}, max_parallel=1)
+    state = sweep_flow(config, return_state=True)
+
+    assert state.is_cancelled() and "was cancelled in Prefect" in state.message
+    assert started == [0.001, 0.001]  # epoch 2 stopped at its first batch; trials 2 and 3 never began
+    parent, [child] = runs_of("sweeps")
+    assert parent.info.status == "KILLED" and child.info.status == "KILLED"
+    assert child.data.params["lr"] == "0.001" and "trials_finished" not in parent.data.metrics
+    history = MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1]
     assert MlflowClient().search_registered_models() == []
 
 

@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 from tasks.data.datasets import DatasetRef
 from tasks.data.decoding import Preprocessing
+from tasks.track.redaction import redact_params
 
 PER_CLASS_COLUMNS = ("class_name", "precision", "recall", "f1", "support")
 
@@ -51,7 +52,8 @@ def version_card(
     """What a registered version was trained on, how good it is, how it was checked and why it got
     its alias; `outcome` is the gate's sentence (e.g. "champion: there is no champion yet")."""
     sizes = ", ".join(f"{context} {count}" for context, count in split_sizes.items())
-    settings = ", ".join(f"`{key}={value}`" for key, value in params.items() if value is not None)
+    shown = redact_params(params)  # a card is read by anyone who can read the registry
+    settings = ", ".join(f"`{key}={value}`" for key, value in shown.items() if value is not None)
     return "\n".join(
         [
             f"## {dataset.name}: test accuracy {metrics['test_accuracy']:.4f}",

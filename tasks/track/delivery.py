@@ -7,12 +7,19 @@ import logging
 import queue
 import threading
 import time
-import urllib.request
 from typing import Mapping, Optional
+from urllib.parse import urlsplit
 
 import mlflow
+import requests
+from mlflow.environment_variables import (
+    MLFLOW_TRACKING_CLIENT_CERT_PATH,
+    MLFLOW_TRACKING_INSECURE_TLS,
+    MLFLOW_TRACKING_SERVER_CERT_PATH,
+)
 
 from tasks.track import tracking
+from tasks.track.redaction import redact_url, without_credentials
 
 logger = logging.getLogger(__name__)
 REACHABLE_WITHIN_SECONDS = 10.0
@@ -37,30 +44,66 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def tls_options() -> dict[str, object]:
+    """How MLflow's own client verifies the server, as `requests` arguments: the CA bundle in
+    MLFLOW_TRACKING_SERVER_CERT_PATH, none with MLFLOW_TRACKING_INSECURE_TLS, and the client
+    certificate in MLFLOW_TRACKING_CLIENT_CERT_PATH."""
+    insecure, bundle = MLFLOW_TRACKING_INSECURE_TLS.get(), MLFLOW_TRACKING_SERVER_CERT_PATH.get()
+    if insecure and bundle:
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_INSECURE_TLS is set and so is MLFLOW_TRACKING_SERVER_CERT_PATH ({bundle}); "
+            "unset one: the first turns verification off, the second verifies against that CA bundle"
+        )
+    return {"verify": bundle or not insecure, "cert": MLFLOW_TRACKING_CLIENT_CERT_PATH.get()}
+
+
 def server_answers(uri: str, timeout: float = 2.0) -> bool:
-    """Whether the MLflow server at `uri` answers its health check now."""
+    """Whether the MLflow server at `uri` answers its health check now (which needs no login, so
+    the URI's credentials stay off this request), over TLS verified as MLflow's client would."""
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
+        options = tls_options()
+        url = without_credentials(uri).rstrip("/") + "/health"
+        return requests.get(url, timeout=timeout, **options).status_code == 200
+    except (requests.RequestException, OSError, ValueError):  # a bad CA file is an OSError
         return False
 
 
 def check_reachable(within: float = REACHABLE_WITHIN_SECONDS) -> None:
-    """Raises TrackingUnavailableError, naming the URI, unless an HTTP tracking server answers
-    within `within` seconds (MLflow's own retries would take minutes to give up); local stores
-    pass at once."""
+    """Raises TrackingUnavailableError, naming the URI (less its credentials), unless an HTTP
+    tracking server answers within `within` seconds (MLflow's own retries would take minutes to give
+    up); local stores pass at once."""
     uri = mlflow.get_tracking_uri()
     if not is_remote(uri):
         return
+    check_well_formed(uri)
+    tls_options()  # contradictory TLS settings are an error now, not a server that never answers
     deadline = time.monotonic() + within
     while not server_answers(uri):
         if time.monotonic() >= deadline:
             raise TrackingUnavailableError(
-                f"the MLflow tracking server {uri} did not answer within {within:.0f} s; start it, or "
-                "point MLFLOW_TRACKING_URI at one that runs (unset, runs go to sqlite:///mlflow.db)"
+                f"the MLflow tracking server {redact_url(uri)} did not answer within {within:.0f} s; "
+                "start it, or point MLFLOW_TRACKING_URI at one that runs (unset, runs go to "
+                "sqlite:///mlflow.db)"
             )
         time.sleep(1)
+
+
+def check_well_formed(uri: str) -> None:
+    """Raises TrackingUnavailableError, naming the URI less its credentials, unless it has a host
+    and a numeric port (or none)."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as error:
+        reason = str(error).replace(uri, redact_url(uri))
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI {redact_url(uri)} is not a valid URL ({reason}); give "
+            "http(s)://[USER:PASSWORD@]HOST[:PORT][/PATH]"
+        ) from None
+    if not parts.hostname:
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI {redact_url(uri)} names no host; give http(s)://HOST[:PORT][/PATH]"
+        )
 
 
 class MetricsOutbox:
@@ -74,6 +117,7 @@ class MetricsOutbox:
     def __init__(self, run_id: str, patience: float) -> None:
         self.run_id, self.patience = run_id, patience
         self.uri = mlflow.get_tracking_uri()
+        self.shown_uri = redact_url(self.uri)
         self.logger = _run_logger()
         self.error: Optional[TrackingUnavailableError] = None
         self._queue: queue.Queue = queue.Queue()
@@ -106,10 +150,13 @@ class MetricsOutbox:
                 try:
                     tracking.log_metrics(self.run_id, metrics, step=step, timestamp=timestamp)
                     if away_since is not None:
-                        self.logger.warning("MLflow tracking server %s is back; metrics delivered", self.uri)
+                        self.logger.warning(
+                            "MLflow tracking server %s is back; metrics delivered", self.shown_uri
+                        )
                     return
                 except Exception as error:  # noqa: BLE001 - any failure to deliver is retried alike
-                    reason = error
+                    # MLflow's messages quote the request's URL, credentials included.
+                    reason = str(error).replace(self.uri.rstrip("/"), self.shown_uri.rstrip("/"))
             else:
                 reason = "no answer to its health check"
             now = time.monotonic()
@@ -118,13 +165,13 @@ class MetricsOutbox:
                 self.logger.warning(
                     "MLflow tracking server %s unreachable (%s); training goes on and its metrics "
                     "are sent when it is back (giving up after %.0f s)",
-                    self.uri,
+                    self.shown_uri,
                     reason,
                     self.patience,
                 )
             if now - away_since > self.patience:
                 self.error = TrackingUnavailableError(
-                    f"the MLflow tracking server {self.uri} was unreachable for more than "
+                    f"the MLflow tracking server {self.shown_uri} was unreachable for more than "
                     f"{self.patience:.0f} s ({reason}); the checkpoint and outputs stay, and retrying "
                     "this flow run resumes from the last epoch"
                 )

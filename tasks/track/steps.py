@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
@@ -15,10 +18,14 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from tasks.data.datasets import DatasetRef
+from tasks.files import OutputWriteError, atomic_output
 from tasks.publish.evaluation import Evaluation
 from tasks.retrying import retry_except
 from tasks.track import delivery, lineage, reports, tracking
 from tasks.track.cancellation import ended_status
+from tasks.track.redaction import redact_params
+
+_FOLDER_NAME_LIMIT = 80  # characters of a run folder's name taken from the flow run's name
 
 
 @task(
@@ -53,12 +60,17 @@ def open_mlflow_run(
         tracking.log_params(run_id, params)
     else:
         tracking.get_client().update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    config_path = run_dir / "config.json"
-    config_path.write_text(
-        json.dumps({**params, "resolved_device": device, "run_dir": str(run_dir)}, indent=2)
-    )
-    tracking.log_artifacts(run_id, [config_path])
+    tracking.log_artifacts(run_id, [write_config(run_dir, params, device)])
     return run_id
+
+
+def write_config(run_dir: Path, params: Mapping[str, object], device: str) -> Path:
+    """The run's settings as run_dir/config.json (atomically, URLs without their credentials)."""
+    path = run_dir / "config.json"
+    settings = {**redact_params(params), "resolved_device": device, "run_dir": str(run_dir)}
+    with atomic_output(path) as handle:
+        json.dump(settings, handle, indent=2)
+    return path
 
 
 @task(name="log-dataset", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
@@ -88,10 +100,24 @@ def close_mlflow_run(run_id: str, status: str) -> None:
 
 
 def make_run_dir(output_dir: Path) -> Path:
-    """A folder of this flow run's own, the same for every retry of it."""
-    run_dir = output_dir / f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{flow_run.name}"
+    """A folder of this flow run's own, the same for every retry of it, inside `output_dir` whatever
+    the flow run's name (whoever starts a run names it)."""
+    name = f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{folder_name(flow_run.name)}"
+    run_dir = output_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.resolve().parent != output_dir.resolve():  # a link planted under that name
+        raise OutputWriteError(errno.EEXIST, "exists and leads out of --output-dir", str(run_dir))
     return run_dir
+
+
+def folder_name(name: str) -> str:
+    """`name` as one safe path component: only [A-Za-z0-9._-], no leading dot, at most 80
+    characters; a name that had to change gets a hash of the original, so two stay apart."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).lstrip(".-")
+    if slug == name and len(name) <= _FOLDER_NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{slug[: _FOLDER_NAME_LIMIT - 9]}-{digest}".lstrip("-")
 
 
 @contextmanager

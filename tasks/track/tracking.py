@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from tasks.files import file_lock, write_error
+from tasks.track.redaction import redact_params, without_credentials
 
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 # Prefect retry settings for tasks that mostly talk to MLflow. Each request also has MLflow's own
@@ -92,8 +93,9 @@ def tracking_uri() -> str:
 
 
 def web_url(*parts: str) -> Optional[str]:
-    """A page of the MLflow UI (`#/experiments/1/runs/<id>`), when the tracking server speaks HTTP."""
-    uri = tracking_uri()
+    """A page of the MLflow UI (`#/experiments/1/runs/<id>`), when the tracking server speaks HTTP;
+    without the URI's credentials, as links end up in model cards and Prefect artifacts."""
+    uri = without_credentials(tracking_uri())
     return f"{uri.rstrip('/')}/#/" + "/".join(parts) if uri.startswith(("http://", "https://")) else None
 
 
@@ -117,8 +119,8 @@ def finish_run(run_id: str, status: str) -> None:
 
 
 def log_params(run_id: str, params: Mapping[str, object]) -> None:
-    """Logs params as strings (None as empty), in one batch."""
-    batch = [Param(key, "" if value is None else str(value)) for key, value in params.items()]
+    """Logs params as strings (None as empty), in one batch; URLs without their credentials."""
+    batch = [Param(key, "" if value is None else str(value)) for key, value in redact_params(params).items()]
     get_client().log_batch(run_id, params=batch)
 
 
