@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torchvision import models as tv
 
-from tasks.downloads import download, redact
+from tasks.downloads import download
+from tasks.track.redaction import redact_url as redact
 
 BACKBONES: tuple[str, ...] = (
     "resnet18",

@@ -6,12 +6,12 @@ import hashlib
 import http.client
 import os
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import IO, Callable, Optional
 
 from tasks.files import exclusive_temp
+from tasks.track.redaction import redact_url as redact
 
 SOCKET_TIMEOUT_SECONDS = 10  # per connect and per read: an unreachable network fails within seconds
 _CHUNK = 1 << 16
@@ -19,13 +19,6 @@ _CHUNK = 1 << 16
 
 class DownloadLimitError(OSError):
     """A download went past its size cap or its deadline; nothing of it was kept."""
-
-
-def redact(url: str) -> str:
-    """`url` fit to print: no user:password@, no query or fragment (where tokens travel)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def download(

@@ -15,7 +15,7 @@ import pytest
 from conftest import http_files
 
 from tasks import files
-from tasks.downloads import DownloadLimitError, download, redact
+from tasks.downloads import DownloadLimitError, download
 
 BODY = bytes(range(256)) * 8  # 2048 bytes
 
@@ -68,7 +68,7 @@ def test_an_announced_size_over_the_cap_is_refused_before_reading(tmp_path):
         with pytest.raises(DownloadLimitError) as raised:
             download(f"{root}/f.bin?token=s3cret", target, max_bytes=1000, deadline_seconds=30)
     message = str(raised.value)
-    assert f"{root}/f.bin is 2048 bytes, over the limit of 1000 bytes" in message
+    assert f"{root}/f.bin?token=*** is 2048 bytes, over the limit of 1000 bytes" in message
     assert "s3cret" not in message
     assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["f.bin"]
 
@@ -142,10 +142,8 @@ def test_the_temporary_file_is_created_exclusively_and_removed_when_verification
 
 
 def test_urls_are_printed_without_credentials_or_tokens(tmp_path):
-    assert redact("https://user:pa55@host:8443/a/b.gz?token=t0k#frag") == "https://host:8443/a/b.gz"
-    assert redact("http://[::1]:80/x") == "http://[::1]:80/x"
     # http.client reads "user:pa55@host" as a host with a bad port; its own error quotes the password.
     with pytest.raises(ValueError) as raised:
         download("http://user:pa55@127.0.0.1/x", tmp_path / "x", 10, 5)
-    assert "pa55" not in str(raised.value) and "http://127.0.0.1/x: not a URL" in str(raised.value)
+    assert "pa55" not in str(raised.value) and "http://***@127.0.0.1/x: not a URL" in str(raised.value)
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
