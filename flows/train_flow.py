@@ -59,7 +59,7 @@ from tasks.publish.steps import (
     validate_onnx,
 )
 from tasks.track import tracking
-from tasks.track.cancellation import FlowRunCancelled
+from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.delivery import TrackingUnavailableError
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
@@ -139,6 +139,7 @@ def publish_model(
     onnx_path = export_onnx(spec, weights, run_dir, run_id)
     evaluation = evaluating.result()
     parity = validate_onnx(onnx_path, evaluation, dataset, trained, run_id)
+    CancelWatch(interval=0)()  # cancelled while testing or exporting: nothing is registered
     model_ids = log_models(spec, weights, onnx_path, dataset, evaluation, parity, name, run_id)
     registration = register_model(model_ids, spec, dataset, evaluation, parity, params, run_id)
     outputs = {"Outputs": str(run_dir), "Weights": str(weights), "ONNX": str(onnx_path)}
