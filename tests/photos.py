@@ -4,6 +4,7 @@ kinds and sizes whose class a small CNN can learn after any resize mode."""
 from __future__ import annotations
 
 import colorsys
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -25,10 +26,11 @@ def _palette(rgb: np.ndarray, colours: int = 64) -> Image.Image:
     return Image.fromarray(rgb).quantize(colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
 
 
-def save_png16(path: Path, values: np.ndarray) -> None:
-    """A 16-bit PNG of uint16 (H, W) grey or (H, W, 3) RGB, written by hand: Pillow writes no 16-bit RGB."""
+def save_png16(path: Path, values: np.ndarray, transparent: Optional[tuple[int, ...]] = None) -> None:
+    """A 16-bit PNG of uint16 (H, W) grey or (H, W, C) grey+alpha, RGB or RGBA (C = 2, 3, 4), with a
+    tRNS colour if given, written by hand: Pillow writes no 16-bit colour."""
     height, width = values.shape[:2]
-    colour_type = 2 if values.ndim == 3 else 0
+    colour_type = {2: 0, 3: {2: 4, 3: 2, 4: 6}.get(values.shape[-1])}[values.ndim]
     rows = values.astype(">u2").reshape(height, -1).view(np.uint8)
     raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # filter 0 per row
 
@@ -36,7 +38,10 @@ def save_png16(path: Path, values: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    blob = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    blob = chunk(b"IHDR", header)
+    if transparent is not None:
+        blob += chunk(b"tRNS", struct.pack(f">{len(transparent)}H", *transparent))
+    blob += chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + blob)
 
 
@@ -243,3 +248,39 @@ def write_photos(folder: Path, count: int, size: tuple[int, int] = (128, 128), s
     for index, path in enumerate(paths):
         write_rgb_jpeg(path, class_image(index % 3, 3, size, rng))
     return paths
+
+
+def gif_bomb(screen: tuple[int, int] = (28, 28), frame: tuple[int, int] = (40000, 40000)) -> bytes:
+    """A GIF whose first frame is larger than its logical screen; its LZW data is only a clear code
+    and an end code, since the header check must refuse it before any decoding."""
+    head = b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    return head + b"," + struct.pack("<HHHHB", 0, 0, *frame, 0) + b"\x02\x02\x44\x01\x00;"
+
+
+def many_frame_gif(size: tuple[int, int], frames: int) -> bytes:
+    """A GIF of `frames` frames: the first white, the others black (one decoded image each)."""
+    blobs = []
+    for colour in (255, 0):
+        out = io.BytesIO()
+        Image.new("L", size, colour).convert("P").save(out, "GIF")
+        blobs.append(out.getvalue())
+    start = 13 + (3 << ((blobs[0][10] & 7) + 1))  # past the header and global colour table
+    return blobs[0][:start] + blobs[0][start:-1] + blobs[1][start:-1] * (frames - 1) + b";"
+
+
+def save_striped_png(path: Path, side: int) -> None:
+    """An RGB PNG of side x side pixels whose rows are all alike, so it compresses to little."""
+    row = np.zeros((side, 3), np.uint8)
+    row[::7] = (200, 100, 50)
+    raw = b"\x00" + row.tobytes()
+    packer = zlib.compressobj(1)
+    data = b"".join(packer.compress(raw * 500) for _ in range(side // 500)) + packer.compress(
+        raw * (side % 500)
+    )
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", data + packer.flush()) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)

@@ -86,20 +86,41 @@ def test_every_kind_decodes_to_its_channels_and_pixels(tmp_path: Path, kind: str
     assert below_corner <= tolerance, f"{kind}: mean error {below_corner:.2f}"
 
 
-def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path: Path):
-    values = np.array([[0, 257, 32768, 65535], [128, 129, 1000, 65280]], np.uint16)
-    save_png16(tmp_path / "grey16.png", values)
-    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
-    expected = torch.tensor([[[0, 1, 128, 255], [0, 1, 4, 254]]], dtype=torch.uint8)
-    assert torch.equal(decode_image_file(tmp_path / "grey16.png"), expected)
-    assert not check_image_file(tmp_path / "grey16.png").colour
+SIXTEEN = np.array([[0, 255, 256, 383, 384, 32768], [32895, 65151, 65152, 65280, 65407, 65535]], np.uint16)
 
 
-def test_sixteen_bit_rgb_keeps_its_top_byte(tmp_path: Path):
-    values = np.array([[[0, 32768, 65535], [257, 514, 65280]]], np.uint16)  # one row of two pixels
-    save_png16(tmp_path / "rgb16.png", values)
-    expected = torch.tensor([[[0, 1]], [[128, 2]], [[255, 255]]], dtype=torch.uint8)
-    assert torch.equal(decode_image_file(tmp_path / "rgb16.png"), expected)
+def eight(values: np.ndarray) -> np.ndarray:
+    """round(v / 257) in exact integers, half up (never a tie: 257 is odd)."""
+    return ((values.astype(np.int64) * 2 + 257) // 514).astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])  # grey, grey + alpha, RGB, RGBA
+def test_every_sixteen_bit_png_is_scaled_to_round_v_over_257(tmp_path: Path, channels: int):
+    rng = np.random.default_rng(channels)
+    colour = np.stack([SIXTEEN, rng.integers(0, 65536, SIXTEEN.shape), SIXTEEN[::-1, ::-1]], -1)
+    colour = colour[..., :1] if channels < 3 else colour
+    alpha = np.full(SIXTEEN.shape + (1,), 65535, np.uint16)
+    alpha[0, :2, 0] = (0, 32896)  # transparent, and 128 of 255 after scaling
+    values = (np.concatenate([colour, alpha], -1) if channels in (2, 4) else colour).astype(np.uint16)
+    save_png16(tmp_path / "deep.png", values[..., 0] if channels == 1 else values)
+    expected = eight(colour).astype(np.int64)
+    if channels in (2, 4):
+        expected[0, 0], expected[0, 1] = 255, (expected[0, 1] * 128 + 255 * 127 + 127) // 255
+    pixels = decode_image_file(tmp_path / "deep.png")
+    assert torch.equal(pixels, chw(expected.astype(np.uint8)))
+    assert check_image_file(tmp_path / "deep.png").colour == (channels > 2)  # header agrees
+
+
+def test_sixteen_bit_transparent_colours_match_all_sixteen_bits(tmp_path: Path):
+    save_png16(tmp_path / "grey.png", SIXTEEN, transparent=(383,))
+    expected = eight(SIXTEEN)
+    expected[0, 3] = 255  # 383 only: 384 rounds to the same 8 bits but is another colour
+    assert torch.equal(decode_image_file(tmp_path / "grey.png"), chw(expected))
+    rgb = np.stack([SIXTEEN, SIXTEEN, SIXTEEN[::-1, ::-1]], -1)
+    save_png16(tmp_path / "rgb.png", rgb, transparent=(256, 256, 65280))
+    expected = eight(rgb)
+    expected[0, 2] = 255
+    assert torch.equal(decode_image_file(tmp_path / "rgb.png"), chw(expected))
 
 
 def test_alpha_is_composited_on_white(tmp_path: Path):

@@ -1,16 +1,22 @@
 """Hostile input is refused before any training or prediction, with a message naming it."""
 
 import io
+import json
 import logging
 import re
 import shutil
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_train_script, write_csv
+from photos import gif_bomb, many_frame_gif, save_striped_png
 from PIL import Image
 from torchvision.io import encode_jpeg, write_png
 from torchvision.transforms.v2.functional import resize
@@ -55,9 +61,9 @@ def decoder_calls(monkeypatch):
     header check), in this process: prepare_dataset decodes here with its default one worker."""
     calls, real = [], Image.open
 
-    def spy(path, *args, **kwargs):
-        calls.append(str(path))
-        return real(path, *args, **kwargs)
+    def spy(source, *args, **kwargs):
+        calls.append(str(getattr(source, "name", source)))  # a path, or the file open_image opened
+        return real(source, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", spy)
     return calls
@@ -272,6 +278,68 @@ def test_the_pixel_limit_is_a_setting(png_dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--max-image-pixels", "0"])
     assert "--max-image-pixels 0" in capsys.readouterr().err
+
+
+# Prepares each CSV pair named on the command line in a fresh process, then prints what happened
+# and the peak resident memory of this process and of its (forked) decoding workers, in bytes.
+MEASURE_PREPARATION = """
+import json, resource, sys
+from pathlib import Path
+from tasks.data.csv_images import CsvDatasetError
+from tasks.data.datasets import Shape, load_tensors, prepare_dataset
+
+root, outcomes = Path(sys.argv[1]), {}
+imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+for name in sys.argv[2:]:
+    csvs = {"train_csv": root / f"{name}-train.csv", "test_csv": root / f"{name}-test.csv"}
+    try:
+        ref = prepare_dataset("csv", root / "data", shape=Shape(size=(28, 28)), workers=2,
+                              image_root=root, **csvs)
+        data = load_tensors(ref.prepared_path)
+        outcomes[name] = [data.train_images.flatten(1).float().mean(1).tolist(),
+                          data.test_images.flatten(1).float().mean(1).tolist()]
+    except CsvDatasetError as error:
+        outcomes[name] = str(error)
+usage = {who: resource.getrusage(who).ru_maxrss * 1024
+         for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)}
+print(json.dumps({"outcomes": outcomes, "imports": imports, "self": usage[resource.RUSAGE_SELF],
+                  "workers": usage[resource.RUSAGE_CHILDREN]}))
+"""
+
+
+@pytest.mark.slow
+def test_bombs_many_frames_and_a_large_image_repeated_prepare_in_bounded_memory(tmp_path):
+    """The acceptance check for training memory: the GIF bomb refused from its headers, a GIF of
+    5,000 frames prepared from its first, and a 7000x7000 PNG listed 1,000 times decoded once;
+    the preparing process and each decoding worker stay under 1 GB resident."""
+    (tmp_path / "bomb.gif").write_bytes(gif_bomb())
+    (tmp_path / "frames.gif").write_bytes(many_frame_gif((28, 28), 5000))
+    save_striped_png(tmp_path / "big.png", 7000)
+    write_csv(tmp_path / "bomb-train.csv", [("frames.gif", "a"), ("bomb.gif", "b")])
+    write_csv(tmp_path / "bomb-test.csv", [("frames.gif", "a")])
+    write_csv(
+        tmp_path / "big-train.csv", [("frames.gif", "a")] + [("big.png", "ab"[i % 2]) for i in range(1000)]
+    )
+    write_csv(tmp_path / "big-test.csv", [("big.png", "a"), ("frames.gif", "b")])
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_PREPARATION, str(tmp_path), "bomb", "big"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    bomb, (train, test) = report["outcomes"]["bomb"], report["outcomes"]["big"]
+    assert "row 3: image 'bomb.gif': its GIF header declares 40000x40000 = 1,600,000,000 pixels" in bomb
+    assert train[0] == test[1] == 255.0  # the many-frame GIF: its first frame, white
+    stripes = train[1]
+    assert 0 < stripes < 255 and train[1:] == [stripes] * 1000 and test[0] == stripes  # one decode, copied
+    assert report["self"] < 1 << 30 and report["workers"] < 1 << 30, report
+    mib = {key: f"{report[key] / 2**20:.0f} MiB" for key in ("imports", "self", "workers")}
+    print(f"peak RSS: after imports {mib['imports']}, preparing {mib['self']}, workers {mib['workers']};")
+    print(f"{time.monotonic() - started:.1f} s")
 
 
 # 5. Broken CSVs

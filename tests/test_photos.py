@@ -10,9 +10,9 @@ import pytest
 import torch
 from photos import write_class_folders, write_grey_png, write_kind
 
-from tasks.data import photos
+from tasks.data import photo_writer, prepared
 from tasks.data.datasets import DatasetRef, Shape, load_tensors, prepare_dataset
-from tasks.data.decoding import load_image
+from tasks.data.decoding import Preprocessing, load_image
 from tasks.data.photos import ImageFolderError, list_folder, stratified_split
 
 
@@ -124,8 +124,64 @@ def test_symlinks_leaving_the_folder_are_refused(tmp_path):
         list_folder(root)
     (root / "a" / "link.png").unlink()
     (root / "c").symlink_to(tmp_path / "outside" / "c")  # a whole class folder outside
-    with pytest.raises(ImageFolderError, match=re.escape(f"{root / 'c' / 'secret.png'} resolves outside")):
+    refused = f"{root / 'c'} resolves outside {root.resolve()} (to {tmp_path / 'outside' / 'c'})"
+    with pytest.raises(ImageFolderError, match=re.escape(refused)):
         list_folder(root)
+    (root / "c").unlink()
+    (tmp_path / "empty").mkdir()
+    (root / "c").symlink_to(tmp_path / "empty")  # outside, even with nothing in it
+    with pytest.raises(ImageFolderError, match=re.escape(f"{root / 'c'} resolves outside")):
+        list_folder(root)
+    (root / "c").unlink()
+    (root / "a" / "deeper").symlink_to(tmp_path / "outside")  # a subfolder of a class, outside
+    with pytest.raises(ImageFolderError, match=re.escape(f"{root / 'a' / 'deeper'} resolves outside")):
+        list_folder(root)
+    write_tree(tmp_path / "other", {"a/1.png": "rgb_png", "b/1.png": "rgb_png"})
+    with pytest.raises(ImageFolderError, match=re.escape(f"{root / 'a' / 'deeper'} resolves outside")):
+        list_folder(tmp_path / "other", root)  # in a test folder too
+
+
+def test_a_file_swapped_for_a_symlink_after_listing_is_refused_when_decoded(tmp_path):
+    root = tmp_path / "train"
+    write_tree(root, {"a/1.png": "rgb_png", "a/2.png": "rgb_png", "b/1.png": "rgb_png", "b/2.png": "rgb_png"})
+    write_tree(tmp_path / "outside", {"secret.png": "rgb_png"})
+    listing = list_folder(root, test_fraction=0.5)
+    prep = Preprocessing(3, (6, 8))
+    layout = prepared.plan_layout(listing.class_names, 2, 2, (3, 6, 8))
+    out = tmp_path / "prepared.safetensors"
+    labels = [torch.tensor(split[1]) for split in (listing.train, listing.test)]
+    prepared.create_file(out, layout, *labels)
+    swapped = Path(listing.test[0][0])
+    swapped.unlink()
+    swapped.symlink_to(tmp_path / "outside" / "secret.png")  # between listing and decoding
+    refused = f"{swapped}: {swapped} resolves to {tmp_path / 'outside' / 'secret.png'}, outside {root}"
+    with pytest.raises(ImageFolderError, match=re.escape(refused)):
+        photo_writer.write_listing(out, layout, listing, prep, workers=1)
+
+
+def test_a_file_listed_again_is_decoded_once_and_copied(tmp_path, monkeypatch):
+    root = tmp_path / "train"
+    write_tree(root, {"a/1.png": "rgb_png", "b/1.png": "rgb_png"}, size=(12, 12))
+    for index in range(2, 6):  # the same files again, by hard link and by symlink
+        os.link(root / "a" / "1.png", root / "a" / f"{index}.png")
+        (root / "b" / f"{index}.png").symlink_to(root / "b" / "1.png")
+    log, real = tmp_path / "decoded.txt", photo_writer.load_image
+
+    def logged(path, *args):  # in the forked worker: its list would not come back, a file does
+        with open(log, "a") as out:
+            out.write(f"{path}\n")
+        return real(path, *args)
+
+    monkeypatch.setattr(photo_writer, "load_image", logged)
+    ref, calls = prepare_folder(root, tmp_path / "data", workers=1)
+    decoded = [os.stat(line).st_ino for line in log.read_text().split()]
+    assert sorted(decoded) == sorted(os.stat(root / name / "1.png").st_ino for name in "ab")  # once each
+    data = load_tensors(ref.prepared_path)
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        for image, label in zip(images, labels):
+            assert torch.equal(image, load_image(root / "ab"[label] / "1.png", ref.preprocessing))
+    assert sum(count for count, _ in calls) == 10 and {total for _, total in calls} == {10}
 
 
 # The stratified test split
@@ -217,7 +273,7 @@ def test_prepared_images_are_load_image_of_each_file_whatever_the_workers(tmp_pa
     root = tmp_path / "train"
     # Every kind of file (19 kinds) in each class, of three sizes: no common size.
     write_class_folders(root, ["a", "b", "c"], per_class=19, sizes=[(20, 28), (24, 24), (30, 18)])
-    monkeypatch.setattr(photos, "_CHUNK", 4)  # several chunks per split, at offsets other than 0
+    monkeypatch.setattr(photo_writer, "_CHUNK", 4)  # several chunks per split, at offsets other than 0
     listing = list_folder(root)
     assert len(listing.sizes) > 1 and listing.colour
     one, one_calls = prepare_folder(root, tmp_path / "one", workers=1)

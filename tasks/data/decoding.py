@@ -3,27 +3,32 @@ prediction and serving, so a photo of any size or mode gives the same uint8 pixe
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, BinaryIO, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin
 from torchvision.transforms.v2 import functional as F
 
-from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, check_image_file
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, check_image_file, open_image
+from tasks.data.sixteen_bit import on_white, png_bit_depth, sixteen_bit_png
 
 RESIZE_MODES = ("crop", "pad", "stretch")
-_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # PNG's 16-bit grey, as Pillow opens it
-_GREY_MODES = frozenset({"1", "L", "LA", "La"}) | _SIXTEEN_BIT
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image a quarter
 _EXIF_ORIENTATION = 0x0112
 # What Pillow's plugins raise on damaged or hostile files, besides OSError.
 _DECODE_ERRORS = (OSError, EOFError, ValueError, SyntaxError, IndexError, TypeError, struct.error)
 _DECODE_ERRORS += (Image.DecompressionBombError,)  # over twice PIL's own pixel limit
+_PREMULTIPLIED = {"LA": "La", "RGBA": "RGBa"}  # reduce averages colour weighted by its alpha
+# Box-reduce only while at least this many times the size that resize then shrinks to: the result
+# is then indistinguishable from resizing the whole image (Pillow's reducing_gap for thumbnail).
+_REDUCING_GAP = 3
 
 
 @dataclass(frozen=True)
@@ -65,18 +70,38 @@ def _is_size(value: object) -> bool:
 
 
 def decode_image_file(
-    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, target: Optional[Preprocessing] = None
+    source: Union[str, os.PathLike, BinaryIO],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    target: Optional[Preprocessing] = None,
 ) -> torch.Tensor:
-    """uint8 (C, H, W) as a viewer shows the file (EXIF orientation applied, first frame only), with
-    C = 1 for grey sources and 3 otherwise; transparent pixels are composited on white. With a
-    `target`, a JPEG may be decoded at a reduced scale, never below what `preprocess` resizes to."""
-    header = check_image_file(path, max_pixels)
+    """uint8 (C, H, W) as a viewer shows the file (EXIF orientation applied), with C = 1 for grey
+    sources and 3 otherwise; transparent pixels are composited on white. Animated GIF, WebP and PNG:
+    first frame only, decoded as such (the header check judges that frame's size). `source` is a
+    path, opened once (open_image), or an open binary file; the header is checked and the image
+    decoded from that one open file. With a `target`, the image may be decoded (JPEG) or reduced
+    (box average) to an integer fraction of its size, never below what `preprocess` resizes to, so
+    a large photo never becomes full-size tensors."""
+    if isinstance(source, (str, os.PathLike)):
+        with open_image(Path(source)) as handle:
+            return _decode(handle, max_pixels, target).contiguous()
+    return _decode(source, max_pixels, target).contiguous()
+
+
+def _decode(handle: BinaryIO, max_pixels: int, target: Optional[Preprocessing]) -> torch.Tensor:
+    """decode_image_file's pixels, possibly a non-contiguous view."""
+    header = check_image_file(handle, max_pixels)
     try:
+        if header.format == "PNG" and png_bit_depth(handle) == 16:
+            return sixteen_bit_png(handle)
         # Only the decoder the header check judged the file for; PIL would otherwise try them all.
-        with Image.open(path, formats=[header.format.upper()]) as image:
-            if target is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
-                _draft(image, target)
-            return _pixels(ImageOps.exif_transpose(image))
+        with Image.open(handle, formats=[header.format.upper()]) as opened:
+            if target is not None and isinstance(opened, JpegImagePlugin.JpegImageFile):
+                _draft(opened, target)
+            image = _standard_mode(opened)
+            if target is not None:
+                image = _reduce(image, target)
+            ImageOps.exif_transpose(image, in_place=True)
+            return _pixels(image)
     except _DECODE_ERRORS as error:
         raise ImageFileError(f"it cannot be decoded: {error}") from error
 
@@ -84,44 +109,45 @@ def decode_image_file(
 def _draft(image: JpegImagePlugin.JpegImageFile, target: Preprocessing) -> None:
     """Lets libjpeg decode at 1/2, 1/4 or 1/8 scale while each side stays at least the size that
     `preprocess` will resize to, so that resize only ever shrinks."""
+    # No colour conversion in libjpeg: grey always comes from preprocess, with or without a target.
+    image.draft("L" if image.mode == "L" else "RGB", _needed(image, target))
+
+
+def _reduce(image: Image.Image, target: Preprocessing) -> Image.Image:
+    """The image shrunk by the largest integer factor that keeps each side at least _REDUCING_GAP
+    times what `preprocess` resizes to (box average; alpha premultiplied, as compositing weighs it)."""
+    need_width, need_height = _needed(image, target)
+    factor = min(image.width // (_REDUCING_GAP * need_width), image.height // (_REDUCING_GAP * need_height))
+    if factor < 2:
+        return image
+    if image.mode in _PREMULTIPLIED:
+        return image.convert(_PREMULTIPLIED[image.mode]).reduce(factor).convert(image.mode)
+    return image.reduce(factor)
+
+
+def _needed(image: Image.Image, target: Preprocessing) -> tuple[int, int]:
+    """(width, height) in the file's axes that `preprocess` resizes the displayed image to."""
     width, height = image.size
     swapped = image.getexif().get(_EXIF_ORIENTATION) in _SWAPPING_ORIENTATIONS
     shown = (width, height) if swapped else (height, width)  # (height, width) as a viewer shows it
     need_height, need_width = resized_size(shown, target)
-    need = (need_height, need_width) if swapped else (need_width, need_height)  # back to file axes
-    # No colour conversion in libjpeg: grey always comes from preprocess, with or without a target.
-    image.draft("L" if image.mode == "L" else "RGB", need)
+    return (need_height, need_width) if swapped else (need_width, need_height)  # back to file axes
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
-    """uint8 (C, H, W) from a loaded image of any mode Pillow yields for PNG, JPEG, GIF or WebP."""
-    image = _standard_mode(image)
-    if image.mode in _SIXTEEN_BIT:
-        return _sixteen_to_eight(np.asarray(image))[None].contiguous()
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
-    pixels = (pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)).contiguous()
-    return _on_white(pixels) if image.mode in ("LA", "RGBA") else pixels
+    """uint8 (C, H, W), a view of one copy out of an L, LA, RGB or RGBA image."""
+    pixels = np.array(image, dtype=np.uint8)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    if image.mode in ("LA", "RGBA"):
+        pixels = on_white(pixels[..., :-1], pixels[..., -1:])
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def _standard_mode(image: Image.Image) -> Image.Image:
-    """The image as L, LA, RGB, RGBA or 16-bit grey; a PNG or GIF transparent colour becomes alpha."""
-    if image.mode in _SIXTEEN_BIT:
-        return image
+    """The image as L, LA, RGB or RGBA; a PNG or GIF transparent colour becomes alpha."""
     alpha = image.mode in _ALPHA_MODES or image.info.get("transparency") is not None
     wanted = ("L" if image.mode in _GREY_MODES else "RGB") + ("A" if alpha else "")
     return image if image.mode == wanted else image.convert(wanted)  # CMYK, P, YCbCr, 1, ...
-
-
-def _sixteen_to_eight(values: np.ndarray) -> torch.Tensor:
-    """Scales 16-bit values to 8 bits: round(v * 255 / 65535), which is round(v / 257)."""
-    wide = torch.from_numpy(values.astype(np.int64)).clamp(0, 65535)
-    return ((wide + 128) // 257).to(torch.uint8)
-
-
-def _on_white(pixels: torch.Tensor) -> torch.Tensor:
-    """Composites (C + alpha, H, W) on white, in integers so every platform rounds alike."""
-    colour, alpha = pixels[:-1].to(torch.int32), pixels[-1:].to(torch.int32)
-    return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).to(torch.uint8)
 
 
 def resized_size(shape: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
@@ -168,6 +194,10 @@ def _resize(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return image
 
 
-def load_image(path: Path, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """A file as the network sees it: uint8 (prep.channels, *prep.size)."""
-    return preprocess(decode_image_file(path, max_pixels, prep), prep)
+def load_image(
+    path: Path, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS, root: Optional[Path] = None
+) -> torch.Tensor:
+    """A file as the network sees it: uint8 (prep.channels, *prep.size), from one open file that
+    must lie under `root` when one is given (open_image)."""
+    with open_image(path, root) as handle:
+        return preprocess(_decode(handle, max_pixels, prep), prep)

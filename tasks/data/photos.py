@@ -1,26 +1,20 @@
-"""Your own photos: a class-folder tree or CSVs, listed and header-checked, then decoded, converted
-and resized once, in parallel worker processes that write straight into the prepared file."""
+"""Your own photos: a class-folder tree or CSVs, listed and header-checked (tasks.data.photo_writer
+then decodes, converts and resizes each once, straight into the prepared file)."""
 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from tasks.data import prepared
 from tasks.data.csv_images import encode_labels, label_set, read_rows
-from tasks.data.decoding import Preprocessing, load_image
-from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file
+from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file, open_image
 
 FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what the decoder reads
-_CHUNK = 64  # images a worker decodes and writes per task
 
 
 class ImageFolderError(ValueError):
@@ -39,6 +33,7 @@ class Listing:
     train_origin: str
     test_origin: str
     stamp: str  # sha256 of what was listed: paths, labels, file sizes and modification times
+    roots: tuple[str, str]  # the folders each split's files must stay under when decoded
 
 
 def list_csv(
@@ -57,7 +52,8 @@ def list_csv(
     headers = [row.header for row in train_rows + test_rows]
     train = (tuple(str(row.path) for row in train_rows), tuple(train_labels))
     test = (tuple(str(row.path) for row in test_rows), tuple(test_labels))
-    return _listing(names, train, test, headers, str(train_csv), str(test_csv))
+    root = str(Path(image_root).resolve())
+    return _listing(names, train, test, headers, str(train_csv), str(test_csv), (root, root))
 
 
 def list_folder(
@@ -78,20 +74,26 @@ def list_folder(
             raise ImageFolderError(f"{test_dir}: classes {extra} have no folder in {train_dir}")
         test_paths, test_labels, test_headers = folder_files(test_dir, names, max_pixels, missing_ok=True)
         train, test = (paths, labels), (test_paths, test_labels)
-        return _listing(names, train, test, headers + test_headers, str(train_dir), str(test_dir))
+        roots = (str(train_dir.resolve()), str(test_dir.resolve()))
+        return _listing(names, train, test, headers + test_headers, str(train_dir), str(test_dir), roots)
     keep, held = stratified_split(labels, test_fraction, seed)
     train = (tuple(paths[i] for i in keep), tuple(labels[i] for i in keep))
     test = (tuple(paths[i] for i in held), tuple(labels[i] for i in held))
     test_origin = f"{train_dir} (stratified test split: fraction {test_fraction}, seed {seed})"
-    return _listing(names, train, test, headers, str(train_dir), test_origin)
+    roots = (str(train_dir.resolve()),) * 2
+    return _listing(names, train, test, headers, str(train_dir), test_origin, roots)
 
 
 def class_folders(root: Path, minimum: int = 2) -> tuple[str, ...]:
     """The sorted names of `root`'s visible subfolders; at least `minimum` (a test folder may hold
-    fewer classes than the training folder, but a training folder needs two)."""
+    fewer classes than the training folder, but a training folder needs two). A subfolder that is a
+    symlink leading outside `root` is refused."""
     if not root.is_dir():
         raise ImageFolderError(f"image folder {root} does not exist")
-    names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for folder in folders:
+        inside(folder, root.resolve())
+    names = tuple(sorted(folder.name for folder in folders))
     if len(names) < minimum:
         raise ImageFolderError(
             f"{root} has {len(names)} class folder(s) {list(names)}; expected one subfolder per class, "
@@ -110,7 +112,11 @@ def folder_files(
         folder = root / name
         if not folder.is_dir() and missing_ok:
             continue
-        files = sorted(p for p in folder.rglob("*") if _listed(p, folder))
+        entries = list(folder.rglob("*"))  # symlinked subfolders are listed, not entered
+        for entry in entries:
+            if entry.is_symlink():
+                inside(entry, base)
+        files = sorted(p for p in entries if _listed(p, folder))
         if not files and not missing_ok:
             raise ImageFolderError(f"class folder {folder} holds no {'/'.join(FOLDER_SUFFIXES)} images")
         for path in files:
@@ -128,12 +134,26 @@ def _listed(path: Path, folder: Path) -> bool:
     return not hidden and path.suffix.lower() in FOLDER_SUFFIXES and path.is_file()
 
 
-def checked_header(path: Path, root: Path, max_pixels: int) -> ImageHeader:
-    """The header of an image that stays under `root` (symlinks included)."""
-    if not path.resolve().is_relative_to(root):
-        raise ImageFolderError(f"{path} resolves outside {root}; images must stay under the folder")
+def inside(path: Path, root: Path) -> Path:
+    """`path` resolved, once it is known to stay under the resolved `root` (symlinks included)."""
     try:
-        return check_image_file(path, max_pixels)
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise ImageFolderError(f"{path} cannot be resolved: {error}") from None
+    if not resolved.is_relative_to(root):
+        raise ImageFolderError(
+            f"{path} resolves outside {root} (to {resolved}); images and class folders, symlinks "
+            "included, must stay under the folder"
+        )
+    return resolved
+
+
+def checked_header(path: Path, root: Path, max_pixels: int) -> ImageHeader:
+    """The header of an image that stays under `root` (symlinks included), from the file opened."""
+    resolved = inside(path, root)
+    try:
+        with open_image(resolved, root) as handle:
+            return check_image_file(handle, max_pixels)
     except ImageFileError as error:
         raise ImageFolderError(f"{path}: {error}") from None
 
@@ -155,7 +175,7 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
     return sorted(train), sorted(test)
 
 
-def _listing(names, train, test, headers, train_origin: str, test_origin: str) -> Listing:
+def _listing(names, train, test, headers, train_origin: str, test_origin: str, roots) -> Listing:
     digest = hashlib.sha256("\n".join(names).encode())
     for split, (paths, labels) in (("train", train), ("test", test)):
         for path, label in zip(paths, labels):
@@ -170,47 +190,5 @@ def _listing(names, train, test, headers, train_origin: str, test_origin: str) -
         train_origin=train_origin,
         test_origin=test_origin,
         stamp=digest.hexdigest(),
+        roots=roots,
     )
-
-
-def write_listing(
-    path: Path,
-    layout: prepared.Layout,
-    listing: Listing,
-    prep: Preprocessing,
-    workers: int,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    on_chunk: Optional[Callable[[int], None]] = None,
-) -> None:
-    """Decodes and preprocesses every listed image into the sized prepared file at `path`: `workers`
-    processes, each writing its chunks in place, so no image crosses a process boundary and no
-    decoding buffer stays in this process (one worker too: it is this process's twin, forked)."""
-    tasks = [
-        (path, layout, split, start, paths[start : start + _CHUNK], prep, max_pixels)
-        for split, (paths, _) in (("train", listing.train), ("test", listing.test))
-        for start in range(0, len(paths), _CHUNK)
-    ]
-    # fork, as torch's DataLoader does on Linux: workers start in milliseconds with the modules
-    # already imported (spawn would import torch and this project again, seconds per worker).
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_one_thread) as pool:
-        for count in pool.map(_write_chunk, tasks):
-            on_chunk and on_chunk(count)
-
-
-def _one_thread() -> None:
-    # One image at a time per process; the processes use the cores. Two threads per process would
-    # also oversubscribe a busy machine, where small copies then wait milliseconds at each barrier.
-    torch.set_num_threads(1)
-
-
-def _write_chunk(task: tuple) -> int:
-    path, layout, split, start, paths, prep, max_pixels = task
-    images = []
-    for source in paths:
-        try:
-            images.append(load_image(Path(source), prep, max_pixels))
-        except ImageFileError as error:
-            raise ImageFolderError(f"{source}: {error}") from None
-    prepared.write_images(path, layout, split, start, torch.stack(images))
-    return len(paths)

@@ -95,6 +95,19 @@ def write_images(path: Path, layout: Layout, split: str, start: int, images: tor
         os.close(descriptor)
 
 
+def copy_images(path: Path, layout: Layout, pairs: Sequence[tuple[tuple[str, int], tuple[str, int]]]) -> None:
+    """Copies prepared images within the file: for each ((split, index), (split, index)) pair, the
+    first place's pixels to the second."""
+    size = layout.offset("train_images", 1) - layout.offset("train_images")
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        for (split, index), (to_split, to_index) in pairs:
+            pixels = os.pread(descriptor, size, layout.offset(f"{split}_images", index))
+            os.pwrite(descriptor, pixels, layout.offset(f"{to_split}_images", to_index))
+    finally:
+        os.close(descriptor)
+
+
 def read_layout(path: Path) -> Layout:
     """The layout a prepared file's header declares."""
     with open(path, "rb") as handle:

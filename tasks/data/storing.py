@@ -16,7 +16,8 @@ import torch
 from tasks.data import prepared
 from tasks.data.decoding import Preprocessing, preprocess
 from tasks.data.images import ImageData
-from tasks.data.photos import Listing, write_listing
+from tasks.data.photo_writer import write_listing
+from tasks.data.photos import Listing
 
 Logger = Union[logging.Logger, logging.LoggerAdapter]
 _CHUNK_VALUES = 1 << 22  # pixel values per step when copying or summarising a split (32 MB as float64)
