@@ -58,6 +58,8 @@ def test_origins_of_each_kind_of_dataset(tmp_path):
     assert data_origins("mnist", mirror="https://mirror.example/mnist")[0] == (
         "https://mirror.example/mnist/train-images-idx3-ubyte.gz"
     )
+    secret = data_origins("mnist", mirror="https://me:pa55@mirror.example/mnist/")[0]
+    assert secret == "https://***@mirror.example/mnist/train-images-idx3-ubyte.gz"
     assert data_origins("synthetic")[0] == "tasks.data.offline_data.make_synthetic"
     assert origin_source("https://x/y.gz").to_dict() == {"url": "https://x/y.gz"}
     assert origin_source("/data/train.csv").to_dict() == {"uri": "/data/train.csv"}

@@ -26,6 +26,7 @@ from tasks.data.offline_data import load_digits, make_synthetic
 from tasks.data.photos import list_csv, list_folder
 from tasks.data.storing import Logger, Source, channel_stats, memory_source, photo_source, store
 from tasks.files import atomic_output
+from tasks.track.redaction import redact_url
 
 _logger = logging.getLogger(__name__)
 PHOTO_SOURCES = ("csv", "folder")
@@ -99,7 +100,7 @@ def list_photos(name: str, test_fraction: float = 0.2, max_image_pixels: Optiona
 def data_origins(name: str, mirror: Optional[str] = None) -> tuple[str, str]:
     """Where an in-memory dataset's training and test images come from, for the lineage."""
     if name in SOURCES:
-        base = mirror.rstrip("/") + "/" if mirror else FIRST_MIRRORS[name]
+        base = redact_url(mirror).rstrip("/") + "/" if mirror else FIRST_MIRRORS[name]  # it reaches MLflow
         train_images, _, test_images, _ = RAW_FILES
         return f"{base}{train_images}.gz", f"{base}{test_images}.gz"
     generator = {"synthetic": make_synthetic, "digits": load_digits}[name]
