@@ -45,7 +45,12 @@ def predict_flow(config: PredictConfig) -> dict:
     runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
     registered = load_registered_model(config.registry_name, config.alias)
     size = registered.input_shape[1:]
-    inputs = list_images(**config.input_options(), class_names=registered.class_names, image_size=size)
+    inputs = list_images(
+        **config.input_options(),
+        class_names=registered.class_names,
+        image_size=size,
+        partition_size=config.partition_size,
+    )
     run_dir = make_run_dir(resolve_path(config.output_dir))
     uri = f"models:/{config.registry_name}@{config.alias}"
     link = {

@@ -3,9 +3,10 @@ import re
 import pytest
 import torch
 from conftest import write_csv, write_image_folder
+from PIL import Image
 from torchvision.io import decode_png, read_file, write_png
 
-from tasks.data.csv_images import CsvDatasetError, label_set, read_rows
+from tasks.data.csv_images import CsvDatasetError, iter_rows, label_set, read_rows
 from tasks.data.datasets import Shape, load_tensors, prepare_dataset
 from tasks.data.decoding import load_image
 from tasks.data.photos import ImageFolderError, list_csv
@@ -103,3 +104,42 @@ def test_undecodable_file_names_its_file(png_dataset, tmp_path):
         prepare_dataset("csv", tmp_path / "data", **png_dataset)
     assert not list((tmp_path / "data" / "prepared").glob("*.safetensors"))
     assert not list((tmp_path / "data" / "prepared").glob(".*.part"))
+
+
+def test_rows_read_from_their_offset_match_a_read_from_the_top(tmp_path):
+    for name in ("a.png", "b\nc.png", "d,e.png", "é.png"):
+        write_png(torch.zeros(1, 4, 4, dtype=torch.uint8), str(tmp_path / name))
+    # A byte order mark, CRLF, a blank line, quoted cells spanning lines, a lone CR, no final newline.
+    text = '\ufeffimage,label\r\n"a.png",x\r\n\r\n"b\nc.png","l\r\nm"\r\né.png,y\r"d,e.png",z\na.png'
+    (tmp_path / "t.csv").write_bytes(text.encode())
+    rows = list(iter_rows(tmp_path / "t.csv", tmp_path, False))
+    assert [(row.line, row.path.name, row.label) for row in rows] == [
+        (2, "a.png", "x"),
+        (4, "b\nc.png", "l\r\nm"),
+        (5, "é.png", "y"),
+        (6, "d,e.png", "z"),
+        (7, "a.png", ""),
+    ]
+    assert rows[0].offset == len("\ufeffimage,label\r\n".encode())
+    for k, row in enumerate(rows):
+        rest = iter_rows(
+            tmp_path / "t.csv", tmp_path, False, start=(row.offset, row.line - 1), check_files=False
+        )
+        assert [(r.line, r.path, r.label, r.offset) for r in rest] == [r[:3] + r[4:] for r in rows[k:]]
+
+
+def test_rows_naming_formats_that_are_not_read_are_refused_not_taken_for_a_header(png_dataset):
+    Image.new("L", (4, 4)).save(png_dataset["image_root"] / "img" / "x.bmp")
+    formats = re.escape("images must be PNG, JPEG, GIF or WebP (.gif, .jpeg, .jpg, .png, .webp)")
+    first, second = (
+        [("img/x.bmp", "left"), ("img/000.png", "left")],
+        [("img/000.png", "left"), ("x.TIF", "l")],
+    )
+    for rows, line, name, suffix in ((first, 1, "img/x.bmp", ".bmp"), (second, 2, "x.TIF", ".tif")):
+        write_csv(png_dataset["test_csv"], rows, header=False)
+        with pytest.raises(
+            CsvDatasetError, match=rf"test.csv row {line}: image '{name}' is a {suffix} file.*{formats}"
+        ):
+            read_rows(png_dataset["test_csv"], png_dataset["image_root"])
+    write_csv(png_dataset["test_csv"], [("img/000.png", "left")], header=True)  # "image,label": a header
+    assert [row.line for row in read_rows(png_dataset["test_csv"], png_dataset["image_root"])] == [2]

@@ -1,12 +1,24 @@
+import json
+import pickle
 import re
+import subprocess
+import sys
+import time
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+from conftest import REPO
+from photos import save_png16
+from PIL import Image
 from torchvision.io import write_png
 
+from models import build_model
 from tasks.data.csv_images import CsvDatasetError
 from tasks.data.decoding import Preprocessing, load_image
 from tasks.predict.image_inputs import (
+    Inputs,
     PredictionError,
     check_labels,
     csv_inputs,
@@ -14,6 +26,8 @@ from tasks.predict.image_inputs import (
     folder_inputs,
     partitions,
 )
+from tasks.predict.prediction import RegisteredModel, merge_csvs, predict_to_csv
+from tasks.predict.steps import list_images
 
 GREY_12 = Preprocessing(1, (12, 12))  # the png_dataset's images as they are
 
@@ -87,3 +101,235 @@ def test_a_size_given_at_listing_refuses_other_sizes_by_header(png_dataset, tmp_
         csv_inputs(png_dataset["test_csv"], root, ["left", "right"], size=(12, 12))
     assert len(csv_inputs(png_dataset["train_csv"], root, ["left", "right"], size=(12, 12))) == 36
     assert len(folder_inputs(root / "img")) == 48  # no size: any size will do
+
+
+def test_csv_parts_read_only_their_own_rows(png_dataset, tmp_path):
+    root, csv = png_dataset["image_root"], tmp_path / "odd.csv"
+    (root / "img" / "005.png").rename(root / "img" / "line\nbreak.png")
+    names = [f'"img/{k:03d}.png"' if k != 5 else '"img/line\nbreak.png"' for k in range(12)]
+    lines = [f"{name},{'left' if k % 2 == 0 else 'right'}" for k, name in enumerate(names)]
+    lines.insert(4, "")  # a blank line: not a row, but counted in row numbers
+    csv.write_bytes(("\ufeffimage,label\r\n" + "\r\n".join(lines) + "\r\n").encode())
+    inputs = csv_inputs(csv, root, ["left", "right"], mark_every=4)
+    whole = decoded(inputs)
+    assert whole[0][5].endswith("line\nbreak.png") and whole[1][:3] == ["left", "right", "left"]
+    parts = partitions(inputs, 4)
+    assert [part.marks[0][0] for part in parts] == [0, 4, 8]  # each starts at its own row's offset
+    for size in (4, 3, 5):  # partitions of another size than the marks' start from the one before
+        assert [sum((decoded(p)[k] for p in partitions(inputs, size)), []) for k in (0, 1)] == whole[:2]
+    # What precedes a part is never read: not its CSV bytes, nor the images of earlier rows.
+    offset = parts[2].marks[0][1]
+    csv.write_bytes(b"\xff" * offset + csv.read_bytes()[offset:])
+    for k in range(8):
+        (root / "img" / f"{k:03d}.png").unlink(missing_ok=True)
+    sources, labels, images = decoded(parts[2])
+    assert sources == whole[0][8:] and labels == whole[1][8:]
+    assert torch.equal(torch.stack(images), torch.stack(whole[2][8:]))
+    with pytest.raises(CsvDatasetError, match="odd.csv: not UTF-8 text"):
+        decoded(inputs)
+    (root / "img" / "010.png").unlink()
+    with pytest.raises(
+        CsvDatasetError, match=r"odd.csv row 13: .*img/010.png: cannot read"
+    ):  # rows 1, 6: header, blank
+        decoded(parts[2])
+
+
+def test_parts_of_a_long_csv_carry_one_mark():
+    marks = tuple((k, 40 * k + 12, k + 1) for k in range(0, 1_000_000, 1000))
+    inputs = Inputs("csv", "rows.csv", 0, 1_000_000, image_root="images", marks=marks)
+    parts = partitions(inputs, 10_000)
+    # Each part carries the marks inside it only, the first its own first row: 10, not 1,000.
+    assert all(part.marks == marks[part.start // 1000 : part.stop // 1000] for part in parts)
+    assert len(pickle.dumps(parts[-1])) < 1000
+    assert partitions(inputs, 2500)[1].marks == (
+        marks[2],
+        marks[3],
+        marks[4],
+    )  # from the last at or before 2500
+    assert inputs.part(2500, 5000).part(1000, 2000).marks == (marks[3], marks[4])
+    assert len(inputs.part(2000, 3000).marks) == 1
+
+
+def test_folder_skips_other_files_refuses_links_that_leave_it_and_decodes_inside_it(tmp_path, capsys):
+    folder, outside = tmp_path / "images", tmp_path / "outside.png"
+    folder.mkdir()
+    image = torch.full((1, 6, 6), 90, dtype=torch.uint8)
+    for path in (folder / "a.png", outside):
+        write_png(image, str(path))
+    Image.new("L", (6, 6)).save(folder / "b.bmp")  # a format the decoder does not read
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    (folder / "c.png").symlink_to(folder / "a.png")  # a link that stays inside is an image like any
+    inputs = folder_inputs(folder)
+    assert inputs.names == ("a.png", "c.png") and dict(inputs.skipped) == {".bmp": 1, ".txt": 1}
+    list_images.fn(None, None, folder, None, tmp_path, None, ["a", "b"])
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 1 and "skipped 2 file(s) that are not images" in printed
+    assert ".bmp (1), .txt (1); images must be PNG, JPEG, GIF or WebP" in printed
+    # Listed, then a file is swapped for a link that leaves the folder: decoding refuses it.
+    (folder / "c.png").unlink()
+    (folder / "c.png").symlink_to(outside)
+    with pytest.raises(CsvDatasetError, match=rf"row 2: .*c.png: .*outside {re.escape(str(folder))}"):
+        decoded(inputs)
+    with pytest.raises(
+        PredictionError, match=re.escape(f"symlinks resolving outside the folder: 'c.png -> {outside}'")
+    ):
+        folder_inputs(folder)
+
+
+def test_csv_images_are_decoded_under_the_image_root(png_dataset, tmp_path):
+    root = png_dataset["image_root"]
+    inputs = csv_inputs(png_dataset["test_csv"], root, ["left", "right"])
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    write_png(torch.zeros(1, 12, 12, dtype=torch.uint8), str(outside))
+    (root / "img" / "038.png").unlink()
+    (root / "img" / "038.png").symlink_to(outside)  # swapped after listing
+    try:
+        with pytest.raises(
+            CsvDatasetError, match=rf"test.csv row 4: .*038.png: .*outside {re.escape(str(root))}"
+        ):
+            decoded(inputs)
+    finally:
+        outside.unlink()
+
+
+def test_a_sixteen_bit_png_predicts_as_its_eight_bit_version(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, size=(2, 9, 7), dtype=np.uint16)
+    save_png16(tmp_path / "a16.png", values[0])
+    save_png16(tmp_path / "b16.png", np.dstack([values[0], values[1], values[0]]))
+    eight = ((values.astype(np.int64) + 128) // 257).astype(np.uint8)  # round(v / 257)
+    Image.fromarray(eight[0]).save(tmp_path / "a8.png")
+    Image.fromarray(np.dstack([eight[0], eight[1], eight[0]])).save(tmp_path / "b8.png")
+    for channels in (1, 3):
+        prep = Preprocessing(channels, (9, 7))
+        model = Recording()
+        registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (channels, 9, 7), prep)
+        predict_to_csv(model, folder_inputs(tmp_path), registered, 4, tmp_path / "out" / f"{channels}.csv")
+        a16, a8, b16, b8 = model.pixels[0]  # names in order: a16, a8, b16, b8
+        np.testing.assert_array_equal(a16, a8)
+        np.testing.assert_array_equal(b16, b8)
+    np.testing.assert_array_equal(np.round(a8[0] * 255), eight[0])
+
+
+class Recording:
+    """A model that keeps the pixels it is given, and predicts class 0."""
+
+    def __init__(self):
+        self.pixels = []
+
+    def predict(self, pixels):
+        self.pixels.append(pixels)
+        return np.zeros((len(pixels), 2), np.float32)
+
+
+class Network:
+    """A small network of models/ as a model with a predict, like the loaded registered ones."""
+
+    def __init__(self, channels: int, size: tuple[int, int], classes: int):
+        self.network = build_model("mlp", channels, size, classes).eval()
+
+    @torch.inference_mode()
+    def predict(self, pixels):
+        return self.network(torch.from_numpy(pixels)).numpy()
+
+
+def images_per_cpu_second(csv, root, classes, model, registered, out) -> float:
+    """Lists the CSV and predicts it in partitions of 10,000 rows, one after another, as the flow does
+    with --partition-size 10000; images per second of this process's CPU time, which other
+    processes on the machine hardly move, where the wall clock moves with them."""
+    started = time.process_time()
+    inputs = csv_inputs(csv, root, classes, mark_every=10_000)
+    parts = partitions(inputs, 10_000)
+    paths = [out / f"part-{k:05d}.csv" for k in range(len(parts))]
+    for part, path in zip(parts, paths):
+        predict_to_csv(model, part, registered, 512, path)
+    merge_csvs(paths, out / "predictions.csv")
+    return len(inputs) / (time.process_time() - started)
+
+
+@pytest.mark.slow
+def test_images_per_second_are_the_same_for_10k_and_60k_csv_rows(tmp_path):
+    classes = tuple(str(k) for k in range(10))
+    generator = torch.Generator().manual_seed(0)
+    (tmp_path / "img").mkdir()
+    for k in range(300):
+        write_png(
+            torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=generator),
+            str(tmp_path / "img" / f"{k:03d}.png"),
+        )
+    for rows in (512, 10_000, 60_000):
+        lines = ["image,label"] + [f"img/{k % 300:03d}.png,{classes[k % 10]}" for k in range(rows)]
+        (tmp_path / f"{rows}.csv").write_text("\n".join(lines) + "\n")
+    model = Network(1, (28, 28), 10)
+    registered = RegisteredModel("models:/m/1", "1", "run", classes, (1, 28, 28), Preprocessing(1, (28, 28)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no idle spinning of torch's threads in the CPU time
+    try:
+        rates = {
+            rows: images_per_cpu_second(
+                tmp_path / f"{rows}.csv", tmp_path, classes, model, registered, tmp_path / str(rows)
+            )
+            for rows in (512, 10_000, 60_000)  # 512: a first batch through the whole path, untimed
+        }
+    finally:
+        torch.set_num_threads(threads)
+    table = pd.read_csv(tmp_path / "60000" / "predictions.csv", keep_default_na=False, dtype=str)
+    assert table["path"].tolist() == [
+        str(tmp_path.resolve() / "img" / f"{k % 300:03d}.png") for k in range(60_000)
+    ]
+    assert table["true_label"].tolist() == [classes[k % 10] for k in range(60_000)]
+    ratio = rates[60_000] / rates[10_000]
+    assert abs(ratio - 1) < 0.2, f"{rates[10_000]:.0f} images/s for 10k rows, {rates[60_000]:.0f} for 60k"
+
+
+RESIZE_CHILD = """
+import json, resource, sys
+from pathlib import Path
+
+import numpy as np
+
+from tasks.data.decoding import Preprocessing
+from tasks.predict.image_inputs import csv_inputs
+from tasks.predict.prediction import RegisteredModel, predict_to_csv
+
+class Mean:
+    def predict(self, pixels):
+        mean = pixels.mean(axis=(1, 2, 3))
+        return np.stack([mean, 1 - mean], axis=1)
+
+folder = Path(sys.argv[1])
+imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prep = Preprocessing(1, (28, 28), "crop")
+registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (1, 28, 28), prep)
+inputs = csv_inputs(folder / "big.csv", folder, ["a", "b"])
+counts = predict_to_csv(Mean(), inputs.part(976, 1000), registered, 12, folder / "out.csv")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"rows": len(inputs), "images": counts["images"], "imported_kb": imported, "peak_kb": peak}))
+"""
+
+
+@pytest.mark.slow
+def test_resize_decodes_one_image_at_a_time(tmp_path):
+    # 7000x7000 grey lines: 49 MB decoded, under 100 kB as a PNG. Predicting the last 24 of its 1,000
+    # rows (two batches of 12; each decode takes about 0.3 s) in a fresh process: a batch decoded at
+    # full size would hold 588 MB on top of what the imports take (about 830 MB, mostly torch's
+    # libraries); one image at a time, about 60 MB.
+    pixels = np.zeros((7000, 7000), np.uint8)
+    pixels[::7] = 255
+    pixels[:, ::13] = 128
+    Image.fromarray(pixels).save(tmp_path / "big.png", compress_level=9)
+    (tmp_path / "big.csv").write_text("image\n" + "big.png\n" * 1000)
+    # The child's own peak: RUSAGE_CHILDREN here would also hold earlier tests' children.
+    done = subprocess.run(
+        [sys.executable, "-c", RESIZE_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    peak, imported = found["peak_kb"] / 1024, found["imported_kb"] / 1024
+    assert found["rows"] == 1000 and found["images"] == 24
+    assert peak < 1024, f"peak RSS {peak:.0f} MB, {imported:.0f} MB after the imports"
+    assert peak - imported < 300, f"peak RSS {peak:.0f} MB, {imported:.0f} MB after the imports"

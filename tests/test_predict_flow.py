@@ -1,5 +1,6 @@
 """End-to-end: predictions from a registry that a real training run filled."""
 
+import functools
 import subprocess
 import sys
 import time
@@ -10,11 +11,15 @@ import pytest
 from conftest import REPO, run_train_script, script_env, write_csv, write_image_folder
 from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL
+from registered_models import hostile_loader, register, register_project_flavors, save_hostile_pyfunc
 
 from flows.config import PredictConfig, TrainConfig
 from flows.predict_flow import predict_flow
 from flows.train_flow import train_flow
-from tasks.predict.prediction import PredictionError
+from tasks.data.decoding import Preprocessing
+from tasks.predict.image_inputs import folder_inputs
+from tasks.predict.prediction import PredictionError, RegisteredModel
+from tasks.predict.steps import predict_partition
 
 pytestmark = pytest.mark.slow
 PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"
@@ -213,3 +218,60 @@ def test_prediction_memory_does_not_grow_with_the_number_of_images(prefect_serve
     assert len(few) == small and len(many) == 6 * small
     pd.testing.assert_frame_equal(few, many.head(small))
     assert few["correct"].mean() > 0.5
+
+
+@pytest.fixture
+def hostile_champion(mlflow_store, tmp_path) -> Path:
+    """'shapes' and 'shapes-onnx' as training registers them (version 1), then a python_function model
+    whose loader writes a marker file registered under both, with `champion` moved to it (version 2);
+    the marker's path."""
+    register_project_flavors("shapes", tmp_path)
+    marker = tmp_path / "marker"
+    loader = hostile_loader(tmp_path / "code", marker)
+    assert [
+        register(name, functools.partial(save_hostile_pyfunc, loader)) for name in ("shapes", "shapes-onnx")
+    ] == ["2", "2"]
+    return marker
+
+
+@pytest.mark.parametrize("flavor,runner", [("onnx", "threads"), ("pytorch", "dask")])
+def test_a_hostile_champion_is_refused_naming_its_version(
+    prefect_server, hostile_champion, png_dataset, tmp_path, flavor, runner
+):
+    config = PredictConfig(
+        registered_model="shapes",
+        flavor=flavor,
+        task_runner=runner,  # dask: a local cluster, which the refusal comes before
+        image_dir=str(png_dataset["image_root"] / "img"),
+        output_dir=str(tmp_path / "out"),
+    )
+    name = "shapes-onnx" if flavor == "onnx" else "shapes"
+    with pytest.raises(PredictionError, match=f"model '{name}' version 2 \\(flavors: python_function\\)"):
+        predict_flow(config)
+    assert not hostile_champion.exists()
+    assert not (tmp_path / "out").exists()  # refused before any run folder or prediction
+
+
+def test_a_dask_worker_refuses_a_version_it_is_handed(
+    dask_cluster, hostile_champion, png_dataset, mlflow_store
+):
+    """A worker checks the version it is told to load itself, whoever built the RegisteredModel."""
+    from distributed import Client
+
+    forged = RegisteredModel(
+        "models:/shapes/2", "2", "run", ("left", "right"), (1, 12, 12), Preprocessing(1, (12, 12))
+    )
+    inputs = folder_inputs(png_dataset["image_root"] / "img")
+    output = png_dataset["image_root"] / "part.csv"
+    with Client(dask_cluster, timeout=60) as client:
+        worker = {"workers": next(iter(client.scheduler_info()["workers"])), "pure": False}  # one import
+        future = client.submit(predict_partition.fn, forged, inputs, 8, output, mlflow_store, **worker)
+        with pytest.raises(PredictionError, match="model 'shapes' version 2 \\(flavors: python_function\\)"):
+            future.result(timeout=120)
+        # A worker loads the version training registered: it is the check that refused the other.
+        good = RegisteredModel(
+            "models:/shapes/1", "1", "run", ("left", "right"), (1, 12, 12), Preprocessing(1, (12, 12))
+        )
+        counts = client.submit(predict_partition.fn, good, inputs, 8, output, mlflow_store, **worker)
+        assert counts.result(timeout=120)["images"] == 48
+    assert not hostile_champion.exists()

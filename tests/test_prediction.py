@@ -14,7 +14,6 @@ from tasks.predict.prediction import (
     add_tallies,
     find_registered,
     merge_csvs,
-    model_preprocessing,
     predict_to_csv,
     predictions_table,
     tally,
@@ -46,14 +45,6 @@ def test_pixels_of_another_size_are_preprocessed_as_in_training():
         to_pixels([image], Preprocessing(3, (8, 8), "pad"))[0],
     )
     assert not np.array_equal(crop, pad) and (pad[:, :, 0] == 0).all()  # pad: black bars left and right
-
-
-def test_models_carry_their_preprocessing():
-    stored = {"preprocessing": {"channels": 3, "size": [24, 32], "resize_mode": "pad"}}
-    assert model_preprocessing(stored, (3, 24, 32)) == Preprocessing(3, (24, 32), "pad")
-    # Models logged before the preprocessing was recorded: a plain resize to their input.
-    assert model_preprocessing({"class_names": ["a"]}, (1, 28, 28)) == Preprocessing(1, (28, 28), "stretch")
-    assert model_preprocessing(None, (1, 28, 28)) == Preprocessing(1, (28, 28), "stretch")
 
 
 def test_table_and_tally():

@@ -19,8 +19,10 @@ from mlflow.exceptions import MlflowException
 
 from tasks.data.decoding import Preprocessing, preprocess
 from tasks.files import atomic_output
+from tasks.predict import model_files, model_loading
 from tasks.predict.image_inputs import Inputs, PredictionError
-from tasks.track.tracking import get_client, skip_package_scan
+from tasks.predict.model_loading import LogitsModel
+from tasks.track.tracking import get_client
 
 COLUMNS = ["path", "predicted_index", "predicted_class", "confidence", "true_label", "correct"]
 
@@ -50,46 +52,34 @@ def find_registered(name: str, alias: str) -> RegisteredModel:
         raise PredictionError(
             f"model {name!r} has no alias {alias!r} (aliases: {aliases or 'none'})"
         ) from error
-    uri = f"models:/{name}/{version.version}"
-    info = mlflow.models.get_model_info(uri)
-    shape = input_shape(info)
+    # Only the MLmodel is read here: a version this project did not write stops the flow before any
+    # image is listed, and its model files are never downloaded.
+    checked = model_files.read_checked(name, str(version.version))
     return RegisteredModel(
-        uri=uri,
+        uri=f"models:/{name}/{version.version}",
         version=str(version.version),
         source_run_id=version.run_id,
-        class_names=tuple(info.metadata["class_names"]),
-        input_shape=shape,
-        preprocessing=model_preprocessing(info.metadata, shape),
+        class_names=checked.class_names,
+        input_shape=checked.input_shape,
+        preprocessing=checked.preprocessing,
     )
 
 
-def input_shape(info: mlflow.models.model.ModelInfo) -> tuple[int, int, int]:
-    """(C, H, W) of the model's input, from its signature."""
-    return tuple(info.signature.inputs.inputs[0].shape[1:])
-
-
-def model_preprocessing(metadata: Optional[dict], shape: tuple[int, int, int]) -> Preprocessing:
-    """The preprocessing a model was trained with, from its metadata; models logged before it was
-    recorded get a plain resize to their input (what --resize did for them)."""
-    if metadata and "preprocessing" in metadata:
-        return Preprocessing.from_dict(metadata["preprocessing"])
-    return Preprocessing(shape[0], tuple(shape[1:]), "stretch")
-
-
-def load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
-    """The pyfunc model (its predict returns (N, classes) logits), loaded once per process and store,
-    however many partitions ask for it at once."""
+def load_logits_model(tracking_uri: str, model_uri: str) -> LogitsModel:
+    """The model of `models:/NAME/VERSION`, checked again here (a worker may be handed any version)
+    and loaded without MLflow's pyfunc loaders; its predict returns (N, classes) float32 logits.
+    Loaded once per process and store, however many partitions ask for it at once."""
     with _LOADING:
-        return _load_pyfunc(tracking_uri, model_uri)
+        return _load_logits_model(tracking_uri, model_uri)
 
 
 _LOADING = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
-def _load_pyfunc(tracking_uri: str, model_uri: str) -> Any:
-    skip_package_scan()
-    return mlflow.pyfunc.load_model(model_uri)
+def _load_logits_model(tracking_uri: str, model_uri: str) -> LogitsModel:
+    name, version = model_files.resolve(model_uri)
+    return model_loading.load_logits(name, version)[1]
 
 
 def to_pixels(images: Sequence[torch.Tensor], prep: Preprocessing) -> np.ndarray:

@@ -18,17 +18,18 @@ import mlflow
 
 from tasks.data.decoding import load_image
 from tasks.data.images import ImageFileError, check_image_file
+from tasks.predict import model_files
 from tasks.predict.image_inputs import PredictionError
-from tasks.predict.prediction import input_shape, model_preprocessing, to_pixels
+from tasks.predict.prediction import to_pixels
 
 
 def request_body(model_uri: str, paths: Sequence[Path]) -> dict:
     """The scoring server's tensor input for `paths`: each image preprocessed as the model's
-    training data was (its size, channels and resize mode, from the model's metadata)."""
+    training data was (its size, channels and resize mode, from the model's metadata). The model
+    (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) is checked from its MLmodel as prediction does."""
     for path in paths:  # every file judged from its header before the model is even looked up
         _named(path, check_image_file, path)
-    info = mlflow.models.get_model_info(model_uri)
-    prep = model_preprocessing(info.metadata, input_shape(info))
+    prep = model_files.read_checked(*model_files.resolve(model_uri)).preprocessing
     images = [_named(path, load_image, path, prep) for path in paths]
     return {"inputs": to_pixels(images, prep).tolist()}
 

@@ -23,7 +23,8 @@ from tasks.track import reports, tracking
     **tracking.MLFLOW_RETRIES,
 )
 def load_registered_model(name: str, alias: str) -> RegisteredModel:
-    """Resolves `models:/name@alias` to a version and reads its input shape and class names."""
+    """Resolves `models:/name@alias` to a version, checks from its MLmodel alone that it is a model this
+    project writes (else a PredictionError naming it, not retried), and reads its input and classes."""
     return prediction.find_registered(name, alias)
 
 
@@ -39,16 +40,20 @@ def list_images(
     image_size: Optional[image_inputs.Size] = None,
     max_image_pixels: int = image_inputs.DEFAULT_MAX_PIXELS,
     resize: bool = True,
+    partition_size: int = image_inputs.MARK_EVERY,
 ) -> Inputs:
     """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels
     and image headers; without `resize`, image files of another size than `image_size` (the
-    model's) are refused here, before any prediction (else they are preprocessed as in training)."""
+    model's) are refused here, before any prediction (else they are preprocessed as in training).
+    A CSV's parts of `partition_size` rows will each read from their own first row."""
     size = None if resize else image_size
     if input_csv:
         root = image_root or input_csv.parent
-        inputs = image_inputs.csv_inputs(input_csv, root, class_names, max_image_pixels, size)
+        inputs = image_inputs.csv_inputs(input_csv, root, class_names, max_image_pixels, size, partition_size)
     elif image_dir:
         inputs = image_inputs.folder_inputs(image_dir, max_image_pixels, size)
+        if note := image_inputs.skipped_note(inputs):
+            print(note)
     else:
         inputs = image_inputs.dataset_inputs(dataset, data_dir, class_names, mirror)
     return inputs
@@ -66,7 +71,7 @@ def predict_partition(
 ) -> dict:
     """Predicts one part of the images, wherever the task runner put it, into its own CSV."""
     tracking.use_tracking_uri(tracking_uri)
-    model = prediction.load_pyfunc(tracking_uri, registered.uri)
+    model = prediction.load_logits_model(tracking_uri, registered.uri)  # checks the version again
     return prediction.predict_to_csv(model, inputs, registered, batch_size, output)
 
 
