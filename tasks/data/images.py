@@ -3,6 +3,7 @@ before it is decoded."""
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import sys
@@ -69,15 +70,14 @@ def open_image(path: Path, root: Optional[Path] = None) -> BinaryIO:
     """The file `path` resolves to, opened read-only at position 0: with a `root`, only when it
     resolves under root (symlinks included) and is still there once open, so a path component
     swapped for a symlink in between cannot escape; never a FIFO, device or folder."""
-    base = Path(root).resolve() if root is not None else None
-    try:
-        resolved = Path(path).resolve()
-    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
-        raise ImageFileError(f"{path} cannot be resolved: {error}") from None
-    if base is not None and not resolved.is_relative_to(base):
+    # Plain strings and os calls: this runs twice per image (listing, decoding), and pathlib's
+    # resolve and is_relative_to cost several times the open itself.
+    base = _resolved_root(os.fspath(root)) if root is not None else None
+    resolved = os.path.realpath(path)  # a loop or a missing file fails to open, below
+    if base is not None and not _under(resolved, base):
         raise ImageFileError(f"{path} resolves to {resolved}, outside {base}; images must stay under it")
     try:
-        handle = open(resolved, "rb", opener=lambda name, flags: os.open(name, _OPEN_FLAGS))
+        handle = open(resolved, "rb", opener=lambda name, _: os.open(name, _OPEN_FLAGS))
     except OSError as error:  # ELOOP: the last component became a symlink after it was resolved
         raise ImageFileError(
             f"cannot read {path} (resolved to {resolved}): {error.strerror or error}"
@@ -86,7 +86,7 @@ def open_image(path: Path, root: Optional[Path] = None) -> BinaryIO:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise ImageFileError(f"{path} (resolved to {resolved}) is not a regular file")
         opened = _opened_path(handle.fileno())
-        if base is not None and opened is not None and not opened.is_relative_to(base):
+        if base is not None and opened is not None and not _under(opened, base):
             raise ImageFileError(
                 f"{path} was opened at {opened}, outside {base}: moved after it was resolved"
             )
@@ -96,12 +96,24 @@ def open_image(path: Path, root: Optional[Path] = None) -> BinaryIO:
     return handle
 
 
-def _opened_path(descriptor: int) -> Optional[Path]:
+@functools.lru_cache(maxsize=64)
+def _resolved_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def _under(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+_PROC_FD = sys.platform == "linux" and os.path.isdir("/proc/self/fd")
+
+
+def _opened_path(descriptor: int) -> Optional[str]:
     """Where an open file actually is (Linux's /proc, macOS's F_GETPATH), or None where unknown."""
-    if sys.platform == "linux" and os.path.isdir("/proc/self/fd"):
-        return Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+    if _PROC_FD:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
     if hasattr(fcntl, "F_GETPATH"):
-        return Path(fcntl.fcntl(descriptor, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\0").decode())
+        return fcntl.fcntl(descriptor, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\0").decode()
     return None
 
 
