@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ sys.path[:0] = [str(ROOT / "tests")]
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from photos import class_image, write_rgb_jpeg  # noqa: E402  (tests/photos.py)
+from revisions import code_version, extract, write_result  # noqa: E402  (benchmarks/revisions.py)
 
 CLASSES = ("alpha", "beta", "gamma")
 FIELDS = {"RssAnon": "status", "RssFile": "status", "Pss_Anon": "smaps_rollup"}
@@ -169,14 +168,6 @@ def step_at(log_text: str, moment: float) -> str:
     return "after the last task"
 
 
-def extract(ref: str, into: Path) -> Path:
-    """The tree of commit `ref`, from `git archive` (no worktree, nothing in .git changes)."""
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into
-
-
 def run_size(code: Path, count: int, args: argparse.Namespace, scratch: Path, repeat: int = 0) -> Run:
     """Writes `count` photos and measures one run of the flow on them, in a folder of their own."""
     folder = scratch / f"n{count}-{repeat}"
@@ -197,23 +188,6 @@ def run_size(code: Path, count: int, args: argparse.Namespace, scratch: Path, re
     if run.returncode:
         print(run.log_tail)
     return run
-
-
-def code_version(ref: str | None = None) -> str:
-    """The commit measured: `ref`, else HEAD, marked when files outside benchmarks/ have changes."""
-    if ref:
-        return git("rev-parse", "--short", ref)
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
-    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
-
-
-def git(*words: str) -> str:
-    """What a git command prints in this checkout; "unknown" without git or a repository."""
-    try:
-        done = subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def report(args: argparse.Namespace, label: str, version: str, runs: list[Run]) -> str:
@@ -286,11 +260,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     note = report(args, label, version, runs)
-    suffix = "-" + re.sub(r"[^\w.-]", "-", args.ref) if args.ref else ""
-    output = args.output or ROOT / f"benchmarks/results/memory_scaling{suffix}.md"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(note + "\n")
-    print(note)
+    write_result("memory_scaling", args.ref, note, args.output)
 
 
 if __name__ == "__main__":

@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from revisions import ROOT, code_version, extract, write_result  # benchmarks/revisions.py
+
 SIDE = 28
 CLASSES = tuple(str(k) for k in range(10))
 
@@ -119,31 +117,6 @@ def run_size(code: Path, data: Path, rows: int, args: argparse.Namespace) -> dic
     return found
 
 
-def extract(ref: str, into: Path) -> Path:
-    """The tree of commit `ref`, from `git archive` (no worktree, nothing in .git changes)."""
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into
-
-
-def git(*words: str) -> str:
-    """What a git command prints in this checkout; "unknown" without git or a repository."""
-    try:
-        done = subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
-def code_version(ref: str | None) -> str:
-    """The commit measured: `ref`, else HEAD, marked when files outside benchmarks/ have changes."""
-    if ref:
-        return git("rev-parse", "--short", ref)
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
-    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
-
-
 def processor() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line]
@@ -226,11 +199,7 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     note = report(args, label, version, found)
-    suffix = "-" + re.sub(r"[^\w.-]", "-", args.ref) if args.ref else ""
-    output = args.output or ROOT / f"benchmarks/results/predict_scaling{suffix}.md"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(note + "\n")
-    print(note)
+    write_result("predict_scaling", args.ref, note, args.output)
 
 
 if __name__ == "__main__":

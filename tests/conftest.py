@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -171,20 +171,16 @@ class FileServer:
 
 
 @contextmanager
-def http_files(answer: Callable[[str], tuple[int, bytes]]) -> Iterator[str]:
-    """Serves GETs on 127.0.0.1, answering each with answer(the path's last part) -> (status, body);
-    yields the server's root URL, and stops it after."""
+def raw_server(respond: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
+    """Serves GETs on 127.0.0.1 with `respond(handler)` writing the whole answer itself (headers
+    and body, at its own pace); yields the server's root URL, and stops it after."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            status, body = answer(self.path.strip("/").split("/")[-1])
-            if status != 200:
-                self.send_error(status)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                respond(self)
+            except OSError:  # the client hung up: what a refused download does
+                pass
 
         def log_message(self, *args):
             pass
@@ -196,6 +192,22 @@ def http_files(answer: Callable[[str], tuple[int, bytes]]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def http_files(answer: Callable[[str], tuple[int, bytes]]) -> AbstractContextManager[str]:
+    """raw_server answering each GET with answer(the path's last part) -> (status, body)."""
+
+    def respond(handler: http.server.BaseHTTPRequestHandler) -> None:
+        status, body = answer(handler.path.strip("/").split("/")[-1])
+        if status != 200:
+            handler.send_error(status)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return raw_server(respond)
 
 
 @pytest.fixture

@@ -4,15 +4,12 @@ in errors."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
-import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
-from conftest import http_files
+from conftest import http_files, raw_server
 
 from tasks import files
 from tasks.downloads import DownloadLimitError, download
@@ -24,30 +21,6 @@ BODY = bytes(range(256)) * 8  # 2048 bytes
 def no_proxy(monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-
-
-@contextmanager
-def raw_server(respond: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
-    """Serves GETs on 127.0.0.1 with `respond(handler)` writing the whole answer itself (headers
-    and body, at its own pace); yields the root URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            try:
-                respond(self)
-            except OSError:  # the client hung up: what a refused download does
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def serve_body(body: bytes) -> Callable[[str], tuple[int, bytes]]:
