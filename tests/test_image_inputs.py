@@ -297,13 +297,19 @@ class Mean:
         mean = pixels.mean(axis=(1, 2, 3))
         return np.stack([mean, 1 - mean], axis=1)
 
+def peak_bytes():  # VmHWM: this process's own peak; ru_maxrss keeps the peak of what exec'd it
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 folder = Path(sys.argv[1])
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+imported = peak_bytes() // 1024
 prep = Preprocessing(1, (28, 28), "crop")
 registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (1, 28, 28), prep)
 inputs = csv_inputs(folder / "big.csv", folder, ["a", "b"])
 counts = predict_to_csv(Mean(), inputs.part(976, 1000), registered, 12, folder / "out.csv")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_bytes() // 1024
 print(json.dumps({"rows": len(inputs), "images": counts["images"], "imported_kb": imported, "peak_kb": peak}))
 """
 
@@ -312,14 +318,13 @@ print(json.dumps({"rows": len(inputs), "images": counts["images"], "imported_kb"
 def test_resize_decodes_one_image_at_a_time(tmp_path):
     # 7000x7000 grey lines: 49 MB decoded, under 100 kB as a PNG. Predicting the last 24 of its 1,000
     # rows (two batches of 12; each decode takes about 0.3 s) in a fresh process: a batch decoded at
-    # full size would hold 588 MB on top of what the imports take (about 830 MB, mostly torch's
-    # libraries); one image at a time, about 60 MB.
+    # full size would hold 588 MB on top of what the imports take (mostly torch's libraries); one
+    # image at a time, about 60 MB.
     pixels = np.zeros((7000, 7000), np.uint8)
     pixels[::7] = 255
     pixels[:, ::13] = 128
     Image.fromarray(pixels).save(tmp_path / "big.png", compress_level=9)
     (tmp_path / "big.csv").write_text("image\n" + "big.png\n" * 1000)
-    # The child's own peak: RUSAGE_CHILDREN here would also hold earlier tests' children.
     done = subprocess.run(
         [sys.executable, "-c", RESIZE_CHILD, str(tmp_path)],
         capture_output=True,
