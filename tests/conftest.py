@@ -41,6 +41,14 @@ EPOCH_METRICS = (
 TRAIN_SCRIPT = REPO / "flows" / "train_flow.py"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Runs the modules with slow end-to-end tests first (each module's tests still together, so its
+    fixtures are made once): with -n 2 the quick ones then fill the gaps, rather than one worker
+    finishing a long flow test alone at the end."""
+    slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow)
+
+
 def run_train_script(
     cwd: Path, *flags: str, timeout: int = 600, script: Path = TRAIN_SCRIPT
 ) -> subprocess.CompletedProcess:
