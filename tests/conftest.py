@@ -41,6 +41,36 @@ EPOCH_METRICS = (
 TRAIN_SCRIPT = REPO / "flows" / "train_flow.py"
 
 
+# Prepended to a child script that reports its memory. A process's resident set counts the pages of
+# torch's shared libraries that its imports map (0.5 to 1.1 GB here, with what the page cache holds),
+# so the memory a test bounds is the anonymous part: the process's own data, sampled every 5 ms.
+MEMORY_PROBE = """
+import resource, threading
+
+def status_bytes(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+def peak_bytes():  # VmHWM: this process's own peak RSS; ru_maxrss keeps the peak of what exec'd it
+    return status_bytes("VmHWM")
+
+class AnonPeak:
+    def __init__(self):
+        self.peak, self.done = status_bytes("RssAnon"), threading.Event()
+        threading.Thread(target=self.sample, daemon=True).start()
+
+    def sample(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, status_bytes("RssAnon"))
+
+    def stop(self):
+        self.done.set()
+        return max(self.peak, status_bytes("RssAnon"))
+"""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Runs the modules with slow end-to-end tests first (each module's tests still together, so its
     fixtures are made once): with -n 2 the quick ones then fill the gaps, rather than one worker

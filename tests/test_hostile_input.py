@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_train_script, write_csv
+from conftest import MEMORY_PROBE, run_train_script, write_csv
 from photos import gif_bomb, many_frame_gif, save_striped_png
 from PIL import Image
 from torchvision.io import encode_jpeg, write_png
@@ -282,20 +282,16 @@ def test_the_pixel_limit_is_a_setting(png_dataset, tmp_path, capsys):
 
 # Prepares each CSV pair named on the command line in a fresh process, then prints what happened
 # and the peak resident memory of this process and of its (forked) decoding workers, in bytes.
-MEASURE_PREPARATION = """
+MEASURE_PREPARATION = (
+    MEMORY_PROBE
+    + """
 import json, resource, sys
 from pathlib import Path
 from tasks.data.csv_images import CsvDatasetError
 from tasks.data.datasets import Shape, load_tensors, prepare_dataset
 
-def peak_bytes():  # VmHWM: this process's own peak; ru_maxrss keeps the peak of what exec'd it
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 root, outcomes = Path(sys.argv[1]), {}
-imports = peak_bytes()
+imports, anonymous = peak_bytes(), AnonPeak()
 for name in sys.argv[2:]:
     csvs = {"train_csv": root / f"{name}-train.csv", "test_csv": root / f"{name}-test.csv"}
     try:
@@ -307,8 +303,10 @@ for name in sys.argv[2:]:
     except CsvDatasetError as error:
         outcomes[name] = str(error)
 workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # forked, not exec'd
-print(json.dumps({"outcomes": outcomes, "imports": imports, "self": peak_bytes(), "workers": workers}))
+print(json.dumps({"outcomes": outcomes, "imports": imports, "rss": peak_bytes(), "self": anonymous.stop(),
+                  "workers": workers}))
 """
+)
 
 
 @pytest.mark.slow
@@ -341,8 +339,11 @@ def test_bombs_many_frames_and_a_large_image_repeated_prepare_in_bounded_memory(
     stripes = train[1]
     assert 0 < stripes < 255 and train[1:] == [stripes] * 1000 and test[0] == stripes  # one decode, copied
     assert report["self"] < 1 << 30 and report["workers"] < 1 << 30, report
-    mib = {key: f"{report[key] / 2**20:.0f} MiB" for key in ("imports", "self", "workers")}
-    print(f"peak RSS: after imports {mib['imports']}, preparing {mib['self']}, workers {mib['workers']};")
+    mib = {key: f"{report[key] / 2**20:.0f} MiB" for key in ("imports", "rss", "self", "workers")}
+    print(
+        f"peak RSS: after imports {mib['imports']}, preparing {mib['rss']} ({mib['self']} anonymous), "
+        f"workers {mib['workers']};"
+    )
     print(f"{time.monotonic() - started:.1f} s")
 
 

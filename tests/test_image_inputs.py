@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import MEMORY_PROBE, REPO
 from photos import save_png16
 from PIL import Image
 from torchvision.io import write_png
@@ -264,25 +264,38 @@ def test_images_per_second_are_the_same_for_10k_and_60k_csv_rows(tmp_path):
     registered = RegisteredModel("models:/m/1", "1", "run", classes, (1, 28, 28), Preprocessing(1, (28, 28)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # no idle spinning of torch's threads in the CPU time
+
+    def rate(rows: int, run: str) -> float:
+        out = tmp_path / f"{rows}-{run}"
+        return images_per_cpu_second(tmp_path / f"{rows}.csv", tmp_path, classes, model, registered, out)
+
     try:
-        rates = {
-            rows: images_per_cpu_second(
-                tmp_path / f"{rows}.csv", tmp_path, classes, model, registered, tmp_path / str(rows)
-            )
-            for rows in (512, 10_000, 60_000)  # 512: a first batch through the whole path, untimed
-        }
+        rate(512, "warm")  # a first batch through the whole path, untimed
+        # 10k before and after 60k, so a change in the machine's load while they run cancels out; a
+        # second try only when the first is off (another test may have hogged the memory bus): an
+        # implementation that rereads earlier rows is off every time (0.66 before this was linear).
+        tries = []
+        for run in ("a", "b"):
+            before = rate(10_000, f"{run}1")
+            sixty = rate(60_000, run)
+            after = rate(10_000, f"{run}2")
+            tries.append((sixty / ((before + after) / 2), before, sixty, after))
+            if abs(tries[-1][0] - 1) < 0.2:
+                break
     finally:
         torch.set_num_threads(threads)
-    table = pd.read_csv(tmp_path / "60000" / "predictions.csv", keep_default_na=False, dtype=str)
+    table = pd.read_csv(tmp_path / "60000-a" / "predictions.csv", keep_default_na=False, dtype=str)
     assert table["path"].tolist() == [
         str(tmp_path.resolve() / "img" / f"{k % 300:03d}.png") for k in range(60_000)
     ]
     assert table["true_label"].tolist() == [classes[k % 10] for k in range(60_000)]
-    ratio = rates[60_000] / rates[10_000]
-    assert abs(ratio - 1) < 0.2, f"{rates[10_000]:.0f} images/s for 10k rows, {rates[60_000]:.0f} for 60k"
+    shown = "; ".join(f"{a:.0f}, {b:.0f} and {c:.0f} images/s for 10k, 60k, 10k rows" for _, a, b, c in tries)
+    assert abs(tries[-1][0] - 1) < 0.2, shown
 
 
-RESIZE_CHILD = """
+RESIZE_CHILD = (
+    MEMORY_PROBE
+    + """
 import json, resource, sys
 from pathlib import Path
 
@@ -297,21 +310,17 @@ class Mean:
         mean = pixels.mean(axis=(1, 2, 3))
         return np.stack([mean, 1 - mean], axis=1)
 
-def peak_bytes():  # VmHWM: this process's own peak; ru_maxrss keeps the peak of what exec'd it
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 folder = Path(sys.argv[1])
-imported = peak_bytes() // 1024
+imported, anonymous = peak_bytes() // 1024, AnonPeak()
 prep = Preprocessing(1, (28, 28), "crop")
 registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (1, 28, 28), prep)
 inputs = csv_inputs(folder / "big.csv", folder, ["a", "b"])
 counts = predict_to_csv(Mean(), inputs.part(976, 1000), registered, 12, folder / "out.csv")
-peak = peak_bytes() // 1024
-print(json.dumps({"rows": len(inputs), "images": counts["images"], "imported_kb": imported, "peak_kb": peak}))
+peak, anonymous_peak = peak_bytes() // 1024, anonymous.stop() // 1024
+print(json.dumps({"rows": len(inputs), "images": counts["images"], "imported_kb": imported, "peak_kb": peak,
+                  "anonymous_kb": anonymous_peak}))
 """
+)
 
 
 @pytest.mark.slow
@@ -334,7 +343,8 @@ def test_resize_decodes_one_image_at_a_time(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.splitlines()[-1])
-    peak, imported = found["peak_kb"] / 1024, found["imported_kb"] / 1024
+    peak, imported, anonymous = (found[key] / 1024 for key in ("peak_kb", "imported_kb", "anonymous_kb"))
     assert found["rows"] == 1000 and found["images"] == 24
-    assert peak < 1024, f"peak RSS {peak:.0f} MB, {imported:.0f} MB after the imports"
-    assert peak - imported < 300, f"peak RSS {peak:.0f} MB, {imported:.0f} MB after the imports"
+    shown = f"peak RSS {peak:.0f} MB ({anonymous:.0f} MB anonymous), {imported:.0f} MB after the imports"
+    assert anonymous < 1024 and peak - imported < 300, shown
+    print(shown)
