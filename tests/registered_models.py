@@ -1,5 +1,6 @@
-"""Registry versions for the model-loading tests: this project's two flavors of a tiny MLP, and
-hostile ones whose loader writes a marker file as soon as MLflow's pyfunc machinery imports it."""
+"""Models for the prediction tests: registry versions of this project's two flavors of a tiny MLP,
+hostile ones whose loader writes a marker file as soon as MLflow's pyfunc machinery imports it, and
+a stand-in that records the pixels it is given."""
 
 from __future__ import annotations
 
@@ -120,3 +121,14 @@ def save_pt2_with_hostile_pickle(marker: Path, path: str, mlflow_model: mlflow.m
     with zipfile.ZipFile(archive, "w") as target:
         for name, data in records.items():
             target.writestr(name, data)
+
+
+class Recording:
+    """A model that keeps the pixels it is given, and predicts class 0."""
+
+    def __init__(self):
+        self.pixels = []
+
+    def predict(self, pixels):
+        self.pixels.append(pixels)
+        return np.zeros((len(pixels), 2), np.float32)

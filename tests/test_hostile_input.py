@@ -18,6 +18,7 @@ import torch
 from conftest import MEMORY_PROBE, run_train_script, write_csv
 from photos import gif_bomb, many_frame_gif, save_striped_png
 from PIL import Image
+from registered_models import Recording
 from torchvision.io import encode_jpeg, write_png
 from torchvision.transforms.v2.functional import resize
 
@@ -402,14 +403,6 @@ def test_other_sizes_are_resized_as_in_training_or_refused_with_no_resize(tmp_pa
     folder = tmp_path / "images"
     folder.mkdir()
     write_png(image, str(folder / "a.png"))
-
-    class Recording:
-        def __init__(self):
-            self.pixels = []
-
-        def predict(self, pixels):
-            self.pixels.append(pixels)
-            return np.zeros((len(pixels), 2), np.float32)
 
     (folder / "list.csv").write_text("a.png\n")
     registered = RegisteredModel("models:/m/1", "1", "run", ("a", "b"), (3, 8, 8), stretch)

@@ -12,6 +12,7 @@ import torch
 from conftest import MEMORY_PROBE, REPO
 from photos import save_png16
 from PIL import Image
+from registered_models import Recording
 from torchvision.io import write_png
 
 from models import build_model
@@ -209,17 +210,6 @@ def test_a_sixteen_bit_png_predicts_as_its_eight_bit_version(tmp_path):
         np.testing.assert_array_equal(a16, a8)
         np.testing.assert_array_equal(b16, b8)
     np.testing.assert_array_equal(np.round(a8[0] * 255), eight[0])
-
-
-class Recording:
-    """A model that keeps the pixels it is given, and predicts class 0."""
-
-    def __init__(self):
-        self.pixels = []
-
-    def predict(self, pixels):
-        self.pixels.append(pixels)
-        return np.zeros((len(pixels), 2), np.float32)
 
 
 class Network:
