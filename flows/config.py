@@ -307,6 +307,18 @@ class PredictConfig(ClusterOptions):
         ..., description="Registry name of the model, as trained (e.g. 'digits-cnn')."
     )
     alias: str = Field("champion", min_length=1, description="Registry alias of the version to use.")
+    version: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Use this version of --registered-model instead of --alias (the number the promotion "
+        "gate and its event give; with --flavor onnx, the ONNX version the same training run registered).",
+    )
+    trigger_event: Optional[str] = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$",
+        description="Id of the Prefect event that started this run (a deployment trigger sets it); "
+        "recorded with the run.",
+    )
     flavor: Literal["onnx", "pytorch"] = Field(
         "onnx",
         description="Run the ONNX flavor (onnxruntime) or the PyTorch flavor ('<name>' vs '<name>-onnx').",
@@ -354,6 +366,8 @@ class PredictConfig(ClusterOptions):
             )
         if self.image_root and not self.input_csv:
             raise ValueError("--image-root applies only to --input-csv")
+        if self.version and self.alias != "champion":  # a form may send the default alias with a version
+            raise ValueError(f"give --alias or --version, not both (got {self.alias!r} and {self.version})")
         return self
 
     def input_options(self) -> dict[str, object]:

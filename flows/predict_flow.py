@@ -43,7 +43,9 @@ def predict_flow(config: PredictConfig) -> dict:
     """Find the registered model, list the images, predict them in partitions and log the predictions."""
     check_confined(config)
     runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
-    registered = load_registered_model(config.registry_name, config.alias)
+    registered = load_registered_model(
+        config.registry_name, config.alias, config.version, numbered_by=config.registered_model
+    )
     size = registered.input_shape[1:]
     inputs = list_images(
         **config.input_options(),
@@ -52,14 +54,16 @@ def predict_flow(config: PredictConfig) -> dict:
         partition_size=config.partition_size,
     )
     run_dir = make_run_dir(resolve_path(config.output_dir))
-    uri = f"models:/{config.registry_name}@{config.alias}"
+    pinned = config.version is not None
+    uri = registered.uri if pinned else f"models:/{config.registry_name}@{config.alias}"
     link = {
         "model_uri": uri,
         "model_name": config.registry_name,
-        "model_alias": config.alias,
         "model_version": registered.version,
         "model_flavor": config.flavor,
         "model_source_run_id": registered.source_run_id,
+        **({} if pinned else {"model_alias": config.alias}),
+        **({"trigger_event": config.trigger_event} if config.trigger_event else {}),
     }
     with mlflow_run(config.experiment, config.model_dump(), "cpu", run_dir, link) as run_id:
         calls = [

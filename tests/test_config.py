@@ -109,12 +109,17 @@ def test_dataset_options_resolve_csv_paths(tmp_path, monkeypatch):
 def test_predict_flags_need_a_model_and_exactly_one_input(capsys):
     config = parse_config(["--registered-model", "m", "--image-dir", "imgs"], PredictConfig)
     assert (config.alias, config.flavor, config.registry_name) == ("champion", "onnx", "m-onnx")
+    pinned = parse_config(["--registered-model", "m", "--image-dir", "i", "--version", "3"], PredictConfig)
+    assert (pinned.version, pinned.alias) == (3, "champion")
     for flags, named in [
         (["--image-dir", "imgs"], "--registered-model"),
         (["--registered-model", "m"], "exactly one of --input-csv, --image-dir, --dataset"),
         (["--registered-model", "m", "--image-dir", "a", "--dataset", "digits"], "exactly one"),
         (["--registered-model", "m", "--dataset", "csv"], "invalid choice: 'csv'"),
         (["--registered-model", "m", "--image-dir", "a", "--image-root", "b"], "--image-root applies only"),
+        (["--registered-model", "m", "--image-dir", "a", "--alias", "x", "--version", "2"], "not both"),
+        (["--registered-model", "m", "--image-dir", "a", "--version", "0"], "--version"),
+        (["--registered-model", "m", "--image-dir", "a", "--trigger-event", "x; rm"], "--trigger-event"),
     ]:
         with pytest.raises(SystemExit):
             parse_config(flags, PredictConfig)

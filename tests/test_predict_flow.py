@@ -99,15 +99,44 @@ def test_pytorch_flavor_on_a_folder_agrees_with_onnx(trained_csv_model, png_data
     assert (onnx["confidence"] - pytorch["confidence"]).abs().max() < 1e-4
 
 
-def test_missing_alias_fails_clearly(trained_csv_model, png_dataset, tmp_path):
+def test_a_version_from_a_trigger_is_scored_and_recorded_and_missing_ones_fail_clearly(
+    trained_csv_model, png_dataset, tmp_path
+):
+    folder = str(png_dataset["image_root"] / "img")
+    event = "0c3f9a52-7d1e-4f0a-9b8e-2a6f4d1c5e7b"
+    client = MlflowClient()
+    # The ONNX flavor's numbers run ahead of the PyTorch one's: version 1 of 'shapes' is 'shapes-onnx' 2.
+    first_onnx = client.get_model_version("shapes-onnx", "1")
+    client.create_model_version("shapes-onnx", first_onnx.source, run_id=None)
+    client.delete_model_version("shapes-onnx", "1")
+    client.create_model_version("shapes-onnx", first_onnx.source, run_id=trained_csv_model["mlflow_run_id"])
+    result = predict_flow(
+        PredictConfig(
+            registered_model="shapes",
+            version=1,
+            trigger_event=event,
+            image_dir=folder,
+            output_dir=str(tmp_path),
+        )
+    )
+    assert (result["model_uri"], result["model_version"]) == ("models:/shapes-onnx/3", "3")
+    tags = client.get_run(result["mlflow_run_id"]).data.tags
+    assert (tags["trigger_event"], tags["model_version"], tags["model_uri"]) == (
+        event,
+        "3",
+        "models:/shapes-onnx/3",
+    )
+    assert "model_alias" not in tags
+
     with pytest.raises(PredictionError, match="has no alias 'staging'"):
         predict_flow(
             PredictConfig(
-                registered_model="shapes",
-                alias="staging",
-                image_dir=str(png_dataset["image_root"] / "img"),
-                output_dir=str(tmp_path),
+                registered_model="shapes", alias="staging", image_dir=folder, output_dir=str(tmp_path)
             )
+        )
+    with pytest.raises(PredictionError, match="has no version 7 of 'shapes'"):
+        predict_flow(
+            PredictConfig(registered_model="shapes", version=7, image_dir=folder, output_dir=str(tmp_path))
         )
 
 

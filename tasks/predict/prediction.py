@@ -15,6 +15,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from tasks.data.decoding import Preprocessing, preprocess
@@ -39,30 +41,50 @@ class RegisteredModel:
     preprocessing: Preprocessing  # how an image of any size becomes the model's input, as in training
 
 
-def find_registered(name: str, alias: str) -> RegisteredModel:
-    """Resolves `models:/name@alias`; a missing name or alias is a PredictionError saying what exists."""
+def find_registered(
+    name: str, alias: str, version: Optional[int] = None, numbered_by: str = ""
+) -> RegisteredModel:
+    """Resolves `models:/name@alias`, or the version that registered name `numbered_by` (the PyTorch
+    flavor's) has as `version` when one is given: `name`'s version from the same training run. A
+    missing name, alias or version is a PredictionError saying what exists."""
     client = get_client()
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        if version is None:
+            found = client.get_model_version_by_alias(name, alias)
+        else:
+            found = _same_run_version(client, name, numbered_by or name, str(version))
     except MlflowException as error:
         try:
             aliases = sorted(client.get_registered_model(name).aliases)
         except MlflowException:
             raise PredictionError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}") from error
-        raise PredictionError(
-            f"model {name!r} has no alias {alias!r} (aliases: {aliases or 'none'})"
-        ) from error
+        wanted = f"no alias {alias!r}" if version is None else f"no version {version} of {numbered_by!r}"
+        raise PredictionError(f"model {name!r} has {wanted} (aliases: {aliases or 'none'})") from error
     # Only the MLmodel is read here: a version this project did not write stops the flow before any
     # image is listed, and its model files are never downloaded.
-    checked = model_files.read_checked(name, str(version.version))
+    checked = model_files.read_checked(name, str(found.version))
     return RegisteredModel(
-        uri=f"models:/{name}/{version.version}",
-        version=str(version.version),
-        source_run_id=version.run_id,
+        uri=f"models:/{name}/{found.version}",
+        version=str(found.version),
+        source_run_id=found.run_id,
         class_names=checked.class_names,
         input_shape=checked.input_shape,
         preprocessing=checked.preprocessing,
     )
+
+
+def _same_run_version(client: MlflowClient, name: str, numbered_by: str, version: str) -> ModelVersion:
+    """`name`'s version registered by the run that registered `numbered_by` version `version`."""
+    numbered = client.get_model_version(numbered_by, version)
+    if name == numbered_by:
+        return numbered
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{numbered.run_id}'")
+    if not found:
+        raise PredictionError(
+            f"the run that registered {numbered_by!r} version {version} ({numbered.run_id}) registered no "
+            f"version of {name!r}"
+        )
+    return found[0]
 
 
 def load_logits_model(tracking_uri: str, model_uri: str) -> LogitsModel:

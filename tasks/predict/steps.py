@@ -22,10 +22,13 @@ from tasks.track import reports, tracking
     retry_condition_fn=retry_except(image_inputs.PredictionError),  # a missing alias stays missing
     **tracking.MLFLOW_RETRIES,
 )
-def load_registered_model(name: str, alias: str) -> RegisteredModel:
-    """Resolves `models:/name@alias` to a version, checks from its MLmodel alone that it is a model this
-    project writes (else a PredictionError naming it, not retried), and reads its input and classes."""
-    return prediction.find_registered(name, alias)
+def load_registered_model(
+    name: str, alias: str, version: Optional[int] = None, numbered_by: str = ""
+) -> RegisteredModel:
+    """Resolves `models:/name@alias` (or the version `numbered_by` numbers `version`) to a version,
+    checks from its MLmodel alone that it is a model this project writes (else a PredictionError
+    naming it, not retried), and reads its input and classes."""
+    return prediction.find_registered(name, alias, version, numbered_by)
 
 
 @task(name="list-images", cache_policy=NO_CACHE)
