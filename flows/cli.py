@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
+import ssl
 import sys
+import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from typing import Iterator, Literal, Optional, TypeVar, get_args, get_origin
 
@@ -147,6 +152,45 @@ def exit_unless_tracking_answers() -> None:
         check_reachable()
     except TrackingUnavailableError as error:
         sys.exit(f"error: {error}")
+
+
+def exit_unless_prefect_answers(within: float = 10.0) -> None:
+    """A Prefect server named in PREFECT_API_URL that does not answer within `within` seconds, or
+    refuses PREFECT_API_AUTH_STRING, is an error now, naming the server (never the auth string)."""
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return  # a temporary local server (or one the active profile names: Prefect reports that)
+    from tasks.track.redaction import redact_url
+
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    request = urllib.request.Request(url + "/admin/version", headers=headers)  # needs the auth string
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            urllib.request.urlopen(request, timeout=2, context=_prefect_tls()).close()
+            return
+        except urllib.error.HTTPError as error:
+            if error.code not in (401, 403):
+                return  # it answers; anything else is for the run's own requests to report
+            given = "PREFECT_API_AUTH_STRING" if auth else "a client without PREFECT_API_AUTH_STRING"
+            sys.exit(f"error: the Prefect server {redact_url(url)} refused {given} (HTTP {error.code})")
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                sys.exit(
+                    f"error: the Prefect server {redact_url(url)} (PREFECT_API_URL) did not answer within "
+                    f"{within:.0f} s; start it, or unset PREFECT_API_URL to run on a temporary local one"
+                )
+            time.sleep(0.5)
+
+
+def _prefect_tls() -> ssl.SSLContext:
+    """Verification as Prefect's client does it: PREFECT_API_SSL_CERT_FILE's CA bundle, or none with
+    PREFECT_API_TLS_INSECURE_SKIP_VERIFY."""
+    context = ssl.create_default_context(cafile=os.environ.get("PREFECT_API_SSL_CERT_FILE") or None)
+    if os.environ.get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "").lower() in ("1", "true"):
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
 
 
 def exit_unless_trials_fit(config: SweepConfig) -> None:

@@ -307,9 +307,11 @@ class PredictConfig(ClusterOptions):
         ..., description="Registry name of the model, as trained (e.g. 'digits-cnn')."
     )
     alias: str = Field("champion", min_length=1, description="Registry alias of the version to use.")
-    version: Optional[int] = Field(
+    # A string: a deployment trigger's template renders the event's version as one, and the server
+    # checks parameters against this schema before the flow sees them.
+    version: Optional[str] = Field(
         None,
-        ge=1,
+        pattern=r"^[1-9][0-9]{0,9}$",
         description="Use this version of --registered-model instead of --alias (the number the promotion "
         "gate and its event give; with --flavor onnx, the ONNX version the same training run registered).",
     )

@@ -11,11 +11,13 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
     from flows import api_server
-    from flows.cli import parse_config
+    from flows.cli import exit_unless_prefect_answers, exit_unless_tracking_answers, parse_config
     from flows.config import PredictConfig
 
     # --help and bad flags answer here, before anything starts and the imports below (about 8 s).
     parse_config(sys.argv[1:], PredictConfig, prog="python flows/predict_flow.py")
+    exit_unless_tracking_answers()
+    exit_unless_prefect_answers()
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
 
 from prefect import flow

@@ -1,9 +1,10 @@
+import base64
 import time
 
 import pytest
-from conftest import TRAIN_SCRIPT, run_train_script
+from conftest import TRAIN_SCRIPT, free_port, raw_server, run_train_script
 
-from flows.cli import build_parser, parse_config
+from flows.cli import build_parser, exit_unless_prefect_answers, parse_config
 from flows.config import PredictConfig, TrainConfig
 
 
@@ -110,7 +111,7 @@ def test_predict_flags_need_a_model_and_exactly_one_input(capsys):
     config = parse_config(["--registered-model", "m", "--image-dir", "imgs"], PredictConfig)
     assert (config.alias, config.flavor, config.registry_name) == ("champion", "onnx", "m-onnx")
     pinned = parse_config(["--registered-model", "m", "--image-dir", "i", "--version", "3"], PredictConfig)
-    assert (pinned.version, pinned.alias) == (3, "champion")
+    assert (pinned.version, pinned.alias) == ("3", "champion")
     for flags, named in [
         (["--image-dir", "imgs"], "--registered-model"),
         (["--registered-model", "m"], "exactly one of --input-csv, --image-dir, --dataset"),
@@ -159,3 +160,40 @@ def test_a_registered_name_may_not_be_an_onnx_flavors_name():
         ):
             make("digits-cnn-onnx")
         assert make("digits-onnxish").registered_model == "digits-onnxish"
+
+
+def prefect_login_server(handler) -> None:
+    """Prefect's API with PREFECT_SERVER_API_AUTH_STRING=admin:right: 401 without it."""
+    right = "Basic " + base64.b64encode(b"admin:right").decode()
+    handler.send_response(200 if handler.headers.get("Authorization") == right else 401)
+    handler.send_header("Content-Length", "3")
+    handler.end_headers()
+    handler.wfile.write(b'"3"')
+
+
+@pytest.mark.parametrize("auth", ["admin:right", "admin:wr0ng", None])
+def test_a_prefect_server_that_refuses_the_auth_string_is_named_at_once(monkeypatch, capsys, auth):
+    with raw_server(prefect_login_server) as url:
+        monkeypatch.setenv("PREFECT_API_URL", f"{url}/api")
+        if auth:
+            monkeypatch.setenv("PREFECT_API_AUTH_STRING", auth)
+        else:
+            monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+        if auth == "admin:right":
+            exit_unless_prefect_answers(within=2)
+            return
+        with pytest.raises(SystemExit) as refused:
+            exit_unless_prefect_answers(within=2)
+    given = "PREFECT_API_AUTH_STRING" if auth else "a client without PREFECT_API_AUTH_STRING"
+    assert refused.value.code == f"error: the Prefect server {url}/api refused {given} (HTTP 401)"
+
+
+def test_a_prefect_server_that_does_not_answer_is_named_within_the_bound(monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    started = time.monotonic()
+    with pytest.raises(
+        SystemExit, match=f"the Prefect server {url} .PREFECT_API_URL. did not answer within 1 s"
+    ):
+        exit_unless_prefect_answers(within=1)
+    assert time.monotonic() - started < 5

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import datetime
 import http.server
 import ipaddress
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, raw_server
 from mlflow import MlflowClient
 
 from tasks.track import delivery, tracking
@@ -23,6 +24,32 @@ def test_an_unreachable_server_is_named_within_the_bound(monkeypatch):
     with pytest.raises(TrackingUnavailableError, match=f"{uri} did not answer within 2 s"):
         check_reachable(within=2)
     assert time.monotonic() - started < 6
+
+
+def login_server(handler) -> None:
+    """/health for anyone; everything else for alice:right only, as MLflow's basic-auth app does."""
+    right = "Basic " + base64.b64encode(b"alice:right").decode()
+    allowed = handler.path == "/health" or handler.headers.get("Authorization") == right
+    handler.send_response(200 if allowed else 401)
+    handler.send_header("Content-Length", "2")
+    handler.end_headers()
+    handler.wfile.write(b"{}")
+
+
+@pytest.mark.parametrize("login", [("alice", "right"), ("alice", "wrong-s3cret"), None])
+def test_a_refused_login_is_named_at_once_without_the_password(monkeypatch, login):
+    with raw_server(login_server) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        for variable, value in zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), login or ()):
+            monkeypatch.setenv(variable, value)
+        if login == ("alice", "right"):
+            check_reachable(within=2)
+            return
+        with pytest.raises(TrackingUnavailableError) as refused:
+            check_reachable(within=2)
+    given = "the login in MLFLOW_TRACKING_USERNAME/PASSWORD" if login else "a client without a login"
+    assert str(refused.value).startswith(f"the MLflow tracking server {url} refused {given} (HTTP 401)")
+    assert "s3cret" not in str(refused.value)
 
 
 def test_a_local_store_is_always_reachable(mlflow_store):

@@ -113,7 +113,7 @@ def test_a_version_from_a_trigger_is_scored_and_recorded_and_missing_ones_fail_c
     result = predict_flow(
         PredictConfig(
             registered_model="shapes",
-            version=1,
+            version="1",
             trigger_event=event,
             image_dir=folder,
             output_dir=str(tmp_path),
@@ -136,7 +136,7 @@ def test_a_version_from_a_trigger_is_scored_and_recorded_and_missing_ones_fail_c
         )
     with pytest.raises(PredictionError, match="has no version 7 of 'shapes'"):
         predict_flow(
-            PredictConfig(registered_model="shapes", version=7, image_dir=folder, output_dir=str(tmp_path))
+            PredictConfig(registered_model="shapes", version="7", image_dir=folder, output_dir=str(tmp_path))
         )
 
 

@@ -42,7 +42,7 @@ class RegisteredModel:
 
 
 def find_registered(
-    name: str, alias: str, version: Optional[int] = None, numbered_by: str = ""
+    name: str, alias: str, version: Optional[str] = None, numbered_by: str = ""
 ) -> RegisteredModel:
     """Resolves `models:/name@alias`, or the version that registered name `numbered_by` (the PyTorch
     flavor's) has as `version` when one is given: `name`'s version from the same training run. A
@@ -52,7 +52,7 @@ def find_registered(
         if version is None:
             found = client.get_model_version_by_alias(name, alias)
         else:
-            found = _same_run_version(client, name, numbered_by or name, str(version))
+            found = _same_run_version(client, name, numbered_by or name, version)
     except MlflowException as error:
         try:
             aliases = sorted(client.get_registered_model(name).aliases)

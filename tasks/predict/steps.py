@@ -23,7 +23,7 @@ from tasks.track import reports, tracking
     **tracking.MLFLOW_RETRIES,
 )
 def load_registered_model(
-    name: str, alias: str, version: Optional[int] = None, numbered_by: str = ""
+    name: str, alias: str, version: Optional[str] = None, numbered_by: str = ""
 ) -> RegisteredModel:
     """Resolves `models:/name@alias` (or the version `numbered_by` numbers `version`) to a version,
     checks from its MLmodel alone that it is a model this project writes (else a PredictionError

@@ -4,6 +4,7 @@ start, and keep training through an outage, delivering every epoch's metrics onc
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -71,7 +72,7 @@ def server_answers(uri: str, timeout: float = 2.0) -> bool:
 def check_reachable(within: float = REACHABLE_WITHIN_SECONDS) -> None:
     """Raises TrackingUnavailableError, naming the URI (less its credentials), unless an HTTP
     tracking server answers within `within` seconds (MLflow's own retries would take minutes to give
-    up); local stores pass at once."""
+    up) and takes this client's login; local stores pass at once."""
     uri = mlflow.get_tracking_uri()
     if not is_remote(uri):
         return
@@ -86,6 +87,34 @@ def check_reachable(within: float = REACHABLE_WITHIN_SECONDS) -> None:
                 "sqlite:///mlflow.db)"
             )
         time.sleep(1)
+    check_login(uri)
+
+
+def check_login(uri: str) -> None:
+    """Raises TrackingUnavailableError, naming the server (never the password), when it refuses
+    this client's credentials: MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_TOKEN or the
+    URI's own `user:password@`. A server without authentication lets every request through."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        response = requests.get(
+            uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",  # any request that needs a login
+            params={"max_results": 1},
+            auth=(user, password or "") if user else None,
+            headers={"Authorization": f"Bearer {token}"} if token and not user else None,
+            timeout=REACHABLE_WITHIN_SECONDS,
+            **tls_options(),
+        )
+    except requests.RequestException:
+        return  # it answered its health check a moment ago; the run's own requests will retry
+    if response.status_code in (401, 403):
+        given = "MLFLOW_TRACKING_USERNAME/PASSWORD" if user else "MLFLOW_TRACKING_TOKEN" if token else None
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server {redact_url(uri)} refused "
+            f"{'the login in ' + given if given else 'a client without a login'} "
+            f"(HTTP {response.status_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "to an account of that server"
+        )
 
 
 def check_well_formed(uri: str) -> None:
