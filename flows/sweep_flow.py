@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,12 +36,12 @@ from flows.train_flow import USER_ERRORS, publish_model
 from tasks.data.augment import resolve_augment
 from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
+from tasks.data.local_copy import DataRecipe
 from tasks.data.steps import fetch_dataset, fetch_weights
 from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
-from tasks.train.steps import TrainedModel
-from tasks.train.sweep_steps import Trial, report_trials, run_trial
+from tasks.train.sweep_steps import Trial, report_trials, run_trial, trained_here
 from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
 
 
@@ -89,11 +89,12 @@ def sweep_flow(config: SweepConfig) -> dict:
 def publish_best(
     trials: list[Trial], outcomes: list[dict], table: pd.DataFrame, sweep_dir: Path
 ) -> tuple[Trial, dict, dict]:
-    """Tests, exports, checks and registers the best trial's model as train_flow does its one;
-    returns the winning trial, its outcome and what publishing it gave."""
+    """Tests, exports, checks and registers the best trial's model as train_flow does its one (its
+    weights from its MLflow run when it trained on another machine); returns the winning trial, its
+    outcome and what publishing it gave."""
     best = outcomes[int(best_trial(table).trial) - 1]
     winner = trials[best["trial"] - 1]
-    trained = TrainedModel(winner.spec, best["checkpoint"], best["history"])
+    trained = trained_here(winner, best, sweep_dir / winner.name)
     name = TrainConfig(**winner.params).model_name
     test = make_test_loader(winner.dataset, "cpu")
     published = publish_model(
@@ -123,8 +124,19 @@ def make_trial(index: int, config: TrainConfig, swept: list[str], dataset: Datas
         val_fraction=config.val_fraction,
         device=config.device,
         dataset=dataset,
+        recipe=data_recipe(config),
         augment=resolve_augment(config.augment, config.dataset, dataset.channels),
     )
+
+
+def data_recipe(config: TrainConfig) -> DataRecipe:
+    """How a worker that does not see the flow's prepared file prepares the same data: the data
+    folder and source paths as given, so a relative one means the worker's own working directory."""
+    options = {  # dataset_options() resolves paths here; a worker resolves them where it runs
+        key: PurePath(getattr(config, key)) if isinstance(value, Path) else value
+        for key, value in config.dataset_options().items()
+    }
+    return DataRecipe(config.dataset, config.data_dir, data_shape(config), options, config.prepare_workers)
 
 
 def run_trials(

@@ -5,21 +5,31 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import REPO, prefect_artifacts, run_train_script
 from mlflow import MlflowClient
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from prefect.states import Cancelling
 
 from flows.config import TrainConfig
+from flows.recipe import data_shape
 from flows.sweep_config import SweepConfig
-from flows.sweep_flow import sweep_flow
-from tasks.track import cancellation
+from flows.sweep_flow import make_trial, publish_best, sweep_flow
+from models import build_from_spec
+from tasks.data import datasets, local_copy
+from tasks.data.datasets import prepare_dataset
+from tasks.data.local_copy import DatasetMismatchError
+from tasks.track import cancellation, tracking
 from tasks.train import training
-from tasks.train.sweeps import SweepFailedError
+from tasks.train.sweep_steps import TRIAL_WEIGHTS, run_trial
+from tasks.train.sweeps import FINISHED, SweepFailedError, trials_table
 
 pytestmark = pytest.mark.slow
 SWEEP_SCRIPT = REPO / "flows" / "sweep_flow.py"
@@ -203,3 +213,97 @@ def test_ray_sweep_trains_in_ray_worker_processes(ray_cluster, prefect_server, m
     workers = trial_workers("sweeps")
     assert len(workers) >= 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers
     assert MlflowClient().get_model_version_by_alias("swept", "champion").run_id == result["best_run_id"]
+
+
+def count_preparations(monkeypatch) -> list[Path]:
+    """The data folders a worker prepares data in (the real preparation still runs)."""
+    calls, real = [], datasets.prepare_dataset
+
+    def counted(name, data_dir, *args, **options):
+        calls.append(data_dir)
+        return real(name, data_dir, *args, **options)
+
+    monkeypatch.setattr(local_copy, "prepare_dataset", counted)
+    return calls
+
+
+def as_another_machine(flow_machine: Path, worker: Path, monkeypatch) -> None:
+    """From here on this process is a worker on another machine: the flow machine's folder is not
+    there (a file stands at its path, so nothing under it can be made), the worker's is its cwd."""
+    flow_machine.rename(flow_machine.with_name("flow-machine-away"))
+    flow_machine.write_text("not a folder on this machine")
+    worker.mkdir()
+    monkeypatch.chdir(worker)
+
+
+def back_on_the_flow_machine(flow_machine: Path, worker: Path, monkeypatch) -> None:
+    """And back: the flow machine's folder is there again, the worker's is not."""
+    flow_machine.unlink()
+    flow_machine.with_name("flow-machine-away").rename(flow_machine)
+    worker.rename(worker.with_name("worker-away"))
+    monkeypatch.chdir(flow_machine)
+
+
+def test_trials_on_a_machine_without_the_flows_folders_prepare_the_data_once_and_send_their_weights(
+    prefect_server, mlflow_store, tmp_path, monkeypatch
+):
+    """Two trials run as a worker on another machine runs them, for real: the flow's prepared file
+    and sweep folder are not there, so the worker prepares the data into its own data folder (once),
+    trains, and logs its weights to the child run; the flow then registers the winner from those
+    weights, the trial's checkpoint being on the worker's disk only."""
+    flow_machine, worker = tmp_path / "flow-machine", tmp_path / "worker"
+    base = TrainConfig(
+        **{"dataset": "digits", "model": "mlp", "epochs": 1, "scheduler": "constant", "batch_size": 256},
+        **{"data_dir": "data", "output_dir": "outputs", "experiment": "sweeps", "registered_model": "swept"},
+    )
+    configs = SweepConfig(base=base, grid={"lr": [0.01, 0.002]}).trial_configs()
+    ref = prepare_dataset("digits", flow_machine / "data", shape=data_shape(base))  # what the flow does
+    trials = [make_trial(index, config, ["lr"], ref) for index, config in enumerate(configs, 1)]
+    parent_id = tracking.start_run("sweeps", "sweep", {})
+    sweep_dir = flow_machine / "outputs" / "20260101-000000-sweep"
+
+    as_another_machine(flow_machine, worker, monkeypatch)
+    preparations = count_preparations(monkeypatch)
+    outcomes = [
+        {
+            "trial": t.index,
+            **t.swept,
+            "status": FINISHED,
+            **run_trial.fn(t, ref, parent_id, sweep_dir, mlflow_store),
+        }
+        for t in trials
+    ]
+    assert preparations == [worker / "data"]  # once, for both trials, in the worker's own --data-dir
+    assert (worker / "data" / "prepared" / Path(ref.prepared_path).name).is_file()
+    for trial, outcome in zip(trials, outcomes):
+        assert Path(outcome["checkpoint"]).is_relative_to(worker / "outputs" / sweep_dir.name / trial.name)
+        logged = MlflowClient().list_artifacts(outcome["run_id"], "checkpoints")
+        assert [artifact.path for artifact in logged] == [TRIAL_WEIGHTS]
+    inputs = MlflowClient().get_run(outcomes[0]["run_id"]).inputs.dataset_inputs
+    assert {d.dataset.digest[:16] for d in inputs} == {ref.sha256[:16]}  # the flow's data, prepared here
+    other = replace(trials[0], index=3, dataset=replace(ref, sha256="0" * 64))
+    with pytest.raises(DatasetMismatchError, match=f"{ref.sha256}.*sha256 {'0' * 64}"):
+        run_trial.fn(other, other.dataset, parent_id, sweep_dir, mlflow_store)
+    assert MlflowClient().get_run(tracking.find_child_run(parent_id, 3)).info.status == "FAILED"
+
+    table = trials_table(outcomes, ["lr"])
+    best = outcomes[int(table.sort_values("val_accuracy").iloc[-1].trial) - 1]
+    trained = torch.load(best["checkpoint"], weights_only=True)["model"]
+    back_on_the_flow_machine(flow_machine, worker, monkeypatch)
+    assert not Path(best["checkpoint"]).exists()
+    winner, chosen, published = flow(name="publish-best")(publish_best)(trials, outcomes, table, sweep_dir)
+
+    assert chosen["run_id"] == best["run_id"] and published["versions"]
+    assert (sweep_dir / winner.name / "checkpoints" / "from-tracking.pt").is_file()  # downloaded
+    registered = torch.load(sweep_dir / winner.name / "model_weights.pth", weights_only=True)
+    assert registered.keys() == trained.keys() and all(
+        torch.equal(registered[k], trained[k]) for k in trained
+    )
+    model = build_from_spec(winner.spec)
+    model.load_state_dict(trained)
+    with torch.no_grad():
+        predicted = model.eval()(datasets.test_pixels(ref)).argmax(1)
+    labels = datasets.load_tensors(ref.prepared_path).test_labels
+    assert published["test_accuracy"] == pytest.approx((predicted == labels).float().mean().item())
+    champion = MlflowClient().get_model_version_by_alias("swept", "champion")
+    assert champion.run_id == best["run_id"]

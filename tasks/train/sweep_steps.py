@@ -1,29 +1,38 @@
-"""Prefect tasks of the sweep flow: one trial wherever the task runner puts it, and the report."""
+"""Prefect tasks of the sweep flow: one trial wherever the task runner puts it, and the report.
+
+A trial needs no folder shared with the flow: it reads the prepared data where its machine has it
+(tasks.data.local_copy), writes its checkpoints where it can, and sends its final weights to its
+child run, from which the flow takes the winner's when the trial's checkpoint is not on its disk."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import make_loaders
-from tasks.files import atomic_output
+from tasks.data.local_copy import CannotPrepareHereError, DataRecipe, DatasetMismatchError, dataset_here
+from tasks.files import atomic_output, atomic_save
+from tasks.publish import export
 from tasks.retrying import retry_except
 from tasks.track import lineage, reports, tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
 from tasks.train import sweeps
-from tasks.train.steps import Watch, train_logged
+from tasks.train.steps import TrainedModel, Watch, train_logged
 from tasks.train.training import TrainSettings, resolve_device
 
 
@@ -40,11 +49,15 @@ class Trial:
     val_fraction: float
     device: str
     dataset: DatasetRef  # prepared in the preprocessing this trial asks for
+    recipe: DataRecipe  # how a worker that does not see dataset.prepared_path prepares it
     augment: str = "none"
 
     @property
     def name(self) -> str:
         return f"trial-{self.index:03d}"
+
+
+TRIAL_WEIGHTS = "checkpoints/model_weights.pth"  # a trial's final state_dict, in its child run
 
 
 def worker_name() -> str:
@@ -57,14 +70,15 @@ def worker_name() -> str:
     task_run_name="trial-{trial.index}",
     cache_policy=NO_CACHE,
     retries=1,
-    retry_condition_fn=retry_except(FlowRunCancelled),
+    retry_condition_fn=retry_except(FlowRunCancelled, DatasetMismatchError, CannotPrepareHereError),
 )
 def run_trial(
     trial: Trial, dataset: DatasetRef, parent_run_id: str, sweep_dir: Path, tracking_uri: str
 ) -> dict:
-    """Trains one trial in its own child MLflow run; a retry resumes from its last checkpoint. Once
-    the sweep's flow run is cancelled in Prefect, a trial not yet started does not start, and one
-    training stops at its next check (its child run KILLED)."""
+    """Trains one trial in its own child MLflow run and logs its final weights there; a retry on the
+    same machine resumes from its last checkpoint. Once the sweep's flow run is cancelled in
+    Prefect, a trial not yet started does not start, and one training stops at its next check (its
+    child run KILLED)."""
     CancelWatch(interval=0)()  # the runner may start it long after the sweep was cancelled
     tracking.use_tracking_uri(tracking_uri)
     device = resolve_device(trial.device)
@@ -72,11 +86,15 @@ def run_trial(
     label = ",".join(f"{key}={value}" for key, value in trial.swept.items())
     run_id = tracking.open_child_run(parent_run_id, trial.index, f"{trial.name} {label}", tags, trial.params)
     try:
+        dataset = dataset_here(dataset, trial.recipe, run_logger())
         lineage.log_splits(run_id, dataset, trial.settings.seed, trial.val_fraction)
         seed = trial.settings.seed
         loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, seed, device, trial.augment)
         watch = Watch(system_metrics=trial.params["system_metrics"], stop_when_cancelled=True)
-        trained = train_logged(trial.spec, loaders, trial.settings, sweep_dir / trial.name, run_id, watch)
+        folder = trial_folder(sweep_dir, trial.name, str(trial.params["output_dir"]))
+        trained = train_logged(trial.spec, loaders, trial.settings, folder, run_id, watch)
+        weights = export.write_state_dict(trained.weights(), folder / TRIAL_WEIGHTS)
+        tracking.log_artifacts(run_id, [weights], str(Path(TRIAL_WEIGHTS).parent))
     except BaseException as error:
         tracking.finish_run(run_id, ended_status(error))
         raise
@@ -94,6 +112,53 @@ def run_trial(
         "checkpoint": trained.checkpoint_path,
         "history": trained.history,
     }
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger (its lines reach the Prefect UI), else this module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def trial_folder(sweep_dir: Path, name: str, output_dir: str) -> Path:
+    """The trial's folder: in the sweep's when this machine can write there (the flow's machine, or
+    a shared folder); else in the sweep's --output-dir resolved in this worker's working directory
+    (for a path from another machine that is absent or read-only here), else in ./outputs."""
+    here = [Path(output_dir).expanduser().resolve(), Path.cwd() / "outputs"]
+    candidates = dict.fromkeys([sweep_dir / name, *(root / sweep_dir.name / name for root in here)])
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    raise PermissionError(f"{worker_name()} can write in none of {', '.join(map(str, candidates))}")
+
+
+@task(name="fetch-trial-weights", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+def fetch_trial_weights(run_id: str, folder: Path) -> Path:
+    """Downloads a trial's final weights from its child run (through the tracking server: with an
+    HTTP store, its artefact proxy) into `folder`, as the `model` entry TrainedModel reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as scratch:
+        downloaded = tracking.get_client().download_artifacts(run_id, TRIAL_WEIGHTS, scratch)
+        weights = export.load_weights(Path(downloaded))  # weights_only: no pickled code runs
+    path = folder / "checkpoints" / "from-tracking.pt"
+    atomic_save({"model": weights}, path)
+    return path
+
+
+def trained_here(trial: Trial, outcome: dict, folder: Path) -> TrainedModel:
+    """A finished trial's model on this machine: from the checkpoint where the trial left it when
+    this machine sees that path, else from the weights in its child run, downloaded into `folder`."""
+    checkpoint = Path(outcome["checkpoint"])
+    if not checkpoint.is_file():
+        print(f"{checkpoint} is not on this machine; taking {trial.name}'s weights from its MLflow run")
+        checkpoint = fetch_trial_weights(outcome["run_id"], folder)
+    return TrainedModel(trial.spec, str(checkpoint), outcome["history"])
 
 
 @task(name="report-trials", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
