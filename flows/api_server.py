@@ -104,12 +104,23 @@ def start() -> Optional[EarlyServer]:
 
 @contextlib.contextmanager
 def use(server: Optional[EarlyServer]) -> Iterator[None]:
-    """Points this process's flow runs at `server` (if it came up) inside the block."""
+    """Points this process's flow runs at `server` (if it came up) inside the block, and marks its
+    URL as temporary for the champion gate (and for child processes) in the environment."""
     url = server.wait() if server else None
     if url is None:
         yield
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: url}):
-        yield
+    from tasks.publish.gate_lock import TEMPORARY_API_VARIABLE
+
+    before = os.environ.get(TEMPORARY_API_VARIABLE)
+    os.environ[TEMPORARY_API_VARIABLE] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(TEMPORARY_API_VARIABLE, None)
+        else:
+            os.environ[TEMPORARY_API_VARIABLE] = before

@@ -154,6 +154,17 @@ def exit_unless_tracking_answers() -> None:
         sys.exit(f"error: {error}")
 
 
+def exit_unless_gate_shared() -> None:
+    """A run against a tracking server whose champion gate would lock on a Prefect server of its own
+    (no PREFECT_API_URL) is an error now: runs on other machines would not see the lock."""
+    from tasks.publish.gate_lock import PrefectNotSharedError, require_shared_prefect
+
+    try:
+        require_shared_prefect()
+    except PrefectNotSharedError as error:
+        sys.exit(f"error: {error}")
+
+
 def exit_unless_prefect_answers(within: float = 10.0) -> None:
     """A Prefect server named in PREFECT_API_URL that does not answer within `within` seconds, or
     refuses PREFECT_API_AUTH_STRING, is an error now, naming the server (never the auth string)."""

@@ -12,12 +12,19 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":
     from flows import api_server
-    from flows.cli import exit_unless_trials_fit, parse_sweep_config
+    from flows.cli import (
+        exit_unless_gate_shared,
+        exit_unless_prefect_answers,
+        exit_unless_trials_fit,
+        parse_sweep_config,
+    )
 
     # --help and bad flags answer here, before anything starts and the imports below (about 8 s).
     _config = parse_sweep_config(sys.argv[1:])
+    exit_unless_prefect_answers()
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
     exit_unless_trials_fit(_config)
+    exit_unless_gate_shared()  # as the flow does first, but before the imports below
 
 import pandas as pd
 from prefect import flow
@@ -38,6 +45,7 @@ from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
 from tasks.data.local_copy import DataRecipe
 from tasks.data.steps import fetch_dataset, fetch_weights
+from tasks.publish.gate_lock import require_shared_prefect
 from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
@@ -49,6 +57,7 @@ from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
 def sweep_flow(config: SweepConfig) -> dict:
     """Prepare the data once, train every trial, then publish the best one through the champion gate."""
     check_confined(config)
+    require_shared_prefect()  # a tracking server's gate needs the team's Prefect server: refuse now
     base = config.base
     runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
     sweep_dir = make_run_dir(resolve_path(base.output_dir))

@@ -12,7 +12,9 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 if __name__ == "__main__":
     from flows import api_server
     from flows.cli import (
+        exit_unless_gate_shared,
         exit_unless_hardware_fits,
+        exit_unless_prefect_answers,
         exit_unless_tracking_answers,
         exit_unless_weights_available,
         parse_config,
@@ -20,9 +22,11 @@ if __name__ == "__main__":
 
     _config = parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
     exit_unless_tracking_answers()
+    exit_unless_prefect_answers()
     exit_unless_weights_available(_config)
     EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
     exit_unless_hardware_fits(_config)
+    exit_unless_gate_shared()  # as the flow does first, but before the imports below
 
 from prefect import flow
 from prefect.exceptions import CancelledRun
@@ -49,7 +53,12 @@ from tasks.data.photos import ImageFolderError
 from tasks.data.steps import build_loaders, fetch_dataset, fetch_weights
 from tasks.files import OutputWriteError
 from tasks.publish.export import OnnxMismatchError
-from tasks.publish.gate_lock import GateBusyError
+from tasks.publish.gate_lock import (
+    GateBusyError,
+    GateMisconfiguredError,
+    PrefectNotSharedError,
+    require_shared_prefect,
+)
 from tasks.publish.steps import (
     evaluate_model,
     export_onnx,
@@ -79,6 +88,8 @@ USER_ERRORS = (
     OnnxMismatchError,
     TrackingUnavailableError,
     GateBusyError,
+    GateMisconfiguredError,
+    PrefectNotSharedError,
     OutputWriteError,
     CancelledRun,
 )
@@ -88,6 +99,7 @@ USER_ERRORS = (
 def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     """Fetch data, train, evaluate, save, export ONNX, validate it and register the model."""
     check_confined(config)
+    require_shared_prefect()  # a tracking server's gate needs the team's Prefect server: refuse now
     device = str(resolve_device(config.device))
     set_threads(config.threads)
     run_dir = make_run_dir(resolve_path(config.output_dir))

@@ -27,6 +27,8 @@ from torchvision import datasets
 from torchvision.io import write_png
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Servers the tests start store events every half second, not every 5 s (the promotion events).
+os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
 REPO = Path(__file__).resolve().parents[1]
 # What the issue asks MLflow to hold for every epoch.
 EPOCH_METRICS = (

@@ -55,11 +55,17 @@ def test_flow_runs_on_the_early_server_which_stops_with_the_program(tmp_path):
         def hello():
             return 1
 
+        import os
+        from tasks.publish.gate_lock import TEMPORARY_API_VARIABLE
+
         with api_server.use(server):
             assert PREFECT_API_URL.value() == server.url, (PREFECT_API_URL.value(), server.url)
+            # Marked temporary, for the champion gate here and in child processes.
+            assert os.environ[TEMPORARY_API_VARIABLE] == server.url
             hello()
             with get_client(sync_client=True) as client:
                 print("flow runs", [run.state.name for run in client.read_flow_runs()])
+        assert TEMPORARY_API_VARIABLE not in os.environ
         """,
     )
     assert result.returncode == 0, result.stderr[-3000:]

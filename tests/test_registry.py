@@ -136,3 +136,18 @@ def test_saving_both_flavors_checks_requirements_without_scanning_every_package(
     # The check itself still runs: a requirement this environment does not meet is named.
     requirements_utils.warn_dependency_requirement_mismatches(["torch==1.0.0"])
     assert "torch (current: " in caplog.text
+
+
+def test_version_of_run_maps_a_run_to_its_version_of_any_name(mlflow_store):
+    client = MlflowClient()
+    runs = [tracking.start_run("exp", f"r{index}", {}) for index in range(2)]
+    for name in ("it's", "it's-onnx"):
+        client.create_registered_model(name)
+        for run_id in reversed(runs):  # the second run registers first
+            client.create_model_version(name, f"{mlflow_store}-source", run_id=run_id)
+    assert registry.version_of_run("it's", runs[0]) == "2"
+    assert registry.version_of_run("it's-onnx", runs[1]) == "1"
+    assert registry.version_of_run("other", runs[0]) is None
+    assert registry.champion_version("it's") is None
+    client.set_registered_model_alias("it's", "champion", "2")
+    assert registry.champion_version("it's").run_id == runs[0]

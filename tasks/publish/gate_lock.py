@@ -3,38 +3,116 @@ the aliases), so two runs finishing together cannot both promote and leave the w
 
 A local tracking store (the default `sqlite:///mlflow.db`, or a folder) can only be shared by
 processes on one machine: an OS file lock beside it serialises them, and the OS releases it when
-a holder dies. A remote store (HTTP) may be shared by runs on several machines, which then share
-a Prefect API: a Prefect global concurrency limit of one slot per name serialises them, and a
-running server's lease service frees the slot of a run that dies holding it.
+a holder dies. A tracking server may be shared by runs on several machines, so its lock must live
+where they all look: a Prefect global concurrency limit of one slot per name on the team's Prefect
+server. A run against a tracking server with a Prefect API of its own (Prefect's temporary one, or
+the one flows/api_server.py starts) would take a lock nobody else sees, so it is refused. Holders
+take the slot under a lease that they renew while they hold it: when a holder dies, the server's
+repossessor service frees the slot once the lease runs out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 from typing import Iterator
 
-import mlflow
+from tasks.track.redaction import redact_url
 
-from tasks.files import file_lock
-from tasks.track.tracking import local_store
+# MLflow and torch (tasks.files) are imported where used: flows/api_server.py reads
+# TEMPORARY_API_VARIABLE from here while a command line is still starting.
 
-GATE_TIMEOUT_SECONDS = 300  # the gate itself takes about a second; anything longer is a stuck holder
+GATE_TIMEOUT_SECONDS = 300  # the gate itself takes seconds; anything longer is a stuck holder
+LEASE_VARIABLE = "PIC_GATE_LEASE_SECONDS"
+# Prefect's server refuses leases under 60 s or over a day; a dead holder's slot is free within
+# the lease plus the repossessor's loop (15 s by default).
+LEASE_BOUNDS = (60.0, 86400.0)
+GATE_LEASE_SECONDS = 60.0
+# Set by flows/api_server.py to the URL of the temporary Prefect server it points a run at, for
+# the block it does so; child processes (Dask or Ray workers) inherit it.
+TEMPORARY_API_VARIABLE = "PIC_TEMPORARY_PREFECT_API_URL"
 
 
 class GateBusyError(TimeoutError):
     """The promotion gate stayed held by another run."""
 
 
+class GateMisconfiguredError(RuntimeError):
+    """The Prefect limit that serves as the promotion gate would not let one run in at a time."""
+
+
+class PrefectNotSharedError(RuntimeError):
+    """The tracking store is a server, but the run's Prefect API is not one other machines share."""
+
+
+def require_shared_prefect() -> None:
+    """Raises PrefectNotSharedError when the tracking store is a server (runs on other machines may
+    share it) and the Prefect API is Prefect's temporary one or flows/api_server.py's."""
+    import mlflow
+
+    from tasks.track.tracking import local_store
+
+    uri = mlflow.get_tracking_uri()
+    if local_store(uri):
+        return
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    if api and api != os.environ.get(TEMPORARY_API_VARIABLE):
+        return
+    where = (
+        f"PREFECT_API_URL is {api}, a temporary server this command started"
+        if api
+        else "no PREFECT_API_URL is set, so the run would use a temporary Prefect server of its own"
+    )
+    raise PrefectNotSharedError(
+        f"the MLflow tracking store {redact_url(uri)} is a server that runs on other machines may "
+        f"share, but {where}: the champion gate's lock would hold for this run alone. Set "
+        "PREFECT_API_URL (and PREFECT_API_AUTH_STRING, if the server asks for one) to your team's "
+        "Prefect server, e.g. PREFECT_API_URL=http://prefect.example:4200/api"
+    )
+
+
 @contextlib.contextmanager
 def promotion_gate(name: str) -> Iterator[None]:
     """Holds `name`'s promotion gate for the block."""
+    import mlflow
+
+    from tasks.files import file_lock
+    from tasks.track.tracking import local_store
+
     store = local_store(mlflow.get_tracking_uri())
+    if store is None:
+        require_shared_prefect()  # again here, for callers that did not check before their work
     # One lock file per local store, whatever the name: gates take a second, so sharing costs nothing.
     lock = file_lock(store.with_name(f".{store.name}.promotion.lock")) if store else _prefect_lock(name)
     with lock:
         yield
+
+
+def limit_name(name: str) -> str:
+    """The Prefect global concurrency limit that is `name`'s gate."""
+    return f"champion-gate-{_slug(name)}"
+
+
+def lease_seconds() -> float:
+    """The gate's lease: PIC_GATE_LEASE_SECONDS, else GATE_LEASE_SECONDS."""
+    text = os.environ.get(LEASE_VARIABLE)
+    if text is None:
+        return GATE_LEASE_SECONDS
+    low, high = LEASE_BOUNDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:
+        raise GateMisconfiguredError(
+            f"{LEASE_VARIABLE}={text!r}: expected a number of seconds from {low:.0f} to {high:.0f} "
+            "(what Prefect's server accepts for a lease)"
+        )
+    return seconds
 
 
 def _slug(name: str) -> str:
@@ -45,22 +123,56 @@ def _slug(name: str) -> str:
 
 @contextlib.contextmanager
 def _prefect_lock(name: str) -> Iterator[None]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
 
-    limit = f"champion-gate-{_slug(name)}"
-    with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    limit, lease = limit_name(name), lease_seconds()
+    _check_limit(name, limit, create=True)
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(concurrency(limit, timeout_seconds=GATE_TIMEOUT_SECONDS, strict=True))
+            held.enter_context(
+                concurrency(limit, timeout_seconds=GATE_TIMEOUT_SECONDS, lease_duration=lease, strict=True)
+            )
         except TimeoutError as error:
             raise GateBusyError(
                 f"the promotion gate of {name!r} (Prefect global concurrency limit {limit!r}) stayed "
-                f"held for {GATE_TIMEOUT_SECONDS} s; if no other run is registering {name!r}, a run "
-                f"died holding it: `prefect gcl update {limit} --active-slots 0` frees it"
+                f"held for {GATE_TIMEOUT_SECONDS} s. A run that dies holding it frees it within its "
+                f"{lease:.0f} s lease (when the Prefect server runs its repossessor service); if no "
+                f"run is registering {name!r}, `prefect gcl update {limit} --active-slots 0` frees it"
             ) from error
+        # Deactivated while this run waited, it would have let the run in without taking a slot.
+        _check_limit(name, limit, create=False)
         yield
+
+
+def _check_limit(name: str, limit: str, create: bool) -> None:
+    """Raises GateMisconfiguredError unless `limit` has exactly one slot, is active and does not
+    decay; creates it (with `create`) when it does not exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            if not create:
+                raise
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            found = client.read_global_concurrency_limit_by_name(limit)
+    problems = [
+        *([f"has {found.limit} slots"] if found.limit != 1 else []),
+        *(["is inactive"] if not found.active else []),
+        *(
+            [f"has slots that decay by {found.slot_decay_per_second}/s"]
+            if found.slot_decay_per_second
+            else []
+        ),
+    ]
+    if problems:
+        raise GateMisconfiguredError(
+            f"the promotion gate of {name!r} is Prefect global concurrency limit {limit!r}, which "
+            f"{', '.join(problems)}; a gate needs exactly 1 slot, active, no decay, or runs "
+            f"would promote at the same time. Fix it with `prefect gcl update {limit} --limit 1 "
+            "--enable --slot-decay-per-second 0`"
+        )

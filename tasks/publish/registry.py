@@ -14,6 +14,7 @@ import mlflow.pytorch
 import numpy as np
 import onnx
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
@@ -148,10 +149,8 @@ def register_version(
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         client.update_registered_model(name, description=contract)
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version = str(existing[0].version)
-    else:
+    version = version_of_run(name, run_id)
+    if version is None:
         created = client.create_model_version(
             name, f"models:/{model_id}", run_id=run_id, tags=tags, description=card, model_id=model_id
         )
@@ -163,14 +162,28 @@ def register_version(
     return version
 
 
-def champion_tags(name: str) -> Optional[dict[str, str]]:
-    """Tags of the version `champion` points at, or None when there is none."""
+def version_of_run(name: str, run_id: str) -> Optional[str]:
+    """The version of `name` that MLflow run `run_id` registered, or None."""
+    # By run id alone (hex, safe in a filter) and the name compared here: a name may hold quotes.
+    found = get_client().search_model_versions(f"run_id = '{run_id}'")
+    versions = [int(version.version) for version in found if version.name == name]
+    return str(min(versions)) if versions else None
+
+
+def champion_version(name: str) -> Optional[ModelVersion]:
+    """The version `champion` of `name` points at, or None when there is none."""
     try:
-        return dict(get_client().get_model_version_by_alias(name, CHAMPION).tags)
+        return get_client().get_model_version_by_alias(name, CHAMPION)
     except MlflowException as error:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
+
+
+def champion_tags(name: str) -> Optional[dict[str, str]]:
+    """Tags of the version `champion` points at, or None when there is none."""
+    champion = champion_version(name)
+    return None if champion is None else dict(champion.tags)
 
 
 def apply_decision(decision: Decision, versions: dict[str, str]) -> str:

@@ -16,8 +16,9 @@ from models import ModelSpec
 from tasks.data.datasets import DatasetRef, test_images, test_pixels
 from tasks.data.loaders import TensorLoader
 from tasks.files import atomic_output
-from tasks.publish import evaluation, export, gate_lock, model_card, plots, registry
+from tasks.publish import evaluation, export, gate_lock, model_card, plots, promotion, registry
 from tasks.publish.evaluation import Evaluation
+from tasks.retrying import retry_except
 from tasks.track import lineage, reports, tracking
 from tasks.train import speed
 from tasks.train.steps import TrainedModel
@@ -139,7 +140,15 @@ def log_models(
     return model_ids
 
 
-@task(name="register-model", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+@task(
+    name="register-model",
+    cache_policy=NO_CACHE,
+    **tracking.MLFLOW_RETRIES,
+    # A gate that refused, or stayed busy for minutes, would do the same again.
+    retry_condition_fn=retry_except(
+        gate_lock.GateBusyError, gate_lock.GateMisconfiguredError, gate_lock.PrefectNotSharedError
+    ),
+)
 def register_model(
     model_ids: dict[str, str],
     spec: ModelSpec,
@@ -150,11 +159,13 @@ def register_model(
     run_id: str,
 ) -> dict:
     """Registers the logged models with a model card, then moves `champion` (or `challenger`) of
-    both names through the gate, which the first name's champion decides; one run at a time."""
+    both names through the gate, which the first name's champion decides; one run at a time. The
+    outcome is announced as a Prefect event (tasks/publish/promotion.py)."""
     name = next(iter(model_ids))
     with gate_lock.promotion_gate(name):
+        champion = promotion.align_champions(list(model_ids))  # a run killed between its moves
         candidate = registry.Candidate(evaluation.metrics["test_accuracy"], dataset.sha256, parity["passed"])
-        decision = registry.decide_promotion(candidate, registry.champion_tags(name))
+        decision = registry.decide_promotion(candidate, None if champion is None else dict(champion.tags))
         outcome = f"{registry.CHAMPION if decision.promote else registry.CHALLENGER}: {decision.reason}"
         sizes = lineage.split_sizes(dataset, float(params["val_fraction"]))
         facts = (evaluation.metrics, evaluation.per_class, parity, outcome, reports.provenance(run_id))
@@ -166,6 +177,11 @@ def register_model(
             for registered, model_id in model_ids.items()
         }
         alias = registry.apply_decision(decision, versions)
+        previous = None if champion is None else str(champion.version)
+        outcome = promotion.Outcome(
+            name, versions, alias, decision.reason, candidate.test_accuracy, run_id, dataset.sha256, previous
+        )
+        event_id = promotion.announce(outcome)  # in the gate: events leave in the order of the moves
     print(f"registered {versions} as {alias!r}: {decision.reason}")
     return {
         "versions": versions,
@@ -173,6 +189,7 @@ def register_model(
         "alias": alias,
         "reason": decision.reason,
         "run_id": run_id,
+        "event_id": event_id,
     }
 
 

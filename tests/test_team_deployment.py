@@ -1,0 +1,228 @@
+"""End-to-end: the team stack started by deploy/stack.py (PostgreSQL, moto's S3 server, MLflow with
+basic auth and proxied artefacts, Prefect with API auth), two workers in folders that share
+nothing, three trainings at once through the champion gate, and batch prediction started by the
+promotion event."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+from conftest import REPO, TRAIN_SCRIPT, free_port
+from mlflow import MlflowClient
+
+from tasks.publish.promotion import NOT_PROMOTED, PROMOTED, RESOURCE_PREFIX
+
+sys.path.insert(0, str(REPO / "deploy"))
+from stack import Stack  # noqa: E402
+
+pytestmark = pytest.mark.slow
+NAME = "digits-cnn"  # what train-on-demand registers, and the name prefect.yaml's trigger follows
+SEEDS = (1, 2, 3)
+
+
+def checkout(folder: Path) -> Path:
+    """A copy of the repository's tracked files, as a worker machine has its own clone."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (REPO / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, folder / name)
+    return folder
+
+
+def client_env(stack: Stack, home: Path) -> dict[str, str]:
+    """This machine's environment less any MLflow, Prefect or cloud settings, plus the stack's client
+    settings: what a team member's shell or a worker machine has."""
+    mine = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "AWS_"))}
+    return {
+        **mine,
+        **stack.client_env(),
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # a run starts within a second of being scheduled
+    }
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """The stack, `prefect deploy --all` and two workers, each in its own checkout."""
+    folder = tmp_path_factory.mktemp("team")
+    state = Path(tempfile.mkdtemp(prefix="stack-", dir="/tmp"))  # PostgreSQL's own user must reach it
+    state.chmod(0o755)
+    ports = {key: free_port() for key in ("POSTGRES_PORT", "S3_PORT", "MLFLOW_PORT", "PREFECT_PORT")}
+    try:
+        with Stack(state, {**ports, "MLFLOW_WORKERS": 1}) as stack:
+            machines = [checkout(folder / f"machine-{index}") for index in range(2)]
+            env = client_env(stack, folder / "home-deploy")
+            deployed = subprocess.run(
+                [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+                cwd=machines[0],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+            for index, machine in enumerate(machines):
+                stack.start_worker(machine, f"machine-{index}", {"PREFECT_WORKER_QUERY_SECONDS": "1"})
+            yield stack, folder
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def prefect_client(stack: Stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    env = stack.client_env()
+    settings = {
+        PREFECT_API_URL: env["PREFECT_API_URL"],
+        PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"],
+    }
+    return temporary_settings(settings), get_client
+
+
+async def run_on_demand(stack: Stack) -> list:
+    """The three trainings, started together; their finished flow runs."""
+    from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
+
+    configs = [{"dataset": "digits", "model": "cnn", "epochs": 1, "seed": seed} for seed in SEEDS]
+    started = [
+        await run_deployment("train-image-classifier/train-on-demand", parameters={"config": c}, timeout=0)
+        for c in configs
+    ]
+    return await asyncio.gather(*(wait_for_flow_run(run.id, timeout=900) for run in started))
+
+
+async def read_promotions(stack: Stack, since: datetime) -> list:
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    settings, get_client = prefect_client(stack)
+    wanted = EventFilter(
+        occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=[PROMOTED, NOT_PROMOTED])
+    )
+    with settings:
+        async with get_client() as client:
+            return (await client.read_events(filter=wanted, limit=50)).events
+
+
+async def triggered_predictions(stack: Stack, count: int, within: float = 600) -> list:
+    """The predict-batch flow runs, once `count` of them have finished."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    settings, get_client = prefect_client(stack)
+    deadline = time.monotonic() + within
+    with settings:
+        async with get_client() as client:
+            while True:
+                runs = await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["predict-batch"]))
+                )
+                if (
+                    len(runs) >= count
+                    and all(run.state.is_final() for run in runs)
+                    or time.monotonic() > deadline
+                ):
+                    return runs
+                await asyncio.sleep(2)
+
+
+def test_three_runs_on_two_workers_crown_the_best_and_its_event_rescores_it(team, monkeypatch):
+    stack, folder = team
+    for key in [key for key in os.environ if key.startswith(("MLFLOW_", "AWS_"))]:
+        monkeypatch.delenv(key)
+    for key, value in stack.client_env().items():
+        if key.startswith("MLFLOW_"):
+            monkeypatch.setenv(key, value)
+    since = datetime.now(timezone.utc) - timedelta(seconds=5)
+
+    settings, _ = prefect_client(stack)
+    with settings:
+        finished = asyncio.run(run_on_demand(stack))
+    logs = "".join(path.read_text()[-3000:] for path in stack.state.glob("logs/worker-*.log"))
+    assert all(run.state.is_completed() for run in finished), f"{[r.state for r in finished]}\n{logs}"
+
+    # Three versions per flavor; both champions on the most accurate run.
+    client = MlflowClient()
+    versions = {
+        flavor: client.search_model_versions(f"name = '{flavor}'") for flavor in (NAME, NAME + "-onnx")
+    }
+    assert {flavor: len(found) for flavor, found in versions.items()} == {NAME: 3, NAME + "-onnx": 3}
+    accuracy = {v.run_id: float(v.tags["test_accuracy"]) for v in versions[NAME]}
+    champions = [client.get_model_version_by_alias(flavor, "champion") for flavor in versions]
+    assert champions[0].run_id == champions[1].run_id
+    assert accuracy[champions[0].run_id] == max(accuracy.values())
+
+    # Every artefact is in the bucket, and comes back through the tracking server (no S3 credentials here).
+    s3 = stack.server_s3()
+    bucket_name = s3.pop("bucket")
+    bucket = boto3.client("s3", **s3)
+    keys = {
+        item["Key"]: item
+        for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=bucket_name)
+        for item in page.get("Contents", [])
+    }
+    for version in versions[NAME] + versions[NAME + "-onnx"]:
+        assert any(f"/{version.run_id}/artifacts/model_weights.pth" in key for key in keys), version.run_id
+        model_id = version.source.removeprefix("models:/")  # the logged model the version registers
+        assert any(f"/{model_id}/artifacts/MLmodel" in key for key in keys), version.source
+    weights = mlflow.artifacts.download_artifacts(
+        f"runs:/{champions[0].run_id}/model_weights.pth", dst_path=str(folder / "download")
+    )
+    [key] = [key for key in keys if key.endswith(f"/{champions[0].run_id}/artifacts/model_weights.pth")]
+    stored = bucket.get_object(Bucket=bucket_name, Key=key)["Body"].read()
+    assert hashlib.sha256(Path(weights).read_bytes()).digest() == hashlib.sha256(stored).digest()
+    machines = [folder / f"machine-{index}" for index in range(2)]
+    assert not any((machine / "mlruns").exists() or (machine / "mlflow.db").exists() for machine in machines)
+    assert any((machine / "data" / "prepared").is_dir() for machine in machines)  # each prepares its own
+
+    # One event per run; each promotion (and only those) started predict-batch on the version it named.
+    events = asyncio.run(read_promotions(stack, since))
+    assert len(events) == 3 and {e.resource.id for e in events} == {RESOURCE_PREFIX + NAME}
+    promoted = {str(e.id): e for e in events if e.event == PROMOTED}
+    assert promoted and {e.payload["run_id"] for e in events} == set(accuracy)
+    assert max(promoted.values(), key=lambda e: e.occurred).payload["run_id"] == champions[0].run_id
+    predictions = asyncio.run(triggered_predictions(stack, len(promoted)))
+    time.sleep(5)  # a not-promoted event would have started one by now
+    assert len(asyncio.run(triggered_predictions(stack, len(promoted), within=0))) == len(promoted)
+    assert all(run.state.is_completed() for run in predictions), [run.state for run in predictions]
+    experiment = client.get_experiment_by_name("image-classifier-predictions")
+    runs = client.search_runs([experiment.experiment_id])
+    assert {run.data.tags["trigger_event"] for run in runs} == set(promoted)
+    for run in runs:
+        event = promoted[run.data.tags["trigger_event"]]
+        assert run.data.tags["model_version"] == event.payload["versions"][NAME + "-onnx"]
+        assert run.data.tags["model_source_run_id"] == event.payload["run_id"]
+        assert run.data.metrics["accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("wrong", ["MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"])
+def test_wrong_credentials_fail_a_run_at_once_naming_the_server(team, wrong):
+    stack, folder = team
+    env = {**client_env(stack, folder / "home-cli"), wrong: "admin:not-the-s3cret"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--dataset", "digits", "--epochs", "1"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and time.monotonic() - started < 30
+    server = stack.mlflow_url if wrong.startswith("MLFLOW") else stack.prefect_api_url
+    assert f"server {server} refused" in done.stderr, done.stderr[-2000:]
+    assert "s3cret" not in done.stdout + done.stderr
