@@ -32,7 +32,10 @@ def test_predict_batch_follows_the_gates_promotions_of_one_name_with_a_complete_
     assert trigger.match.root == {"prefect.resource.id": RESOURCE_PREFIX + "digits-cnn"}
     config = trigger.parameters["config"]
     assert config["registered_model"] == "{{ event.resource.name }}"
-    assert (config["version"], config["trigger_event"]) == ("{{ event.payload.version }}", "{{ event.id }}")
+    assert (config["version"], config["trigger_event"]) == (
+        "{{ event.payload.version }}",
+        "{{ event.id | string }}",
+    )
     # The trigger's parameters replace the deployment's config whole: rendered, they are a valid one.
     rendered = {
         **config,

@@ -119,7 +119,7 @@ async def read_promotions(stack: Stack, since: datetime) -> list:
             return (await client.read_events(filter=wanted, limit=50)).events
 
 
-async def triggered_predictions(stack: Stack, count: int, within: float = 600) -> list:
+async def triggered_predictions(stack: Stack, count: int, within: float = 300) -> list:
     """The predict-batch flow runs, once `count` of them have finished."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 

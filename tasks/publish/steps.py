@@ -166,9 +166,9 @@ def register_model(
         champion = promotion.align_champions(list(model_ids))  # a run killed between its moves
         candidate = registry.Candidate(evaluation.metrics["test_accuracy"], dataset.sha256, parity["passed"])
         decision = registry.decide_promotion(candidate, None if champion is None else dict(champion.tags))
-        outcome = f"{registry.CHAMPION if decision.promote else registry.CHALLENGER}: {decision.reason}"
+        verdict = f"{registry.CHAMPION if decision.promote else registry.CHALLENGER}: {decision.reason}"
         sizes = lineage.split_sizes(dataset, float(params["val_fraction"]))
-        facts = (evaluation.metrics, evaluation.per_class, parity, outcome, reports.provenance(run_id))
+        facts = (evaluation.metrics, evaluation.per_class, parity, verdict, reports.provenance(run_id))
         card = model_card.version_card(dataset, sizes, params, *facts)
         contract = model_card.model_contract(dataset.preprocessing, dataset.class_names)
         tags = model_tags(dataset, evaluation, parity)
