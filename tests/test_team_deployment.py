@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,21 +17,26 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Optional
 
 import boto3
 import mlflow
+import pandas as pd
 import pytest
 from conftest import REPO, TRAIN_SCRIPT, free_port
 from mlflow import MlflowClient
+from prefect.client.schemas.objects import FlowRun
 
 from tasks.publish.promotion import NOT_PROMOTED, PROMOTED, RESOURCE_PREFIX
 
 sys.path.insert(0, str(REPO / "deploy"))
 from stack import Stack  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# One stack for the module: its tests go to one xdist worker (pytest -n 2 --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team-stack")]
 NAME = "digits-cnn"  # what train-on-demand registers, and the name prefect.yaml's trigger follows
 SEEDS = (1, 2, 3)
+ESCAPED = re.compile(r"\d{8}-\d{6}-escaped-[0-9a-f]{8}")  # the folder of a flow run named ../../escaped
 
 
 def checkout(folder: Path) -> Path:
@@ -226,3 +233,87 @@ def test_wrong_credentials_fail_a_run_at_once_naming_the_server(team, wrong):
     server = stack.mlflow_url if wrong.startswith("MLFLOW") else stack.prefect_api_url
     assert f"server {server} refused" in done.stderr, done.stderr[-2000:]
     assert "s3cret" not in done.stdout + done.stderr
+
+
+async def start_run(name: str, config: dict, run_name: Optional[str] = None) -> FlowRun:
+    """A flow run of deployment `name`, created for a worker to pick up; it is not waited for."""
+    from prefect.deployments import run_deployment
+
+    return await run_deployment(name, parameters={"config": config}, flow_run_name=run_name, timeout=0)
+
+
+async def finished(flow_run: FlowRun) -> FlowRun:
+    from prefect.flow_runs import wait_for_flow_run
+
+    return await wait_for_flow_run(flow_run.id, timeout=600)
+
+
+def test_every_deployment_runs_on_the_team_stack(team, monkeypatch):
+    """The schedule, the sweep on a Dask cluster the run starts, the command line's way to run a
+    deployment, prediction into a slugified run folder, and a path outside the worker's roots."""
+    stack, folder = team
+    for key, value in stack.client_env().items():
+        monkeypatch.setenv(key, value)
+    settings, get_client = prefect_client(stack)
+    with settings:
+        nightly = asyncio.run(read_deployment(get_client, "train-image-classifier/train-nightly"))
+        [schedule] = nightly.schedules
+        assert (
+            schedule.active and schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
+        )
+        sweep = asyncio.run(read_deployment(get_client, "sweep-image-classifier/sweep"))
+        assert sweep.parameters["config"]["grid"] == {"lr": [0.001, 0.003], "model": ["mlp", "cnn"]}
+
+        # Relative folders: each worker's own, under the root it allows (its working folder).
+        base = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "swept"}
+        sweep_config = {
+            "base": base,
+            "grid": {"lr": [0.001, 0.003]},
+            "task_runner": "dask",
+            "max_parallel": 2,
+        }
+        sweeping = asyncio.run(start_run("sweep-image-classifier/sweep", sweep_config))
+        predict = {"registered_model": "scheduled", "dataset": "synthetic"}
+        refused = asyncio.run(start_run("predict-images/predict-batch", {**predict, "output": "/etc/x"}))
+
+        # Started the way the README says, with custom parameters, watched until it ends.
+        config = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled"}
+        watched = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "train-image-classifier/train-on-demand"]
+            + ["--param", f"config={json.dumps(config)}", "--watch", "--watch-timeout", "600"],
+            env=client_env(stack, folder / "home-cli"),
+            capture_output=True,
+            text=True,
+            timeout=660,
+        )
+        assert "Completed" in watched.stdout, watched.stdout[-3000:] + watched.stderr[-3000:]
+        client = MlflowClient()
+        for name in ("scheduled", "scheduled-onnx"):
+            assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+        name = "../../escaped"  # the flow run's name becomes its folder's: slugified, inside output_dir
+        predicted = asyncio.run(
+            finished(asyncio.run(start_run("predict-images/predict-batch", predict, name)))
+        )
+        assert predicted.state.is_completed(), predicted.state
+        [run_dir] = [path for path in folder.glob("machine-*/outputs/*") if ESCAPED.fullmatch(path.name)]
+        table = pd.read_csv(run_dir / "predictions.csv")
+        assert len(table) == 1000 and table["correct"].mean() > 0.5
+        assert (run_dir / "config.json").is_file() and not list(folder.glob("**/escaped"))
+
+        failed = asyncio.run(finished(refused))
+        assert failed.state.is_failed(), failed.state
+        assert (
+            "ParameterOutsideRootsError: parameter output='/etc/x' resolves to /etc/x" in failed.state.message
+        )
+
+        swept = asyncio.run(finished(sweeping))
+        assert swept.state.is_completed(), swept.state
+    champion = client.get_model_version_by_alias("swept", "champion")
+    parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["trials_finished"] == 2 and parent.data.params["task_runner"] == "dask"
+
+
+async def read_deployment(get_client, name: str):
+    async with get_client() as client:
+        return await client.read_deployment_by_name(name)
