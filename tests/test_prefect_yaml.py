@@ -1,5 +1,5 @@
-"""prefect.yaml's pull step and predict-batch's trigger, without a server (tests/test_deployments.py
-and tests/test_team_deployment.py deploy them to real ones)."""
+"""prefect.yaml's pull step and predict-batch's trigger, without a server (tests/test_team_deployment.py
+deploys them to a real one)."""
 
 from __future__ import annotations
 
