@@ -3,7 +3,6 @@ a team (PostgreSQL, S3, MLflow with basic auth and proxied artefacts, Prefect wi
 
 from __future__ import annotations
 
-import base64
 import configparser
 import json
 import os
@@ -13,9 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +24,6 @@ sys.path.insert(0, str(DEPLOY))
 import stack_cli  # noqa: E402
 import stack_settings as config  # noqa: E402
 from stack import Stack  # noqa: E402
-from stack_processes import group_alive  # noqa: E402
 
 COMPOSE = DEPLOY / "compose.yaml"
 VARIABLE = re.compile(r"\$\{(\w+)(?::?-[^}]*)?\}")
@@ -242,72 +237,6 @@ def state_dir():
 
 def ports() -> dict[str, int]:
     return {key: free_port() for key in ("POSTGRES_PORT", "S3_PORT", "MLFLOW_PORT", "PREFECT_PORT")}
-
-
-def http_status(url: str, auth: str) -> int:
-    request = urllib.request.Request(
-        url, headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
-def client_roundtrip(stack: Stack, folder: Path, monkeypatch) -> tuple[str, str]:
-    """Logs and downloads an artefact as a client with no AWS credentials; (run id, text back)."""
-    from mlflow.tracking import MlflowClient
-
-    for key in [key for key in os.environ if key.startswith(("AWS_", "MLFLOW_S3_"))]:
-        monkeypatch.delenv(key)
-    for key, value in stack.client_env().items():
-        monkeypatch.setenv(key, value)
-    client = MlflowClient(stack.mlflow_url)
-    run = client.create_run(client.create_experiment("deploy-test"))
-    (folder / "note.txt").write_text("through the tracking server")
-    client.log_artifact(run.info.run_id, str(folder / "note.txt"), "notes")
-    back = client.download_artifacts(run.info.run_id, "notes/note.txt", str(folder))
-    return run.info.run_id, Path(back).read_text()
-
-
-@pytest.mark.slow
-def test_the_stack_serves_a_team(state_dir, tmp_path, monkeypatch):
-    stack = Stack(state_dir, {**ports(), "MLFLOW_WORKERS": 1})
-    settings, started = stack.settings, time.monotonic()
-    with stack:
-        print(f"stack up in {time.monotonic() - started:.1f} s")
-        pids = stack.running()
-        assert set(pids) == {"postgres", "s3", "mlflow", "prefect"}
-        cmdline = Path(f"/proc/{pids['mlflow']}/cmdline").read_text().split("\0")[:-1]
-        assert cmdline == config.mlflow_server(settings, stack.state / "mlflow-auth.ini")[0]
-
-        search = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert http_status(search, f"{settings['MLFLOW_ADMIN_USER']}:wrong-password-123") == 401
-        assert (
-            http_status(search, f"{settings['MLFLOW_ADMIN_USER']}:{settings['MLFLOW_ADMIN_PASSWORD']}") == 200
-        )
-
-        run_id, text = client_roundtrip(stack, tmp_path, monkeypatch)
-        assert text == "through the tracking server"
-        s3 = stack.server_s3()
-        bucket = s3.pop("bucket")
-        import boto3
-
-        keys = [item["Key"] for item in boto3.client("s3", **s3).list_objects_v2(Bucket=bucket)["Contents"]]
-        assert any(key.endswith(f"{run_id}/artifacts/notes/note.txt") for key in keys), keys
-
-        version = f"{stack.prefect_api_url}/admin/version"
-        assert http_status(version, "admin:not-the-auth-string") == 401
-        assert http_status(version, settings["PREFECT_SERVER_API_AUTH_STRING"]) == 200
-        pool = f"{stack.prefect_api_url}/work_pools/{settings['WORK_POOL']}"
-        assert http_status(pool, settings["PREFECT_SERVER_API_AUTH_STRING"]) == 200
-
-        dumps = stack.backup(tmp_path / "backup")
-        assert [path.name for path in dumps] == ["mlflow.dump", "mlflow_auth.dump", "prefect.dump"]
-        assert all(path.stat().st_size > 1000 for path in dumps)
-    assert stack.running() == {}
-    assert not any(group_alive(pid) for pid in pids.values())
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from tasks.publish import gate_lock
 from tasks.publish.gate_lock import promotion_gate
 from tasks.track.tracking import local_store
-from tests.conftest import REPO, TRAIN_SCRIPT, Processes, free_port, script_env, wait_until_up
+from tests.conftest import TRAIN_SCRIPT, Processes, free_port, script_env, wait_until_up
 
 
 def test_local_store_is_the_file_or_folder_of_a_local_uri(tmp_path, monkeypatch):
@@ -212,78 +212,4 @@ def test_two_runs_against_one_tracking_server_without_a_shared_prefect_are_refus
     assert elapsed < 30
 
 
-@pytest.mark.slow
-def test_a_holder_killed_with_sigkill_frees_the_gate_within_its_lease(tmp_path):
-    """A real `prefect server start` (the session's test server runs no repossessor service), its
-    repossessor looking for expired leases every second; the shortest lease Prefect accepts."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    off = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "TRIGGERS")
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
-        **{f"PREFECT_SERVER_SERVICES_{service}_ENABLED": "false" for service in off},
-    }
-    processes = Processes(tmp_path, env, grace=3)  # a throwaway server: no need to wait on its shutdown
-    holder_env = {
-        **env,
-        "PREFECT_API_URL": api,
-        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",  # a tracking server: the gate never calls it
-        gate_lock.LEASE_VARIABLE: "60",
-    }
-    # The holder imports while the server starts, then takes the gate as soon as the server answers.
-    holder = f"""
-import time, urllib.request
-import mlflow, prefect.client.orchestration, tasks.files
-from tasks.publish.gate_lock import promotion_gate
-while True:
-    try:
-        urllib.request.urlopen("{api}/health", timeout=2)
-        break
-    except OSError:
-        time.sleep(0.2)
-with promotion_gate("killed"):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-    try:
-        server, log = processes.start(
-            "prefect", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-c", holder],
-            cwd=REPO,
-            env=holder_env,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        processes.started.append(process)  # stopped with the server if the test fails early
-        wait_until_up(f"{api}/health", server, log)
-        watchdog = threading.Timer(120, process.kill)  # a holder that never gets in fails the test
-        watchdog.start()
-        held = process.stdout.readline()
-        watchdog.cancel()
-        assert held == "held\n", log.read_text()[-3000:]
-        assert active_slots(api, "killed") == 1
-        process.kill()
-        process.wait()
-        killed_at = time.monotonic()
-        while active_slots(api, "killed") and time.monotonic() - killed_at < 90:
-            time.sleep(0.5)
-        freed_after = time.monotonic() - killed_at
-    finally:
-        processes.stop_all()
-    assert 30 < freed_after < 60 + 10, freed_after  # by the lease's expiry, not before, not long after
-
-
-def active_slots(api: str, name: str) -> int:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        return client.read_global_concurrency_limit_by_name(gate_lock.limit_name(name)).active_slots
+# A run SIGKILLed in the gate: tests/test_team_deployment.py, on the team stack's Prefect server.

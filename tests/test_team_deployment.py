@@ -6,6 +6,8 @@ promotion event."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -14,10 +16,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import boto3
 import mlflow
@@ -27,10 +32,13 @@ from conftest import REPO, TRAIN_SCRIPT, free_port
 from mlflow import MlflowClient
 from prefect.client.schemas.objects import FlowRun
 
+from tasks.publish import gate_lock
 from tasks.publish.promotion import NOT_PROMOTED, PROMOTED, RESOURCE_PREFIX
 
 sys.path.insert(0, str(REPO / "deploy"))
+import stack_settings as config  # noqa: E402
 from stack import Stack  # noqa: E402
+from stack_processes import group_alive  # noqa: E402
 
 # One stack for the module: its tests go to one xdist worker (pytest -n 2 --dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team-stack")]
@@ -70,23 +78,92 @@ def team(tmp_path_factory):
     state.chmod(0o755)
     ports = {key: free_port() for key in ("POSTGRES_PORT", "S3_PORT", "MLFLOW_PORT", "PREFECT_PORT")}
     try:
-        with Stack(state, {**ports, "MLFLOW_WORKERS": 1}) as stack:
-            machines = [checkout(folder / f"machine-{index}") for index in range(2)]
-            env = client_env(stack, folder / "home-deploy")
-            deployed = subprocess.run(
-                [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
-                cwd=machines[0],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-            for index, machine in enumerate(machines):
-                stack.start_worker(machine, f"machine-{index}", {"PREFECT_WORKER_QUERY_SECONDS": "1"})
-            yield stack, folder
+        with pytest.MonkeyPatch.context() as patch:
+            # The stack's Prefect server looks for expired gate leases every second, not every 15 s.
+            patch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "1")
+            stack = Stack(state, {**ports, "MLFLOW_WORKERS": 1})
+            with stack:
+                machines = [checkout(folder / f"machine-{index}") for index in range(2)]
+                env = client_env(stack, folder / "home-deploy")
+                deployed = subprocess.run(
+                    [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+                    cwd=machines[0],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+                for index, machine in enumerate(machines):
+                    stack.start_worker(machine, f"machine-{index}", {"PREFECT_WORKER_QUERY_SECONDS": "1"})
+                pids = stack.running()
+                yield stack, folder
+            # `down` (leaving the block) stops every process the stack started, workers included.
+            assert stack.running() == {} and not any(group_alive(pid) for pid in pids.values())
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+HOLDER = """
+from tasks.publish.gate_lock import promotion_gate
+with promotion_gate("killed"):
+    print("held", flush=True)
+    input()  # until it is killed
+"""
+
+
+@contextlib.contextmanager
+def gate_held_by_a_killed_run(stack: Stack) -> Iterator[Callable[[], float]]:
+    """A run takes the promotion gate of 'killed' on the stack's Prefect server and is SIGKILLed
+    holding it; yields how long, from the kill, its slot then stayed taken (watched every 0.5 s in
+    the background while the block runs)."""
+    env = {
+        **client_env(stack, stack.state / "home-holder"),
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",  # a tracking server: the gate never calls it
+        gate_lock.LEASE_VARIABLE: "60",  # the shortest lease Prefect's server accepts
+    }
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        watchdog = threading.Timer(120, holder.kill)  # a holder that never gets in fails the test
+        watchdog.start()
+        assert holder.stdout.readline() == "held\n"
+        watchdog.cancel()
+        assert active_slots(stack, "killed") == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    killed_at, freed = time.monotonic(), []
+
+    def watch() -> None:
+        while active_slots(stack, "killed") and time.monotonic() - killed_at < 150:
+            time.sleep(0.5)
+        freed.append(time.monotonic() - killed_at)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def freed_after() -> float:
+        watcher.join(150)
+        return freed[0]
+
+    yield freed_after
+
+
+def active_slots(stack: Stack, name: str) -> int:
+    """Slots taken of `name`'s gate, read from the Prefect API over HTTP (any thread can)."""
+    auth = base64.b64encode(stack.client_env()["PREFECT_API_AUTH_STRING"].encode()).decode()
+    url = f"{stack.prefect_api_url}/v2/concurrency_limits/{gate_lock.limit_name(name)}"
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
+    ) as answer:
+        return json.load(answer)["active_slots"]
 
 
 def prefect_client(stack: Stack):
@@ -157,8 +234,10 @@ def test_three_runs_on_two_workers_crown_the_best_and_its_event_rescores_it(team
     since = datetime.now(timezone.utc) - timedelta(seconds=5)
 
     settings, _ = prefect_client(stack)
-    with settings:
+    # While the runs train, the gate of a run killed inside it frees itself (acceptance: the lease).
+    with gate_held_by_a_killed_run(stack) as freed_after, settings:
         finished = asyncio.run(run_on_demand(stack))
+        assert 30 < freed_after() < 60 + 10  # by the lease's expiry, not before, not long after
     logs = "".join(path.read_text()[-3000:] for path in stack.state.glob("logs/worker-*.log"))
     assert all(run.state.is_completed() for run in finished), f"{[r.state for r in finished]}\n{logs}"
 
@@ -317,3 +396,61 @@ def test_every_deployment_runs_on_the_team_stack(team, monkeypatch):
 async def read_deployment(get_client, name: str):
     async with get_client() as client:
         return await client.read_deployment_by_name(name)
+
+
+def http_status(url: str, auth: str) -> int:
+    request = urllib.request.Request(
+        url, headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def client_roundtrip(stack: Stack, folder: Path, monkeypatch) -> tuple[str, str]:
+    """Logs and downloads an artefact as a client with no AWS credentials; (run id, text back)."""
+    from mlflow.tracking import MlflowClient
+
+    for key in [key for key in os.environ if key.startswith(("AWS_", "MLFLOW_S3_"))]:
+        monkeypatch.delenv(key)
+    for key, value in stack.client_env().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(stack.mlflow_url)
+    run = client.create_run(client.create_experiment("deploy-test"))
+    (folder / "note.txt").write_text("through the tracking server")
+    client.log_artifact(run.info.run_id, str(folder / "note.txt"), "notes")
+    back = client.download_artifacts(run.info.run_id, "notes/note.txt", str(folder))
+    return run.info.run_id, Path(back).read_text()
+
+
+def test_the_stack_serves_logins_artefacts_and_backups(team, tmp_path, monkeypatch):
+    stack, _ = team
+    settings = stack.settings
+    pids = stack.running()
+    assert set(pids) == {"postgres", "s3", "mlflow", "prefect", "worker-machine-0", "worker-machine-1"}
+    cmdline = Path(f"/proc/{pids['mlflow']}/cmdline").read_text().split("\0")[:-1]
+    assert cmdline == config.mlflow_server(settings, stack.state / "mlflow-auth.ini")[0]
+
+    search = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(search, f"{settings['MLFLOW_ADMIN_USER']}:wrong-password-123") == 401
+    assert http_status(search, f"{settings['MLFLOW_ADMIN_USER']}:{settings['MLFLOW_ADMIN_PASSWORD']}") == 200
+
+    run_id, text = client_roundtrip(stack, tmp_path, monkeypatch)
+    assert text == "through the tracking server"
+    s3 = stack.server_s3()
+    bucket = s3.pop("bucket")
+    pages = boto3.client("s3", **s3).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+    assert any(key.endswith(f"{run_id}/artifacts/notes/note.txt") for key in keys), keys
+
+    version = f"{stack.prefect_api_url}/admin/version"
+    assert http_status(version, "admin:not-the-auth-string") == 401
+    assert http_status(version, settings["PREFECT_SERVER_API_AUTH_STRING"]) == 200
+    pool = f"{stack.prefect_api_url}/work_pools/{settings['WORK_POOL']}"
+    assert http_status(pool, settings["PREFECT_SERVER_API_AUTH_STRING"]) == 200
+
+    dumps = stack.backup(tmp_path / "backup")
+    assert [path.name for path in dumps] == ["mlflow.dump", "mlflow_auth.dump", "prefect.dump"]
+    assert all(path.stat().st_size > 1000 for path in dumps)
