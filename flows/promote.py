@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: moves the alias, prints what it did, returns the outcome."""
     args = build_parser().parse_args(argv)  # --help and bad flags answer before the imports below
-    from flows.cli import exit_unless_tracking_answers
+    from flows.cli import exit_unless_prefect_answers, exit_unless_tracking_answers
 
     exit_unless_tracking_answers()
+    exit_unless_prefect_answers()
     from tasks.publish.gate_lock import GateBusyError, GateMisconfiguredError, PrefectNotSharedError
     from tasks.publish.promotion import PromotionRefusedError, promote_by_hand
 
