@@ -40,8 +40,8 @@ import stack_settings as config  # noqa: E402
 from stack import Stack  # noqa: E402
 from stack_processes import group_alive  # noqa: E402
 
-# One stack for the module: its tests go to one xdist worker (pytest -n 2 --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team-stack")]
+# One stack for the module: `pytest -n 2 --dist loadfile` runs a module's tests on one worker.
+pytestmark = pytest.mark.slow
 NAME = "digits-cnn"  # what train-on-demand registers, and the name prefect.yaml's trigger follows
 SEEDS = (1, 2, 3)
 ESCAPED = re.compile(r"\d{8}-\d{6}-escaped-[0-9a-f]{8}")  # the folder of a flow run named ../../escaped
@@ -295,23 +295,25 @@ def test_three_runs_on_two_workers_crown_the_best_and_its_event_rescores_it(team
         assert run.data.metrics["accuracy"] > 0.5
 
 
-@pytest.mark.parametrize("wrong", ["MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"])
-def test_wrong_credentials_fail_a_run_at_once_naming_the_server(team, wrong):
+def test_wrong_credentials_fail_a_run_at_once_naming_the_server(team):
     stack, folder = team
-    env = {**client_env(stack, folder / "home-cli"), wrong: "admin:not-the-s3cret"}
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), "--dataset", "digits", "--epochs", "1"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0 and time.monotonic() - started < 30
-    server = stack.mlflow_url if wrong.startswith("MLFLOW") else stack.prefect_api_url
-    assert f"server {server} refused" in done.stderr, done.stderr[-2000:]
-    assert "s3cret" not in done.stdout + done.stderr
+    for wrong, server in [
+        ("MLFLOW_TRACKING_PASSWORD", stack.mlflow_url),
+        ("PREFECT_API_AUTH_STRING", stack.prefect_api_url),
+    ]:
+        env = {**client_env(stack, folder / "home-cli"), wrong: "admin:not-the-s3cret"}
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, str(TRAIN_SCRIPT), "--dataset", "digits", "--epochs", "1"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0 and time.monotonic() - started < 30, wrong
+        assert f"server {server} refused" in done.stderr, done.stderr[-2000:]
+        assert "s3cret" not in done.stdout + done.stderr
 
 
 async def start_run(name: str, config: dict, run_name: Optional[str] = None) -> FlowRun:
