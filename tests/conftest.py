@@ -78,7 +78,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     fixtures are made once): with -n 2 the quick ones then fill the gaps, rather than one worker
     finishing a long flow test alone at the end."""
     slow = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow)
+    # The longest module (it is one unit for --dist loadfile) first of all, not last at the end.
+    items.sort(key=lambda item: (item.module not in slow, not getattr(item.module, "LONGEST", False)))
 
 
 def run_train_script(
