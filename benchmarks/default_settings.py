@@ -3,7 +3,8 @@
 Trains with the project's train() on digits, synthetic and the generated 60k set
 (`benchmarks/digits60k.py`), for the previous defaults (CNN, 8 epochs, batch 64, AdamW 3e-3,
 one-cycle, fp32 NCHW), the current TrainConfig defaults, and any --try settings, all in one
-process, and prints one table. Accuracy is the fp32 model's on the test split.
+process, and prints one table (also written to benchmarks/results/default_settings.md). Accuracy
+is the fp32 model's on the test split.
 
     python benchmarks/default_settings.py [--datasets digits,synthetic,digits60k]
         [--try "epochs=5,batch_size=128,lr=4e-3,precision=bf16"]
@@ -23,6 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.digits60k import write_digits60k  # noqa: E402
+from benchmarks.results_file import Printed, write_result  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
 from flows.recipe import model_spec, train_settings  # noqa: E402
 from tasks.data.datasets import prepare_dataset  # noqa: E402
@@ -80,15 +82,18 @@ def main() -> None:
     settings["current defaults"] = {}
     settings.update({text: parse_setting(text) for text in args.tries})
     threads = speed.set_threads(None)
-    print(f"threads={threads} torch={torch.__version__}")
-    print(f"{'dataset':10s} {'setting':48s} {'seconds':>8s} {'accuracy':>9s}")
+    out = Printed()
+    out(f"threads={threads} torch={torch.__version__} device={args.device}")
+    out(f"{'dataset':10s} {'setting':48s} {'seconds':>8s} {'accuracy':>9s}")
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.datasets.split(","):
             source = "fashion-mnist" if name == "digits60k" else name
             data_dir = write_digits60k(args.data_dir) if name == "digits60k" else args.data_dir
             for label, setting in settings.items():
                 seconds, accuracy = measure(source, data_dir, setting, Path(scratch), args.device)
-                print(f"{name:10s} {label:48s} {seconds:8.1f} {accuracy:9.4f}", flush=True)
+                out(f"{name:10s} {label:48s} {seconds:8.1f} {accuracy:9.4f}")
+    result = "default_settings" if args.device == "cpu" else f"default_settings_{args.device}"
+    write_result(result, "Default settings: training seconds and test accuracy", out.block())
 
 
 if __name__ == "__main__":

@@ -28,4 +28,4 @@ def empty_flow() -> None:
 
 if __name__ == "__main__":
     empty_flow()
-    gc.freeze()  # as train_flow.py ends: without a last collection over every object
+    gc.freeze()  # as flows/launcher.py ends a run: without a last collection over every object

@@ -4,7 +4,7 @@ arbitrary CSVs) with many more examples than the suite's fixed 150, drawn at ran
 
 Prints, per property, the examples that passed, failed and were discarded, and exits non-zero
 when any input raised something other than the project's own input errors (Hypothesis then prints
-the smallest such input and its traceback).
+the smallest such input and its traceback). The table goes to benchmarks/results/fuzz.md.
 
     python benchmarks/fuzz.py [--examples 20000] [--fixed] [-k decoder]
 """
@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_file import Printed, write_result  # noqa: E402
+
 _COUNTS = re.compile(r"- (\d+) passing, (\d+) failing, and (\d+) invalid")
 
 
@@ -38,10 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     names = re.findall(r"tests/test_fuzz.py::(\w+):", result.stdout)
     counts = _COUNTS.findall(result.stdout)
-    print(f"{'property':<45} {'passing':>8} {'failing':>8} {'invalid':>8}")
+    out = Printed()
+    out(f"{'property':<45} {'passing':>8} {'failing':>8} {'invalid':>8}")
     for name, (passing, failing, invalid) in zip(names, counts):
-        print(f"{name:<45} {passing:>8} {failing:>8} {invalid:>8}")
-    print(f"{time.monotonic() - started:.0f} s, {'fixed' if args.fixed else 'random'} examples")
+        out(f"{name:<45} {passing:>8} {failing:>8} {invalid:>8}")
+    out(f"{time.monotonic() - started:.0f} s, {'fixed' if args.fixed else 'random'} examples")
+    out(f"pytest exit status {result.returncode}")
+    write_result("fuzz", "Fuzzing the readers of untrusted files", out.block())
     if result.returncode != 0:
         print(result.stdout[-20_000:], result.stderr[-5_000:], sep="\n")
     return result.returncode

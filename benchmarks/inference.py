@@ -4,7 +4,8 @@ Latency: the same exported network (28x28, 10 classes) at batch 1, 64 and 1024, 
 repeated calls after a warm-up, on the CPU. Throughput: trains a digits model for one epoch
 into a scratch MLflow registry, writes --images PNGs to a folder and runs
 `python flows/predict_flow.py` over it with both flavors, reporting images/s of the whole
-command (start-up included) and of its predict steps alone.
+command (start-up included) and of its predict steps alone. Writes
+benchmarks/results/inference.md.
 
     python benchmarks/inference.py [--images 20000] [--repeats 50]
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.flow_steps import flow_run_times, latest_flow_run_id  # noqa: E402
+from benchmarks.results_file import Printed, write_result  # noqa: E402
 from models import build_model  # noqa: E402
 from tasks.publish.export import INPUT_NAME, OUTPUT_NAME, onnx_session, write_onnx  # noqa: E402
 from tasks.train import speed  # noqa: E402
@@ -43,8 +45,8 @@ def median_seconds(call, repeats: int) -> float:
     return statistics.median(times)
 
 
-def latency_table(scratch: Path, repeats: int) -> None:
-    print(f"{'model':5s} {'batch':>5s} {'torch ms':>9s} {'onnxruntime ms':>15s} {'torch/ort':>10s}")
+def latency_table(scratch: Path, repeats: int, out: Printed) -> None:
+    out(f"{'model':5s} {'batch':>5s} {'torch ms':>9s} {'onnxruntime ms':>15s} {'torch/ort':>10s}")
     for name in ("cnn", "mlp"):
         torch.manual_seed(0)
         model = build_model(name, 1, (28, 28), 10).eval()
@@ -55,10 +57,10 @@ def latency_table(scratch: Path, repeats: int) -> None:
             with torch.inference_mode():
                 eager = median_seconds(lambda: model(pixels), repeats)
             ort = median_seconds(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: array}), repeats)
-            print(f"{name:5s} {batch:5d} {eager * 1e3:9.3f} {ort * 1e3:15.3f} {eager / ort:9.2f}x")
+            out(f"{name:5s} {batch:5d} {eager * 1e3:9.3f} {ort * 1e3:15.3f} {eager / ort:9.2f}x")
 
 
-def prediction_throughput(scratch: Path, images: int) -> None:
+def prediction_throughput(scratch: Path, images: int, out: Printed) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env |= {
         "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}",
@@ -79,7 +81,7 @@ def prediction_throughput(scratch: Path, images: int) -> None:
         steps = sum(
             end - start for name, start, end in times["steps"] if name.startswith("predict-partition")
         )
-        print(
+        out(
             f"predict_flow.py --flavor {flavor:7s}: {images / wall:8,.0f} images/s end to end "
             f"({wall:.1f} s), "
             f"{images / steps:8,.0f} images/s in predict-partition ({steps:.1f} s)"
@@ -104,10 +106,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
-    print(f"threads={speed.set_threads(None)}")
+    out = Printed()
+    out(f"threads={speed.set_threads(None)} images={args.images} repeats={args.repeats}")
     with tempfile.TemporaryDirectory() as scratch:
-        latency_table(Path(scratch), args.repeats)
-        prediction_throughput(Path(scratch), args.images)
+        latency_table(Path(scratch), args.repeats, out)
+        prediction_throughput(Path(scratch), args.images, out)
+    write_result("inference", "Inference: onnxruntime against torch eager, and predict_flow.py", out.block())
 
 
 if __name__ == "__main__":

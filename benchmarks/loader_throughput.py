@@ -1,7 +1,8 @@
 """Loader throughput: in-memory uint8 batches cut by index vs a torchvision-style PIL DataLoader.
 
 Both iterate one shuffled epoch over the same 60,000 28x28 images (FashionMNIST's size) at the
-same batch size and yield identical float batches in [0, 1]. Prints samples/s and the ratio.
+same batch size and yield identical float batches in [0, 1]. Prints samples/s and the ratio, and
+writes them to benchmarks/results/loader_throughput.md.
 
     python benchmarks/loader_throughput.py [--samples 60000] [--batch-size 64]
 """
@@ -20,6 +21,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms.functional import to_tensor  # noqa: E402
 
+from benchmarks.results_file import Printed, write_result  # noqa: E402
 from tasks.data.loaders import TensorLoader  # noqa: E402
 
 
@@ -53,10 +55,14 @@ def main() -> None:
 
     tensor = epoch_rate(TensorLoader(images, labels, args.batch_size, shuffle=True))
     pil = epoch_rate(DataLoader(PilDataset(images, labels), batch_size=args.batch_size, shuffle=True))
-    print(f"samples={args.samples} batch_size={args.batch_size} threads={torch.get_num_threads()}")
-    print(f"TensorLoader (uint8, index per batch): {tensor:12,.0f} samples/s")
-    print(f"DataLoader (PIL + ToTensor per sample): {pil:12,.0f} samples/s")
-    print(f"ratio: {tensor / pil:.1f}x")
+    out = Printed()
+    out(f"samples={args.samples} batch_size={args.batch_size} threads={torch.get_num_threads()}")
+    out(f"TensorLoader (uint8, index per batch): {tensor:12,.0f} samples/s")
+    out(f"DataLoader (PIL + ToTensor per sample): {pil:12,.0f} samples/s")
+    out(f"ratio: {tensor / pil:.1f}x")
+    write_result(
+        "loader_throughput", "Loader throughput: uint8 batches by index against a PIL DataLoader", out.block()
+    )
 
 
 if __name__ == "__main__":

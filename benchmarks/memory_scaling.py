@@ -31,7 +31,6 @@ import argparse
 import datetime
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -47,7 +46,8 @@ sys.path[:0] = [str(ROOT / "tests")]
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from photos import class_image, write_rgb_jpeg  # noqa: E402  (tests/photos.py)
-from revisions import code_version, extract, write_result  # noqa: E402  (benchmarks/revisions.py)
+from results_file import code_version, write_result  # noqa: E402  (benchmarks/results_file.py)
+from revisions import extract  # noqa: E402  (benchmarks/revisions.py)
 
 CLASSES = ("alpha", "beta", "gamma")
 FIELDS = {"RssAnon": "status", "RssFile": "status", "Pss_Anon": "smaps_rollup"}
@@ -190,22 +190,12 @@ def run_size(code: Path, count: int, args: argparse.Namespace, scratch: Path, re
     return run
 
 
-def report(args: argparse.Namespace, label: str, version: str, runs: list[Run]) -> str:
-    """The Markdown note: command, machine, one row per run, the growth and the verdict."""
-    command = " ".join(
-        shlex.quote(part) for part in ["python", "benchmarks/memory_scaling.py", *sys.argv[1:]]
-    )
-    memory = psutil.virtual_memory().total / 2**30
+def report(args: argparse.Namespace, runs: list[Run]) -> list[str]:
+    """The Markdown body under the shared header: one row per run, the growth and the verdict."""
     arena = f", MALLOC_ARENA_MAX={args.arena_max}" if args.arena_max else ""
     lines = [
-        f"## Memory scaling: {label}",
-        "",
-        f"`{command}`",
-        "",
-        f"{datetime.date.today()}, code {version}: {os.cpu_count()} cores, "
-        f"{memory:.0f} GiB; {args.model}, "
-        f"{args.epochs} epoch(s){arena}. Peaks of the flow's process tree (summed over its processes), "
-        f"sampled every {SAMPLE_SECONDS} s.",
+        f"{args.model}, {args.epochs} epoch(s){arena}. Peaks of the flow's process tree (summed over its "
+        f"processes), sampled every {SAMPLE_SECONDS} s.",
         "",
         "| photos | peak RssAnon (MB) | during | peak RssFile (MB) | peak Pss_Anon (MB) | seconds | exit |",
         "|---:|---:|---|---:|---:|---:|---:|",
@@ -228,7 +218,7 @@ def report(args: argparse.Namespace, label: str, version: str, runs: list[Run]) 
     lines[-1] += (
         f": {small:,.0f} to {large:,.0f} MB, {growth:+,.0f} MB (limit {args.limit_mb:.0f} MB): {verdict}."
     )
-    return "\n".join(lines)
+    return lines
 
 
 def sizes(args: argparse.Namespace) -> tuple[int, int]:
@@ -259,8 +249,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    note = report(args, label, version, runs)
-    write_result("memory_scaling", args.ref, note, args.output)
+    title, body = f"Memory scaling: {label}", report(args, runs)
+    write_result("memory_scaling", title, body, args.ref, args.output, version)
 
 
 if __name__ == "__main__":

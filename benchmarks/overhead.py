@@ -14,6 +14,8 @@ temporary server, which train_flow.py starts beside its imports instead.
 By default the run is the default run (one epoch) on the generated 60k set
 (`benchmarks/digits60k.py`), so evaluation and the ONNX check see a 10,000-image test split.
 
+Writes the breakdowns to benchmarks/results/overhead.md.
+
     python benchmarks/overhead.py [--dataset fashion-mnist] [--epochs 1] [--data-dir DIR] [--runs 3]
 """
 
@@ -34,6 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.digits60k import write_digits60k  # noqa: E402
 from benchmarks.flow_steps import flow_run_times, latest_flow_run_id  # noqa: E402
+from benchmarks.results_file import Printed, write_result  # noqa: E402
+
+out = Printed()  # what main prints goes to the results file too
 
 
 def run_flow(env: dict, args, scratch: Path) -> dict:
@@ -84,7 +89,7 @@ def timed_runs(env: dict, args, scratch: Path, title: str) -> tuple[float, float
     if args.runs > 1:
         title += f" (median of {args.runs} runs: {', '.join(f'{overhead(t):.1f}' for t in timings)} s)"
     seconds = show(title, median)
-    print(
+    out(
         f"  empty flow (one task, imports torch, Prefect and MLflow, does nothing): {floor:.1f} s "
         f"({', '.join(f'{f:.1f}' for f in floors)}); the overhead beyond it: {seconds - floor:.1f} s"
     )
@@ -94,14 +99,14 @@ def timed_runs(env: dict, args, scratch: Path, title: str) -> tuple[float, float
 def show(title: str, timing: dict) -> float:
     """Prints the breakdown; returns the overhead in seconds."""
     (started, ended), steps = timing["wall"], timing["steps"]
-    print(f"\n{title}: wall clock {ended - started:.1f} s, training {training(timing):.1f} s")
-    print(f"  {'start-up (imports, server, flow run)':40s} {timing['start'] - started:6.2f} s")
+    out(f"\n{title}: wall clock {ended - started:.1f} s, training {training(timing):.1f} s")
+    out(f"  {'start-up (imports, server, flow run)':40s} {timing['start'] - started:6.2f} s")
     for name, start, end in steps:
         if not name.startswith("train-model"):
-            print(f"  {name:40s} {end - start:6.2f} s")
-    print(f"  {'after the flow run (exit)':40s} {ended - timing['end']:6.2f} s")
+            out(f"  {name:40s} {end - start:6.2f} s")
+    out(f"  {'after the flow run (exit)':40s} {ended - timing['end']:6.2f} s")
     seconds = overhead(timing)
-    print(f"  overhead: {seconds:.1f} s")
+    out(f"  overhead: {seconds:.1f} s")
     return seconds
 
 
@@ -149,13 +154,14 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
-    print(
+    out(
         "\n"
         + ", ".join(
             f"{mode}: {seconds:.1f} s overhead, empty flow {floor:.1f} s ({seconds / floor:.2f}x)"
             for mode, (seconds, floor) in results.items()
         )
     )
+    write_result("overhead", "Overhead: a run's wall clock minus its training, by step", out.block())
 
 
 if __name__ == "__main__":

@@ -19,10 +19,7 @@ benchmarks/results/predict_scaling.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -30,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from revisions import ROOT, code_version, extract, write_result  # benchmarks/revisions.py
+from results_file import code_version, write_result  # benchmarks/results_file.py
+from revisions import ROOT, extract  # benchmarks/revisions.py
 
 SIDE = 28
 CLASSES = tuple(str(k) for k in range(10))
@@ -117,27 +115,13 @@ def run_size(code: Path, data: Path, rows: int, args: argparse.Namespace) -> dic
     return found
 
 
-def processor() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line]
-    return names[0] if names else "unknown processor"
-
-
-def report(args: argparse.Namespace, label: str, version: str, found: list[dict]) -> str:
-    """The Markdown note: command, machine, one row per run, the ratio and the verdict."""
-    command = " ".join(
-        shlex.quote(part) for part in ["python", "benchmarks/predict_scaling.py", *sys.argv[1:]]
-    )
+def report(args: argparse.Namespace, found: list[dict]) -> list[str]:
+    """The Markdown body under the shared header: one row per run, the ratio and the verdict."""
     best = {rows: max(run["rate"] for run in found if run["rows"] == rows) for rows in args.sizes}
     small, large = best[args.sizes[0]], best[args.sizes[-1]]
     ratio = large / small
     verdict = "pass" if abs(ratio - 1) < args.tolerance else "fail"
     lines = [
-        f"## Prediction scaling: {label}",
-        "",
-        f"`{command}`",
-        "",
-        f"{datetime.date.today()}, code {version}: {len(os.sched_getaffinity(0))} cores ({processor()}); "
         f"{args.model}, batch {args.batch_size}, partitions of {args.partition_size:,} rows predicted one "
         f"after another in one process; {args.distinct} distinct {SIDE}x{SIDE} grey PNGs.",
         "",
@@ -159,7 +143,7 @@ def report(args: argparse.Namespace, label: str, version: str, found: list[dict]
         f"per CPU second (this process's CPU time, which other load on the machine hardly moves): "
         f"{cpu_large:,.0f} / {cpu_small:,.0f} = {cpu_large / cpu_small:.2f}.",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def parse_args() -> argparse.Namespace:
@@ -198,8 +182,8 @@ def main() -> None:
         ]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    note = report(args, label, version, found)
-    write_result("predict_scaling", args.ref, note, args.output)
+    title, body = f"Prediction scaling: {label}", report(args, found)
+    write_result("predict_scaling", title, body, args.ref, args.output, version)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ With `--repeats R` each case runs R times (the two sides taking turns to go firs
 keeps the best of each side: on a shared machine other processes' threads slow single runs by up
 to several times, and the best run is the nearest to an idle machine.
 
-Prints the figures and writes them to benchmarks/results/prepare_speed.md.
+Prints the figures and writes them to benchmarks/results/prepare_speed.md (results_file.py's header).
 
     python benchmarks/prepare_speed.py [--images 3000] [--prepare-sizes 64,128]
         [--models resnet18,mobilenet_v3_large] [--sizes 64,128] [--train-images 256]
@@ -30,12 +30,8 @@ runs it on CUDA). `--models` takes any of models.MODEL_NAMES, `--sizes` any size
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +47,7 @@ from photos import class_image, write_rgb_jpeg  # noqa: E402  (tests/photos.py)
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
+from benchmarks.results_file import processor, write_result  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
 from models import ModelSpec  # noqa: E402
 from tasks.data.datasets import DatasetRef, Shape, load_tensors, prepare_dataset  # noqa: E402
@@ -182,41 +179,18 @@ def comparison_table(title: str, unit: str, rows: list[tuple[str, float, float]]
     return lines + [""]
 
 
-def machine_facts(device: torch.device, cores: int, precision: str) -> str:
-    """Date, code, processor or GPU, cores, torch and the levers training used."""
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        where = next(
-            (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), ""
-        )
-        where = where or platform.processor() or platform.machine()
+def machine_facts(device: torch.device, precision: str) -> str:
+    """The device, torch and the levers training used (results_file's header has the machine)."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor()
     return (
-        f"{datetime.date.today()}, code {code_version()}: {cores} cores, device {device} ({where}), "
-        f"torch {torch.__version__}, training precision {speed.resolve_precision(precision, device)}, "
-        "channels-last"
+        f"Device {device} ({where}), torch {torch.__version__}, training precision "
+        f"{speed.resolve_precision(precision, device)}, channels-last"
     )
 
 
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages: a shared machine's figures move with them."""
     return ", ".join(f"{value:.1f}" for value in os.getloadavg())
-
-
-def code_version() -> str:
-    """The commit measured (HEAD, marked when files outside benchmarks/ have changes), or "unknown"."""
-    try:
-        head, dirty = (
-            subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-            for words in (
-                ["rev-parse", "--short", "HEAD"],
-                ["status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks"],
-            )
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.strip() + (" with uncommitted changes" if dirty.strip() else "")
 
 
 def preparation_rows(args: argparse.Namespace, tree: Path, count: int, scratch: Path, refs: dict) -> list:
@@ -261,14 +235,9 @@ def rates(values: list[float]) -> str:
     return ", ".join(f"{value:,.1f}" for value in values)
 
 
-def report(args: argparse.Namespace, count: int, facts: str, prep_rows: list, train_rows: list) -> str:
-    """The Markdown note: command, machine, then both tables."""
-    command = " ".join(shlex.quote(part) for part in ["python", "benchmarks/prepare_speed.py", *sys.argv[1:]])
+def report(args: argparse.Namespace, count: int, facts: str, prep_rows: list, train_rows: list) -> list[str]:
+    """The Markdown body under the shared header: the set-up, then both tables."""
     lines = [
-        "## Photo pipeline: prepared file against ImageFolder + DataLoader",
-        "",
-        f"`{command}`",
-        "",
         f"{facts}.",
         "",
         f"{count} generated JPEGs, {SIDES[0]} to {SIDES[1]} px a side, 3 classes; "
@@ -280,7 +249,7 @@ def report(args: argparse.Namespace, count: int, facts: str, prep_rows: list, tr
         lines += comparison_table("Preparation (whole tree, resize + centre crop)", "images/s", prep_rows)
     if train_rows:
         lines += comparison_table("One training epoch (standard augmentation)", "samples/s", train_rows)
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -306,16 +275,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="prepare-speed-") as scratch:
         tree = write_tree(args.data or Path(scratch) / "photos", args.images, cores)
         count = sum(1 for _ in tree.rglob("*.jpg"))  # a kept --data tree may hold more
-        facts, load_before = machine_facts(device, cores, args.precision), load_average()
+        facts, load_before = machine_facts(device, args.precision), load_average()
         print(f"{count} JPEGs in {tree}; {facts}; {threads} torch threads; load average {load_before}")
         refs: dict[int, DatasetRef] = {}
         prep_rows = preparation_rows(args, tree, count, Path(scratch), refs)
         train_rows = training_rows(args, tree, count, Path(scratch), refs)
     facts += f"; load average {load_before} at the start, {load_average()} at the end"
-    note = report(args, count, facts, prep_rows, train_rows)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(note + "\n")
-    print(note)
+    body = report(args, count, facts, prep_rows, train_rows)
+    write_result(
+        "prepare_speed",
+        "Photo pipeline: prepared file against ImageFolder + DataLoader",
+        body,
+        None,
+        args.output,
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ All three train on the 60,000/10,000 generated digits in FashionMNIST's file for
   batch 64, ToTensor + Normalize((0.1307,), (0.3081,)) DataLoader.
 Test accuracy is measured after every epoch with the clock stopped. Prints, per recipe, the
 training seconds to reach --target and the accuracy reached within --budget seconds, and the
-references' times over the project's.
+references' times over the project's, and writes that table to
+benchmarks/results/time_to_accuracy.md.
 
     python benchmarks/time_to_accuracy.py [--data-dir data/benchmarks] [--target 0.97] [--budget 150]
 """
@@ -33,13 +34,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 from benchmarks.digits60k import write_digits60k  # noqa: E402
+from benchmarks.results_file import Printed, write_result  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
 from flows.recipe import train_settings  # noqa: E402
 from models import ModelSpec  # noqa: E402
 from tasks.data.datasets import prepare_dataset  # noqa: E402
 from tasks.data.loaders import make_loaders  # noqa: E402
-from tasks.publish.export import load_model, load_weights  # noqa: E402
 from tasks.train import speed  # noqa: E402
+from tasks.train.checkpoints import load_model, load_weights  # noqa: E402
 from tasks.train.training import evaluate_loss, train  # noqa: E402
 
 Epochs = Iterable[Callable[[], float]]  # each call trains one epoch, then returns test accuracy
@@ -201,7 +203,9 @@ def main() -> None:
     results["notes"] = run("notes", notes_recipe(args.data_dir), args.target, args.budget)
 
     mine = results["project"]["to_target"]
-    print(f"\n{'recipe':9s} {'s to target':>12s} {'acc in budget':>14s} {'time ratio':>11s}")
+    out = Printed()
+    out(f"threads={torch.get_num_threads()} target={args.target} budget={args.budget:.0f} s")
+    out(f"{'recipe':9s} {'s to target':>12s} {'acc in budget':>14s} {'time ratio':>11s}")
     for name, result in results.items():
         seconds = result["to_target"]
         shown = f"{seconds:.1f}" if seconds is not None else f"> {args.budget:.0f}"
@@ -209,7 +213,10 @@ def main() -> None:
             ratio = f"> {args.budget / mine:.1f}x" if mine else "n/a"
         else:
             ratio = f"{seconds / mine:.2f}x" if mine else "n/a"
-        print(f"{name:9s} {shown:>12s} {result['in_budget']:14.4f} {ratio:>11s}")
+        out(f"{name:9s} {shown:>12s} {result['in_budget']:14.4f} {ratio:>11s}")
+    write_result(
+        "time_to_accuracy", "Time to accuracy: the default training against two recipes", out.block()
+    )
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Runs the project's own training step (`train_one_epoch`) over the same 28x28 images for every
 setting in one process, so the ratios compare like with like. Each setting gets a warm-up pass
-(for torch.compile that pass compiles; its seconds are printed too), then a timed pass.
+(for torch.compile that pass compiles; its seconds are printed too), then a timed pass. Writes
+benchmarks/results/train_speed.md (train_speed_cuda.md on a GPU).
 
-    python benchmarks/train_speed.py [--samples 12800] [--batch-size 256] [--device cpu]
+    python benchmarks/train_speed.py [--samples 12800] [--batch-size 128] [--device cpu]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.results_file import Printed, write_result  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
 from models import ModelSpec  # noqa: E402
 from tasks.data.loaders import TensorLoader  # noqa: E402
@@ -67,7 +69,8 @@ def main() -> None:
     labels = torch.randint(0, 10, (args.samples,), generator=generator)
     loader = TensorLoader(images, labels, args.batch_size, shuffle=True, device=device)
     bf16 = "bf16" if speed.resolve_precision("auto", device) == "bf16" or device.type == "cpu" else "fp16"
-    print(
+    out = Printed()
+    out(
         f"device={device} threads={threads} batch_size={args.batch_size} samples={args.samples} "
         f"native_bf16={speed.resolve_precision('auto', device) == 'bf16'}"
     )
@@ -79,10 +82,12 @@ def main() -> None:
             precision = bf16 if precision == "bf16" else precision
             samples_per_second, warmup = rate(model_name, loader, precision, channels_last, compile)
             base = base or samples_per_second
-            print(
+            out(
                 f"{model_name:4s} {name:28s} {samples_per_second:9,.0f} samples/s  "
                 f"{samples_per_second / base:5.2f}x  (warm-up pass {warmup:5.1f} s)"
             )
+    result = "train_speed" if device.type == "cpu" else f"train_speed_{device.type}"
+    write_result(result, f"Training speed on {device.type}: each lever against fp32 NCHW", out.block())
 
 
 if __name__ == "__main__":

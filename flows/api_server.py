@@ -21,6 +21,8 @@ import time
 import urllib.request
 from typing import Iterator, Optional
 
+from tasks import compat
+
 _STARTUP_TIMEOUT_SECONDS = 60
 _STOP_TIMEOUT_SECONDS = 5
 
@@ -44,9 +46,8 @@ class EarlyServer:
                     **os.environ,  # it reads the profile and settings files as this process does
                     # What Prefect sets for its own temporary server: no UI, no background services.
                     "PREFECT_UI_ENABLED": "0",
-                    "PREFECT__SERVER_EPHEMERAL": "1",
-                    "PREFECT__SERVER_FINAL": "1",
-                    # See flows/train_flow.py: the server's telemetry heartbeat has nothing to do with runs.
+                    **compat.temporary_server_env(),
+                    # See flows/launcher.py: the server's telemetry heartbeat has nothing to do with runs.
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 },
             )
@@ -107,6 +108,10 @@ def use(server: Optional[EarlyServer]) -> Iterator[None]:
     """Points this process's flow runs at `server` (if it came up) inside the block, and marks its
     URL as temporary for the champion gate (and for child processes) in the environment."""
     url = server.wait() if server else None
+    if url is None and server and server.process.returncode >= 0:  # it failed, not stopped for time
+        # Runs started at once on a new PREFECT_HOME race to fill its database as their servers
+        # start ("UNIQUE constraint failed: block_type.slug"); the loser's second server finds it full.
+        url = EarlyServer().wait()
     if url is None:
         yield
         return

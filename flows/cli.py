@@ -171,7 +171,7 @@ def exit_unless_prefect_answers(within: float = 10.0) -> None:
     url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     if not url:
         return  # a temporary local server (or one the active profile names: Prefect reports that)
-    from tasks.track.redaction import redact_url
+    from tasks.redaction import redact_url
 
     auth = os.environ.get("PREFECT_API_AUTH_STRING")
     headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}

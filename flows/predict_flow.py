@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import gc
-import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project's packages importable
+if __package__ in (None, ""):  # loaded by path (as a script, or from a deployment's entrypoint)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":
-    from flows import api_server
-    from flows.cli import exit_unless_prefect_answers, exit_unless_tracking_answers, parse_config
-    from flows.config import PredictConfig
+if __name__ == "__main__":  # the launcher checks the flags before the imports below, then runs main
+    from flows import launcher
 
-    # --help and bad flags answer here, before anything starts and the imports below (about 8 s).
-    parse_config(sys.argv[1:], PredictConfig, prog="python flows/predict_flow.py")
-    exit_unless_tracking_answers()
-    exit_unless_prefect_answers()
-    EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
+    launcher.run_script(launcher.PREDICT)
 
 from prefect import flow
 
-from flows import api_server
-from flows.cli import parse_config
 from flows.config import PredictConfig, resolve_path
 from flows.confinement import check_confined
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
-from flows.train_flow import USER_ERRORS
+from flows.train_flow import USER_ERRORS as TRAINING_ERRORS
 from tasks.predict.image_inputs import PredictionError, partitions
 from tasks.predict.steps import (
     list_images,
@@ -38,6 +28,9 @@ from tasks.predict.steps import (
 )
 from tasks.track import tracking
 from tasks.track.steps import make_run_dir, mlflow_run
+
+# Failures a user can act on: the CLI prints their message instead of a traceback.
+USER_ERRORS = (*TRAINING_ERRORS, PredictionError, RunnerUnavailableError)
 
 
 @flow(name="predict-images", log_prints=True)
@@ -87,25 +80,12 @@ def predict_flow(config: PredictConfig) -> dict:
     return {"mlflow_run_id": run_id, "model_uri": uri, "model_version": registered.version, **result}
 
 
-def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | None = None) -> dict:
-    """Command-line entry point: flags -> PredictConfig -> flow run (on `early_server` if it came up)."""
-    from flows.cli import short_user_errors
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
-    config = parse_config(argv, PredictConfig, prog="python flows/predict_flow.py")
-    user_errors = (*USER_ERRORS, PredictionError, RunnerUnavailableError)
-    try:
-        with api_server.use(early_server), cluster_ready(config), short_user_errors(user_errors):
-            result = predict_flow(config)
-    except user_errors as error:
-        sys.exit(f"error: {error}")
+def main(config: PredictConfig) -> dict:
+    """The command line's run, once flows/launcher.py has parsed and checked its flags: the flow
+    (on a local cluster started for it, if the runner asks for one), then its outcome in one line."""
+    with cluster_ready(config):
+        result = predict_flow(config)
     print(
         f"{result['model_uri']} (version {result['model_version']}): predictions in {result['predictions']}"
     )
     return result
-
-
-if __name__ == "__main__":
-    main(early_server=EARLY_SERVER)
-    # Exit without a last collection over every object torch, MLflow and Prefect made (~4 s).
-    gc.freeze()

@@ -10,11 +10,11 @@ from typing import Any, Iterator, Optional
 import torch
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows.config import ClusterOptions, RunnerName
+from tasks import compat
 
 
 class RunnerUnavailableError(RuntimeError):
@@ -77,9 +77,8 @@ def cluster_ready(options: ClusterOptions) -> Iterator[None]:
             "start one (prefect server start --host 0.0.0.0) and set PREFECT_API_URL to an address the "
             "workers can reach, e.g. prefect config set PREFECT_API_URL=http://HOST:4200/api"
         )
-    server = SubprocessASGIServer()  # Prefect's own temporary server, stopped when the process exits
-    server.start()
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
+    api_url = compat.start_temporary_server()  # Prefect's own, stopped when the process exits
+    with temporary_settings({PREFECT_API_URL: api_url}):
         yield
 
 

@@ -3,28 +3,15 @@ runs of one parent run; the best is tested, exported, validated and registered l
 
 from __future__ import annotations
 
-import gc
-import os
 import sys
 from pathlib import Path, PurePath
 
-if __package__ in (None, ""):  # run as a script: make the project's packages importable
+if __package__ in (None, ""):  # loaded by path (as a script, or from a deployment's entrypoint)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":
-    from flows import api_server
-    from flows.cli import (
-        exit_unless_gate_shared,
-        exit_unless_prefect_answers,
-        exit_unless_trials_fit,
-        parse_sweep_config,
-    )
+if __name__ == "__main__":  # the launcher checks the flags before the imports below, then runs main
+    from flows import launcher
 
-    # --help and bad flags answer here, before anything starts and the imports below (about 8 s).
-    _config = parse_sweep_config(sys.argv[1:])
-    exit_unless_prefect_answers()
-    EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
-    exit_unless_trials_fit(_config)
-    exit_unless_gate_shared()  # as the flow does first, but before the imports below
+    launcher.run_script(launcher.SWEEP)
 
 import pandas as pd
 from prefect import flow
@@ -32,14 +19,13 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled
 from prefect.task_runners import TaskRunner
 
-from flows import api_server
-from flows.cli import exit_unless_trials_fit, parse_sweep_config
 from flows.config import TrainConfig, resolve_path
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
 from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
 from flows.sweep_config import SweepConfig
-from flows.train_flow import USER_ERRORS, publish_model
+from flows.train_flow import USER_ERRORS as TRAINING_ERRORS
+from flows.train_flow import publish_model
 from tasks.data.augment import resolve_augment
 from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
@@ -51,6 +37,9 @@ from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train.sweep_steps import Trial, report_trials, run_trial, trained_here
 from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
+
+# Failures a user can act on: the CLI prints their message instead of a traceback.
+USER_ERRORS = (*TRAINING_ERRORS, SweepFailedError, RunnerUnavailableError)
 
 
 @flow(name="sweep-image-classifier", log_prints=True)
@@ -180,25 +169,14 @@ def outcome(trial: Trial, future: PrefectFuture, parent_id: str) -> dict:
         return {**row, **failed, "run_id": tracking.find_child_run(parent_id, trial.index)}
 
 
-def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | None = None) -> dict:
-    """Command-line entry point: flags -> SweepConfig -> flow run (on `early_server` if it came up)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
-    config = parse_sweep_config(argv)
-    exit_unless_trials_fit(config)
-    try:
-        with api_server.use(early_server), cluster_ready(config):
-            result = sweep_flow(config)
-    except (*USER_ERRORS, SweepFailedError, RunnerUnavailableError) as error:
-        sys.exit(f"error: {error}")
+def main(config: SweepConfig) -> dict:
+    """The command line's run, once flows/launcher.py has parsed and checked its flags: the flow
+    (on a local cluster started for it, if the runner asks for one), then its outcome in one line."""
+    with cluster_ready(config):
+        result = sweep_flow(config)
     print(
         f"best of {len(result['trials'])} trials: {result['best_trial']} {result['best_settings']}, "
         f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
         f"({result['reason']}); outputs in {result['run_dir']}"
     )
     return result
-
-
-if __name__ == "__main__":
-    main(early_server=EARLY_SERVER)
-    # Exit without a last collection over every object torch, MLflow and Prefect made (~4 s).
-    gc.freeze()

@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import gc
-import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project's packages importable
+if __package__ in (None, ""):  # loaded by path (as a script, or from a deployment's entrypoint)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":
-    from flows import api_server
-    from flows.cli import (
-        exit_unless_gate_shared,
-        exit_unless_hardware_fits,
-        exit_unless_prefect_answers,
-        exit_unless_tracking_answers,
-        exit_unless_weights_available,
-        parse_config,
-    )
+if __name__ == "__main__":  # the launcher checks the flags before the imports below, then runs main
+    from flows import launcher
 
-    _config = parse_config(sys.argv[1:])  # bad flags exit here, before anything starts
-    exit_unless_tracking_answers()
-    exit_unless_prefect_answers()
-    exit_unless_weights_available(_config)
-    EARLY_SERVER = api_server.start()  # a temporary Prefect server starts while the imports below run
-    exit_unless_hardware_fits(_config)
-    exit_unless_gate_shared()  # as the flow does first, but before the imports below
+    launcher.run_script(launcher.TRAIN)
 
 from prefect import flow
 from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
-from flows import api_server
-from flows.cli import (
-    exit_unless_hardware_fits,
-    exit_unless_tracking_answers,
-    exit_unless_weights_available,
-    parse_config,
-    short_user_errors,
-)
 from flows.config import TrainConfig, resolve_path
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
@@ -59,6 +35,7 @@ from tasks.publish.gate_lock import (
     PrefectNotSharedError,
     require_shared_prefect,
 )
+from tasks.publish.run_summary import report_run
 from tasks.publish.steps import (
     evaluate_model,
     export_onnx,
@@ -67,11 +44,10 @@ from tasks.publish.steps import (
     save_state_dict,
     validate_onnx,
 )
-from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.delivery import TrackingUnavailableError
 from tasks.track.reports import artifact_key
-from tasks.track.steps import log_dataset, make_run_dir, mlflow_run, report_run
+from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train.speed import PrecisionUnavailableError, set_threads
 from tasks.train.steps import TrainedModel, Watch, train_model
 from tasks.train.training import DeviceUnavailableError, resolve_device
@@ -164,29 +140,12 @@ def publish_model(
     }
 
 
-def main(argv: list[str] | None = None, early_server: api_server.EarlyServer | None = None) -> dict:
-    """Command-line entry point: flags -> TrainConfig -> flow run (on `early_server` if it came up)."""
-    # The temporary server's telemetry heartbeat races its own SQLite writes and logs
-    # "database is locked" tracebacks; it has nothing to do with the run.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    config = parse_config(argv)
-    exit_unless_hardware_fits(config)
-    exit_unless_weights_available(config)
-    exit_unless_tracking_answers()  # open-mlflow-run checks again, for runs started otherwise
-    tracking.open_in_background()  # while the Prefect server starts and the flow run is created
-    try:
-        with api_server.use(early_server), short_user_errors(USER_ERRORS):
-            result = train_flow(config)
-    except USER_ERRORS as error:
-        sys.exit(f"error: {error}")
+def main(config: TrainConfig) -> dict:
+    """The command line's run, once flows/launcher.py has parsed and checked its flags: the flow,
+    then its outcome in one line."""
+    result = train_flow(config)
     print(
         f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
         f"({result['reason']}); outputs in {result['run_dir']}"
     )
     return result
-
-
-if __name__ == "__main__":
-    main(early_server=EARLY_SERVER)
-    # Exit without a last collection over every object torch, MLflow and Prefect made (~4 s).
-    gc.freeze()

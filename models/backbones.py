@@ -11,7 +11,7 @@ from torch import nn
 from torchvision import models as tv
 
 from tasks.downloads import download
-from tasks.track.redaction import redact_url as redact
+from tasks.redaction import redact_url as redact
 
 BACKBONES: tuple[str, ...] = (
     "resnet18",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Callable, Optional
 
 from tasks.files import exclusive_temp
-from tasks.track.redaction import redact_url as redact
+from tasks.redaction import redact_url as redact
 
 SOCKET_TIMEOUT_SECONDS = 10  # per connect and per read: an unreachable network fails within seconds
 _CHUNK = 1 << 16

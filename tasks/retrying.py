@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 
@@ -21,3 +22,14 @@ def retry_on(*errors: type[BaseException]) -> Callable:
 def retry_except(*errors: type[BaseException]) -> Callable:
     """A retry_condition_fn that retries anything but these exception types."""
     return lambda task, task_run, state: not isinstance(_raised(state), errors)
+
+
+def attempt_stable_ms() -> int:
+    """When this task run was created, in ms since the epoch: the same for each of its retries, so
+    metrics a retry logs again carry the timestamp of the first attempt's and MLflow stores them
+    once. The current time outside a task run."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    created = context.task_run.created if context and context.task_run else None
+    return int(created.timestamp() * 1000) if created else int(time.time() * 1000)

@@ -77,6 +77,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Runs the modules with slow end-to-end tests first (each module's tests still together, so its
     fixtures are made once): with -n 2 the quick ones then fill the gaps, rather than one worker
     finishing a long flow test alone at the end."""
+    require_slow_marks(items)
     slow = {item.module for item in items if item.get_closest_marker("slow")}
     # The longest module (it is one unit for --dist loadfile) first of all, not last at the end.
     items.sort(key=lambda item: (item.module not in slow, not getattr(item.module, "LONGEST", False)))
@@ -414,3 +415,99 @@ def wait_until_listening(port: int, process: subprocess.Popen, log: Path, second
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}:\n{log.read_text()[-3000:]}")
+
+
+def fewer_training_images(loaders, dataset, count: int):
+    """`loaders` with the training split cut to its first `count` images, shuffled and augmented as
+    before: for quick tests of what holds at any size (resuming, checkpoints)."""
+    from tasks.data.datasets import load_tensors
+    from tasks.data.loaders import TensorLoader
+
+    train = loaders.train
+    labels = load_tensors(dataset.prepared_path).train_labels  # train.labels are the split's already
+    cut = TensorLoader(
+        *(train.images, labels, train.batch_size, train.shuffle, 0, train.labels.device),
+        indices=train.indices[:count],
+        augment=train.augment,
+    )
+    cut.generator.set_state(train.generator.get_state())  # the seed the split was made with
+    return loaders._replace(train=cut)
+
+
+# --- `-m "not slow"` starts no process (issue 19): every test that starts a server, a cluster or any
+# other process is marked slow, checked when the tests are collected and enforced while they run.
+
+# Fixtures that start servers or clusters (in their own processes, or Prefect's temporary server).
+SERVER_FIXTURES = frozenset({"prefect_server", "dask_cluster", "ray_cluster"})
+
+
+def require_slow_marks(items: list[pytest.Item]) -> None:
+    """Refuses the run when a test that uses a server fixture is not marked slow."""
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(SERVER_FIXTURES & set(item.fixturenames)))})"
+        for item in items
+        if not item.get_closest_marker("slow") and SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if unmarked:
+        raise pytest.UsageError("tests that start servers must be marked slow:\n  " + "\n  ".join(unmarked))
+
+
+class ProcessGuard:
+    """While a test that is not marked slow sets up and runs, every way this process starts another
+    (subprocess, multiprocessing, fork, posix_spawn, system) raises AssertionError naming the test
+    and the command; the first such start is also reported when the phase ends, in case the code
+    under test caught the error."""
+
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid, self.started = nodeid, []
+
+    def refuse(self, command: object) -> AssertionError:
+        message = f"test {self.nodeid} is not marked slow but starts a process: {command}"
+        self.started.append(message)
+        return AssertionError(message)
+
+    def install(self, patch: pytest.MonkeyPatch) -> None:
+        import _posixsubprocess
+
+        def execute_child(popen, args, *rest, **kwargs):
+            raise self.refuse(args if isinstance(args, (str, bytes)) else " ".join(map(os.fsdecode, args)))
+
+        def refused(what: str) -> Callable:
+            def start(*args, **kwargs):
+                raise self.refuse(f"{what}{args[:2]!r}")
+
+            return start
+
+        patch.setattr(subprocess.Popen, "_execute_child", execute_child)
+        patch.setattr(_posixsubprocess, "fork_exec", refused("fork_exec"))  # multiprocessing spawn
+        for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+            if hasattr(os, name):
+                patch.setattr(os, name, refused(f"os.{name}"))
+
+
+@contextmanager
+def no_process_unless_slow(item: pytest.Item) -> Iterator[None]:
+    """ProcessGuard around a phase of `item`, unless it is marked slow."""
+    if item.get_closest_marker("slow"):
+        yield
+        return
+    guard = ProcessGuard(item.nodeid)
+    with pytest.MonkeyPatch.context() as patch:
+        guard.install(patch)
+        yield
+    if guard.started:
+        pytest.fail(guard.started[0], pytrace=False)
+
+
+# Setup (module and session fixtures a test is the first to use included) and the test itself; not
+# teardown, where a slow test's module fixtures may stop their servers after a quick last test.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with no_process_unless_slow(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with no_process_unless_slow(item):
+        return (yield)

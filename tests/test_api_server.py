@@ -1,4 +1,4 @@
-"""The early temporary Prefect server (flows/api_server.py), as train_flow.py's __main__ uses it:
+"""The early temporary Prefect server (flows/api_server.py), as flows/launcher.py uses it:
 each test runs a small program in its own process, with its own PREFECT_HOME."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def gone(pid: int, within: float = 15) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_flow_runs_on_the_early_server_which_stops_with_the_program(tmp_path):
     result = run_program(
         tmp_path,
@@ -75,6 +76,7 @@ def test_flow_runs_on_the_early_server_which_stops_with_the_program(tmp_path):
     assert gone(int(lines["pid"]), within=1)  # stopped at exit, not left to the OS
 
 
+@pytest.mark.slow
 def test_server_goes_with_its_program_even_on_sigkill(tmp_path):
     result = run_program(
         tmp_path,
@@ -90,6 +92,7 @@ def test_server_goes_with_its_program_even_on_sigkill(tmp_path):
     assert gone(int(result.stdout.split()[0]))
 
 
+@pytest.mark.slow
 def test_no_early_server_when_an_api_is_configured(tmp_path):
     check = """
         from flows import api_server

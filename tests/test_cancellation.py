@@ -13,6 +13,7 @@ from tasks.track import cancellation
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
 
 
+@pytest.mark.slow
 def test_the_watch_raises_once_the_flow_run_is_cancelling(prefect_server):
     seen = {}
 
@@ -36,6 +37,7 @@ def test_the_watch_raises_once_the_flow_run_is_cancelling(prefect_server):
     )
 
 
+@pytest.mark.slow
 def test_a_task_watches_its_flow_run_and_the_default_interval_is_read_when_made(prefect_server, monkeypatch):
     """A sweep's trials are tasks, on this process's threads or a cluster's workers: they stop when
     the flow run they belong to is cancelled."""

@@ -67,7 +67,11 @@ def test_a_deployment_run_refuses_every_path_parameter_outside_the_roots(
 def test_the_command_line_takes_any_path(tmp_path, monkeypatch):
     monkeypatch.delenv(DEPLOYMENT, raising=False)
     monkeypatch.chdir(tmp_path)
-    check_confined(PredictConfig(registered_model="m", dataset="digits", output="/etc/x", data_dir="/"))
+    config = PredictConfig(registered_model="m", dataset="digits", output="/etc/x", data_dir="/")
+    check_confined(config)  # no error: a user's own command line may name any folder
+    monkeypatch.setenv(DEPLOYMENT, "00000000-0000-0000-0000-000000000001")
+    with pytest.raises(ParameterOutsideRootsError, match="resolves to /"):
+        check_confined(config)  # the same paths from a deployment run are refused
 
 
 def test_a_link_inside_a_root_that_leads_out_is_refused(deployment_run, monkeypatch):

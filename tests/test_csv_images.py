@@ -16,6 +16,7 @@ def png_pixels(path):
     return decode_png(read_file(str(path)))
 
 
+@pytest.mark.slow
 def test_reads_pngs_with_string_labels_and_header(png_dataset, tmp_path):
     listing = list_csv(**png_dataset)
     assert listing.class_names == ("left", "right")
@@ -31,6 +32,7 @@ def test_reads_pngs_with_string_labels_and_header(png_dataset, tmp_path):
     assert torch.equal(data.test_images[0], png_pixels(root / "img" / "036.png"))
 
 
+@pytest.mark.slow
 def test_integer_labels_without_header_keep_their_numbers(tmp_path):
     rows = write_image_folder(tmp_path, 8, channels=3)
     write_csv(tmp_path / "train.csv", [(n, label + 3) for n, label in rows], header=False)
@@ -76,6 +78,7 @@ def test_explicit_classes_reject_other_training_labels(png_dataset):
     assert list_csv(**png_dataset, classes=["right", "left"]).train[1][:2] == (1, 0)
 
 
+@pytest.mark.slow
 def test_images_of_another_size_are_resized_to_the_fallback_or_asked_size(png_dataset, tmp_path):
     small = png_dataset["image_root"] / "img" / "001.png"
     write_png(torch.full((1, 5, 5), 200, dtype=torch.uint8), str(small))
@@ -95,6 +98,7 @@ def test_images_of_another_size_are_resized_to_the_fallback_or_asked_size(png_da
     assert torch.equal(data.train_images[2], png_pixels(small.with_name("002.png")))
 
 
+@pytest.mark.slow
 def test_undecodable_file_names_its_file(png_dataset, tmp_path):
     image = png_dataset["image_root"] / "img" / "002.png"
     image.write_bytes(image.read_bytes()[:40])  # a sound header, then the data cut short

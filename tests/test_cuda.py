@@ -10,8 +10,9 @@ import torch
 from models import ModelSpec, build_from_spec
 from tasks.data.datasets import prepare_dataset, test_pixels
 from tasks.data.loaders import make_loaders
-from tasks.publish.export import compare_onnx, load_model, write_onnx
+from tasks.publish.export import compare_onnx, write_onnx
 from tasks.train import speed
+from tasks.train.checkpoints import load_model
 from tasks.train.training import TrainSettings, evaluate_loss, predict_logits, resolve_device, train
 
 pytestmark = [

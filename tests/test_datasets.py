@@ -27,6 +27,7 @@ def test_prepare_stores_tensors_and_describes_them(tmp_path):
     assert ref == prepare_dataset("synthetic", tmp_path)  # same data, same fingerprint
 
 
+@pytest.mark.slow
 def test_csv_dataset_through_prepare(png_dataset, tmp_path):
     ref = prepare_dataset("csv", tmp_path / "data", **png_dataset)
     assert ref.class_names == ("left", "right") and ref.image_size == (12, 12)
@@ -213,6 +214,7 @@ print(ref.sha256, hashlib.sha256(Path(ref.prepared_path).read_bytes()).hexdigest
 """
 
 
+@pytest.mark.slow
 def test_three_runs_prepare_one_dataset_at_once(tmp_path):
     """(Concurrent downloads and extraction of raw files: tests/test_mnist_files.py.)"""
     data_dir, go = tmp_path / "data", tmp_path / "go"

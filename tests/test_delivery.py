@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import free_port, raw_server
@@ -99,10 +100,17 @@ def test_an_outage_past_patience_stops_the_run_with_a_clear_error(mlflow_store, 
 
 
 def test_the_health_check_is_asked_before_each_attempt(monkeypatch):
-    answers = iter([False, False, True])
-    monkeypatch.setattr(delivery, "server_answers", lambda uri: next(answers))
+    answers, asked, slept = iter([False, False, True]), [], []
+
+    def server_answers(uri: str) -> bool:
+        asked.append(uri)
+        return next(answers)
+
+    monkeypatch.setattr(delivery, "server_answers", server_answers)
+    monkeypatch.setattr(delivery, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    check_reachable(within=10)  # answered at the third ask
+    check_reachable(within=10)  # answered at the third ask: no error
+    assert asked == ["http://127.0.0.1:9"] * 3 and slept == [1, 1]
 
 
 def test_credentials_in_the_tracking_uri_never_show(monkeypatch):

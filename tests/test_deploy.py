@@ -211,6 +211,7 @@ def compose_command() -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_compose_config_validates():
     command = compose_command()
     if not command:

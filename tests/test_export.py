@@ -6,14 +6,7 @@ from onnx import numpy_helper
 
 from models import ModelSpec, build_from_spec
 from models.logits_pyfunc import OnnxLogits
-from tasks.publish.export import (
-    compare_onnx,
-    fp32_tolerance,
-    load_model,
-    load_weights,
-    write_onnx,
-    write_state_dict,
-)
+from tasks.publish.export import compare_onnx, fp32_tolerance, write_onnx
 
 SPEC = ModelSpec("cnn", 1, (28, 28), 10, (0.3,), (0.4,))
 
@@ -23,19 +16,11 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     model = build_from_spec(SPEC).eval()
-    weights = write_state_dict(model.state_dict(), folder / "model_weights.pth")
-    return model, weights, write_onnx(model, torch.rand(2, 1, 28, 28), folder / "model.onnx")
-
-
-def test_state_dict_reloads_with_weights_only_into_a_fresh_model(exported):
-    model, weights, _ = exported
-    reloaded = load_model(SPEC, torch.load(weights, weights_only=True))
-    x = torch.rand(8, 1, 28, 28)
-    assert torch.equal(reloaded(x), model(x))
+    return model, write_onnx(model, torch.rand(2, 1, 28, 28), folder / "model.onnx")
 
 
 def test_onnx_has_named_io_and_a_dynamic_batch(exported):
-    _, _, path = exported
+    _, path = exported
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["pixels"] and [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed size
@@ -43,7 +28,7 @@ def test_onnx_has_named_io_and_a_dynamic_batch(exported):
 
 
 def test_parity_passes_at_batch_one_and_large_batches(exported):
-    model, _, path = exported
+    model, path = exported
     pixels = torch.rand(1500, 1, 28, 28)
     with torch.no_grad():
         expected = model(pixels)
@@ -53,7 +38,7 @@ def test_parity_passes_at_batch_one_and_large_batches(exported):
 
 
 def test_parity_fails_when_the_onnx_weights_differ(exported, tmp_path):
-    model, _, path = exported
+    model, path = exported
     proto = onnx.load(str(path))
     weight = next(
         t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
@@ -69,7 +54,7 @@ def test_parity_fails_when_the_onnx_weights_differ(exported, tmp_path):
 
 
 def test_onnx_pyfunc_loader_returns_the_logits_array(exported):
-    model, _, path = exported
+    model, path = exported
     x = np.random.rand(3, 1, 28, 28).astype(np.float32)
     got = OnnxLogits(str(path)).predict(x)
     assert isinstance(got, np.ndarray) and got.shape == (3, 10)
@@ -77,14 +62,8 @@ def test_onnx_pyfunc_loader_returns_the_logits_array(exported):
     assert np.array_equal(OnnxLogits(str(path)).predict({"pixels": x}), got)
 
 
-def test_load_weights_refuses_pickled_code(tmp_path):
-    torch.save({"bad": object()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="weights_only"):
-        load_weights(tmp_path / "evil.pth")
-
-
 def test_parity_checks_every_image_against_its_own_logits(exported):
-    model, _, path = exported
+    model, path = exported
     pixels = torch.rand(300, 1, 28, 28)
     with torch.no_grad():
         expected = model(pixels)
@@ -96,7 +75,7 @@ def test_parity_checks_every_image_against_its_own_logits(exported):
 def test_the_fp32_tolerance_stays_near_the_gate_and_below_a_tampered_graph(exported, tmp_path):
     """The bound for deep networks is 1e-4 plus twice PyTorch's own fp32 error against float64: for
     this CNN that is barely above 1e-4, far below what a tampered weight does to the logits."""
-    model, _, path = exported
+    model, path = exported
     proto = onnx.load(str(path))
     weight = next(t for t in proto.graph.initializer if len(t.dims) == 2)
     values = numpy_helper.to_array(weight)

@@ -138,6 +138,7 @@ except OutputWriteError as error:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file-size limits")
+@pytest.mark.slow
 def test_torch_save_refused_by_the_kernel_keeps_the_previous_file(tmp_path):
     target = tmp_path / "last.pt"
     atomic_save({"version": 1}, target)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from mlflow import MlflowClient
@@ -58,6 +59,7 @@ def test_a_local_store_gate_is_a_file_lock_beside_the_store(tmp_path, monkeypatc
     assert (tmp_path / ".mlflow.db.promotion.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_remote_store_gate_is_a_prefect_global_concurrency_limit(prefect_server, monkeypatch):
     from prefect.client.orchestration import get_client
 
@@ -70,6 +72,7 @@ def test_a_remote_store_gate_is_a_prefect_global_concurrency_limit(prefect_serve
     assert (limit.limit, limit.active_slots) == (1, 0)
 
 
+@pytest.mark.slow
 def test_a_stuck_remote_gate_says_how_to_free_it(prefect_server, monkeypatch):
     from prefect.client.orchestration import get_client
 
@@ -88,12 +91,26 @@ def test_a_stuck_remote_gate_says_how_to_free_it(prefect_server, monkeypatch):
             pass
 
 
-def test_slugs_differ_for_names_that_read_alike():
-    assert gate_lock._slug("a b") != gate_lock._slug("a_b")
-    assert Path(gate_lock._slug("x" * 300)).name == gate_lock._slug("x" * 300)
-    assert len(gate_lock._slug("x" * 300)) <= 73
+def test_the_gate_of_a_plain_name_is_champion_gate_and_the_name():
+    assert gate_lock.limit_name("digits-cnn") == "champion-gate-digits-cnn"
+    assert gate_lock.limit_name("Photos_v2.1~b") == "champion-gate-Photos_v2.1~b"
+    assert gate_lock.limit_name("x" * 251) == "champion-gate-" + "x" * 251  # the longest name: whole
 
 
+def test_other_names_get_a_hash_stay_apart_and_are_limit_names_prefect_takes():
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    names = ["a b", "a_b", "a?b", "a#b", "a%b", "a&b", "a<b>", "été", "it's", "a b" + "x" * 248]
+    limits = [gate_lock.limit_name(name) for name in names]
+    digest = hashlib.sha256(b"a b").hexdigest()[:8]
+    assert limits[:2] == [f"champion-gate-a_b-{digest}", "champion-gate-a_b"]
+    assert len(set(limits)) == len(names)
+    for limit in limits:
+        assert GlobalConcurrencyLimitCreate(name=limit, limit=1).name == limit  # Prefect's own check
+        assert quote(limit, safe="") == limit  # the client sends it in a URL path unquoted
+
+
+@pytest.mark.slow
 def test_a_limit_with_two_slots_or_inactive_is_refused_naming_it_and_the_fix(prefect_server, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
@@ -119,6 +136,7 @@ def test_a_limit_with_two_slots_or_inactive_is_refused_naming_it_and_the_fix(pre
         pass
 
 
+@pytest.mark.slow
 def test_a_tracking_server_gate_needs_the_teams_prefect_server(prefect_server, monkeypatch):
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
@@ -138,6 +156,7 @@ def test_a_tracking_server_gate_needs_the_teams_prefect_server(prefect_server, m
         gate_lock.require_shared_prefect()
 
 
+@pytest.mark.slow
 def test_the_flow_refuses_before_any_work_on_a_temporary_prefect_server(
     prefect_server, tmp_path, monkeypatch
 ):

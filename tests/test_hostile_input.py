@@ -139,6 +139,7 @@ def test_paths_leaving_the_image_root_are_refused(kind, png_dataset, outside_png
     assert decoder_calls == []
 
 
+@pytest.mark.slow
 def test_etc_passwd_and_symlinks_inside_the_root(png_dataset):
     root = png_dataset["image_root"]
     write_csv(png_dataset["test_csv"], [("../../../../../../../../etc/passwd.png", "left")])
@@ -203,6 +204,7 @@ def test_formats_the_decoder_cannot_read_are_refused(tmp_path):
         decode_image_file(path)  # though PIL reads BMP: only the format the header check judged
 
 
+@pytest.mark.slow
 def test_undecodable_files_are_named_by_the_training_and_prediction_decoders(png_dataset, tmp_path):
     root = png_dataset["image_root"]
     image = root / "img" / "040.png"  # in the test split
@@ -241,6 +243,7 @@ def test_a_png_bomb_is_refused_from_its_header_never_decoded(bomb_png, png_datas
     assert decoder_calls == [str(root / "img" / "000.png")]  # the sound image before it was decoded
 
 
+@pytest.mark.slow
 def test_the_pixel_limit_is_a_setting(png_dataset, tmp_path, capsys):
     assert DEFAULT_MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS == TrainConfig().max_image_pixels
     assert PredictConfig(registered_model="m", image_dir="x").max_image_pixels == DEFAULT_MAX_PIXELS
@@ -453,6 +456,7 @@ def test_console_logs_of_user_errors_lose_their_traceback_only():
     assert console.formatter is original and all(record.exc_info for record in kept)
 
 
+@pytest.mark.slow
 def test_script_refuses_a_hostile_csv_in_one_line(png_dataset, outside_png, tmp_path):
     root = png_dataset["image_root"]
     write_csv(png_dataset["train_csv"], [("img/000.png", "left"), (f"../{outside_png.name}", "right")])

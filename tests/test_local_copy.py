@@ -93,6 +93,7 @@ def photos(root: Path, seed: int) -> None:
     write_csv(root / "photos" / "test.csv", rows[12:])
 
 
+@pytest.mark.slow
 def test_source_paths_resolve_on_the_worker_and_other_data_there_is_refused(tmp_path, monkeypatch):
     options = {"train_csv": "photos/train.csv", "test_csv": "photos/test.csv", "image_root": "photos"}
     recipe = DataRecipe("csv", "data", options={key: PurePath(value) for key, value in options.items()})
@@ -122,6 +123,7 @@ def report_error(dataset: DatasetRef, recipe: DataRecipe, queue) -> None:
         queue.put(f"{type(error).__name__}: {error}")
 
 
+@pytest.mark.slow
 def test_a_daemonic_worker_that_must_decode_photos_says_how_to_start_it(tmp_path, monkeypatch):
     photos(tmp_path, 0)
     monkeypatch.chdir(tmp_path)

@@ -133,12 +133,14 @@ def fetch_only(data_dir: Path, mirror: str):
     return fetch_dataset("fashion-mnist", data_dir, mirror=mirror)
 
 
+@pytest.mark.slow
 def test_fetch_task_survives_a_flaky_server(prefect_server, file_server, tmp_path):
     file_server.failures_left = 6  # more than one attempt's backoff absorbs: the task itself retries
     ref = fetch_only(tmp_path, file_server.url)
     assert ref.train_size == 20 and Path(ref.prepared_path).exists()
 
 
+@pytest.mark.slow
 def test_fetch_task_fails_at_once_on_a_corrupted_file(prefect_server, file_server, tmp_path):
     file_server.corrupt.add("train-images-idx3-ubyte.gz")
     started = time.monotonic()

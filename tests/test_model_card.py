@@ -1,6 +1,7 @@
 from tasks.data.datasets import DatasetRef
 from tasks.data.decoding import Preprocessing
-from tasks.publish.model_card import Provenance, markdown_table, model_contract, version_card
+from tasks.publish.model_card import model_contract, version_card
+from tasks.track.reports import Provenance
 
 SHA = "abcdef0123456789" * 4
 DATASET = DatasetRef("digits", "/x.pt", SHA, ("zero", "one"), 1, (28, 28), 100, 20, (0.5,), (0.2,), "g", "g")
@@ -49,8 +50,7 @@ def test_card_links_when_servers_speak_http():
     )
 
 
-def test_markdown_table_and_contract():
-    assert markdown_table([{"a": 1, "b": 0.5}], ["a", "b"]) == "| a | b |\n|---|---|\n| 1 | 0.5000 |"
+def test_contract_names_input_output_and_preprocessing():
     contract = model_contract(Preprocessing(3, (32, 48), "pad"), ["cat", "dog"])
     assert "(N, 3, 32, 48)" in contract and "(N, 2)" in contract and "cat, dog" in contract
     assert "32x48 pixels, resize mode `pad` (resized to fit inside, then padded with black" in contract

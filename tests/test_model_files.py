@@ -204,6 +204,7 @@ def test_only_registry_uris_are_resolved(uri):
     assert resolve("models:/ants-onnx/12") == ("ants-onnx", "12")
 
 
+@pytest.mark.slow
 def test_every_process_of_the_project_has_mlflows_pickle_loading_off():
     env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}
     code = "import os, tasks; print(os.environ['MLFLOW_ALLOW_PICKLE_DESERIALIZATION'])"

@@ -141,6 +141,7 @@ def test_symlinks_leaving_the_folder_are_refused(tmp_path):
         list_folder(tmp_path / "other", root)  # in a test folder too
 
 
+@pytest.mark.slow
 def test_a_file_swapped_for_a_symlink_after_listing_is_refused_when_decoded(tmp_path):
     root = tmp_path / "train"
     write_tree(root, {"a/1.png": "rgb_png", "a/2.png": "rgb_png", "b/1.png": "rgb_png", "b/2.png": "rgb_png"})
@@ -159,6 +160,7 @@ def test_a_file_swapped_for_a_symlink_after_listing_is_refused_when_decoded(tmp_
         photo_writer.write_listing(out, layout, listing, prep, workers=1)
 
 
+@pytest.mark.slow
 def test_a_file_listed_again_is_decoded_once_and_copied(tmp_path, monkeypatch):
     root = tmp_path / "train"
     write_tree(root, {"a/1.png": "rgb_png", "b/1.png": "rgb_png"}, size=(12, 12))
@@ -269,6 +271,7 @@ def prepare_folder(root: Path, data_dir: Path, workers: int) -> tuple[DatasetRef
     return ref, calls
 
 
+@pytest.mark.slow
 def test_prepared_images_are_load_image_of_each_file_whatever_the_workers(tmp_path, monkeypatch):
     root = tmp_path / "train"
     # Every kind of file (19 kinds) in each class, of three sizes: no common size.
@@ -291,6 +294,7 @@ def test_prepared_images_are_load_image_of_each_file_whatever_the_workers(tmp_pa
         assert getattr(data, f"{split}_labels").tolist() == list(labels)
 
 
+@pytest.mark.slow
 def test_exif_rotated_photos_are_listed_at_their_displayed_size(tmp_path):
     for index in range(4):
         folder = tmp_path / "train" / f"c{index % 2}"

@@ -80,6 +80,7 @@ def events_here(prefect_server):
     return datetime.now(timezone.utc) - timedelta(seconds=5)
 
 
+@pytest.mark.slow
 def test_help_says_what_force_skips_and_answers_quickly():
     started = time.monotonic()
     done = subprocess.run(

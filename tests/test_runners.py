@@ -51,6 +51,7 @@ def test_an_existing_cluster_needs_a_prefect_server_its_workers_reach():
             assert PREFECT_API_URL.value() == "http://10.1.2.3:4200/api"
 
 
+@pytest.mark.slow
 def test_submit_all_keeps_at_most_limit_running_and_returns_futures_in_order(prefect_server):
     lock, running, peak = threading.Lock(), [0], [0]
 

@@ -1,4 +1,4 @@
-"""The README's serving commands, run as written against models registered by a real run."""
+"""The docs' serving commands (docs/serving.md), run as written against models registered by a real run."""
 
 import json
 import os
@@ -24,8 +24,8 @@ PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"
 
 
 def readme_serving_commands() -> list[str]:
-    """The three command lines of the README's 'Serving over HTTP' block."""
-    section = (REPO / "README.md").read_text().split("### Serving over HTTP", 1)[1]
+    """The three command lines of docs/serving.md's 'Serving over HTTP' block."""
+    section = (REPO / "docs" / "serving.md").read_text().split("## Serving over HTTP", 1)[1]
     return section.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
 
 
@@ -40,7 +40,7 @@ PHOTO_SIZES = [(40 + 7 * k, 120 - 5 * k) for k in range(12)] + [(90 - 3 * k, 48 
 @pytest.mark.slow
 def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path, monkeypatch):
     """Issue 16's end-to-end: a class-folder tree of every kind and many sizes trains a resnet18 at
-    64 px (registered, ONNX gate passed, preprocessing in the model card); then the README's
+    64 px (registered, ONNX gate passed, preprocessing in the model card); then the docs'
     serving commands (both flavors) and batch prediction (both flavors) give, image by image, what
     evaluation computed for the same files during training."""
     written = write_class_folders(tmp_path / "photos", ["ant", "bee", "wasp"], 200, PHOTO_SIZES)
@@ -80,12 +80,12 @@ def check_registered(name: str) -> None:
 
 
 def serve_and_predict(folder: Path, flavors: list[str]) -> tuple[dict, dict]:
-    """The README's serving commands for each flavor and predict_flow.py on my-photos for each, all
+    """The docs' serving commands for each flavor and predict_flow.py on my-photos for each, all
     at once (starting processes is most of the time): the served logits and the batch CSVs."""
     env = {
         **script_env(folder),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(REPO),  # the README runs these from the repository root
+        "PYTHONPATH": str(REPO),  # the docs run these from the repository root
     }
     serve, request, post = readme_serving_commands()
     assert serve.startswith("mlflow models serve") and serve.endswith("&")
@@ -125,7 +125,7 @@ def serve_and_predict(folder: Path, flavors: list[str]) -> tuple[dict, dict]:
 
 
 def shell(command: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    """A README command line, started in `cwd` as a user's shell would run it."""
+    """A documented command line, started in `cwd` as a user's shell would run it."""
     return subprocess.Popen(
         ["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

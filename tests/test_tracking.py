@@ -37,6 +37,7 @@ def test_run_lifecycle_in_a_real_store(mlflow_store, tmp_path):
     assert tracking.find_run("exp", "other") is None and tracking.find_run("nope", "abc") is None
 
 
+@pytest.mark.slow
 def test_git_tags_name_the_commit_or_nothing(tmp_path):
     assert tracking.git_tags(tmp_path) == {}
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
@@ -106,6 +107,7 @@ tracking.get_client().search_registered_models()
 """
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_sqlite_store_at_once_take_turns_creating_it(tmp_path, monkeypatch):
     # Unguarded, MLflow's table creation in processes that start together fails in most rounds
     # ("table experiments already exists", "duplicate column name").

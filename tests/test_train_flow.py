@@ -15,6 +15,7 @@ from mlflow.entities import LoggedModelStatus
 
 from flows.config import TrainConfig
 from flows.train_flow import train_flow
+from tasks.data.mnist_files import DownloadError
 from tasks.publish import export, registry
 from tasks.train import speed, training
 
@@ -32,9 +33,9 @@ ARTEFACTS = {
 
 
 def readme_snippet() -> str:
-    """The README's 'Using the registered model' Python block, exactly as users will copy it."""
-    readme = (TRAIN_SCRIPT.parents[1] / "README.md").read_text()
-    section = readme.split("## Using the registered model", 1)[1]
+    """docs/serving.md's 'In Python' block, exactly as users will copy it."""
+    page = (TRAIN_SCRIPT.parents[1] / "docs" / "serving.md").read_text()
+    section = page.split("## In Python", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
@@ -91,7 +92,7 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(
     check_dataset_inputs(run)
     check_prefect_artifacts(tags["prefect.flow_run_id"], "digits-cnn")
 
-    # Users run the README's snippet in a fresh process: both flavors agree on plain [0, 1] pixels.
+    # Users run the docs' snippet in a fresh process: both flavors agree on plain [0, 1] pixels.
     fresh = subprocess.run(
         [sys.executable, "-c", readme_snippet()], capture_output=True, text=True, cwd=tmp_path, timeout=300
     )
@@ -187,7 +188,7 @@ def test_onnx_mismatch_fails_the_run_and_registers_nothing(
 
 def test_unreachable_download_fails_within_seconds(prefect_server, mlflow_store, tmp_path):
     started = time.monotonic()
-    with pytest.raises(Exception, match="--dataset synthetic or --dataset digits"):
+    with pytest.raises(DownloadError, match="could not download .*--dataset synthetic or --dataset digits"):
         train_flow(config(tmp_path, dataset="fashion-mnist", mirror="http://127.0.0.1:9/"))
     assert time.monotonic() - started < 30
 

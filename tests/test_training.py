@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import EPOCH_METRICS
+from conftest import EPOCH_METRICS, fewer_training_images
 
 from models import ModelSpec
 from tasks.data.datasets import load_tensors, prepare_dataset
@@ -55,7 +55,7 @@ def test_learns_real_digits_far_above_chance(digits, tmp_path):
     loaders = make_loaders(digits, 64, 0.1, seed=0, device="cpu")
     seen, steps = [], []
     model, history = train(
-        spec_for(digits, "cnn"),
+        spec_for(digits, "mlp"),  # 98% in a third of the CNN's time; the flow tests train the CNN
         loaders,
         TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", 0),
         tmp_path / "last.pt",
@@ -77,7 +77,7 @@ def test_resumed_training_equals_uninterrupted(digits, tmp_path, model, precisio
     settings = TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", seed=5, precision=precision)
 
     def run(checkpoint, stop_after=None):
-        loaders = make_loaders(digits, 64, 0.1, seed=5, device="cpu")
+        loaders = fewer_training_images(make_loaders(digits, 64, 0.1, seed=5, device="cpu"), digits, 320)
 
         def maybe_stop(epoch, metrics):
             if epoch == stop_after:

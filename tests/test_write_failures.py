@@ -14,16 +14,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fewer_training_images
 from mlflow import MlflowClient
 
 from models import ModelSpec, build_from_spec
 from tasks.data.datasets import prepare_dataset
 from tasks.data.loaders import TensorLoader, make_loaders
 from tasks.files import OutputWriteError, atomic_output, atomic_save
-from tasks.publish.export import load_model, write_onnx
+from tasks.publish.export import write_onnx
 from tasks.publish.plots import plot_confusion_matrix, plot_learning_curves
 from tasks.publish.steps import evaluate_model
 from tasks.track import tracking
+from tasks.train.checkpoints import load_model
 from tasks.train.steps import TrainedModel
 from tasks.train.sweep_steps import report_trials
 from tasks.train.sweeps import plot_by_setting, trials_table
@@ -168,6 +170,23 @@ def test_per_class_metrics_fail_whole_and_the_previous_table_stays(tmp_path, fil
     assert_only(run_dir, "per_class_metrics.csv")
 
 
+def test_test_logits_fail_whole_and_the_previous_array_stays(tmp_path, fill_disk):
+    spec = ModelSpec("mlp", 1, (8, 8), 3, (0.5,), (0.5,))
+    checkpoint = tmp_path / "last.pt"
+    atomic_save({"model": build_from_spec(spec).state_dict()}, checkpoint)
+    images = torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8)
+    test = TensorLoader(images, torch.arange(300) % 3, batch_size=128)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    target = run_dir / "test_logits.npy"
+    target.write_bytes(b"the previous logits")
+    failed = fill_disk(".test_logits.npy.*.part", room=1000)  # 300 x 3 float32: 3.6 kB and a header
+    with pytest.raises(OutputWriteError, match=f"cannot write {target}: {NO_SPACE}"):
+        evaluate_model.fn(TrainedModel(spec, str(checkpoint), []), test, ("a", "b", "c"), run_dir, "no-run")
+    assert len(failed) == 1 and target.read_bytes() == b"the previous logits"
+    assert_only(run_dir, "per_class_metrics.csv", "test_logits.npy")
+
+
 def test_trials_table_fails_whole_and_the_previous_table_stays(tmp_path, fill_disk):
     target = tmp_path / "trials.csv"
     target.write_text("the previous table\n")
@@ -215,7 +234,7 @@ def test_remote_artefact_store_errors_pass_unchanged(monkeypatch, tmp_path):
 def test_checkpoint_failing_at_epoch_two_leaves_epoch_one_loadable(tmp_path, fill_disk):
     ref = prepare_dataset("synthetic", tmp_path / "data")
     spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
-    loaders = make_loaders(ref, 64, 0.1, 0, "cpu")
+    loaders = fewer_training_images(make_loaders(ref, 64, 0.1, 0, "cpu"), ref, 320)
     checkpoint = tmp_path / "run" / "last.pt"
     settings = TrainSettings(2, "adamw", 3e-3, 1e-4, "onecycle", seed=0)
     fill_disk(".last.pt.*.part", room=2000, after=1)

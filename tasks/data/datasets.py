@@ -26,7 +26,7 @@ from tasks.data.offline_data import load_digits, make_synthetic
 from tasks.data.photos import list_csv, list_folder
 from tasks.data.storing import Logger, Source, channel_stats, memory_source, photo_source, store
 from tasks.files import atomic_output
-from tasks.track.redaction import redact_url
+from tasks.redaction import redact_url
 
 _logger = logging.getLogger(__name__)
 PHOTO_SOURCES = ("csv", "folder")

@@ -17,7 +17,7 @@ from tasks import downloads
 from tasks.data.images import ImageData
 from tasks.downloads import DownloadLimitError
 from tasks.files import exclusive_temp
-from tasks.track.redaction import redact_url as redact
+from tasks.redaction import redact_url as redact
 
 RAW_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's class names
 SOURCES = tuple(RAW_FOLDERS)

@@ -1,4 +1,4 @@
-"""save_state_dict, export_onnx and validate_onnx: the model leaves PyTorch, checked."""
+"""export_onnx and validate_onnx: the model leaves PyTorch, checked."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import onnxruntime
 import torch
 from torch import nn
 
-from models import ModelSpec, build_from_spec
-from tasks.files import atomic_path, atomic_save
+from tasks.files import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 MAX_ABS_DIFF = 1e-4
@@ -26,25 +25,6 @@ _BATCH_PIXELS = 1 << 22  # values per onnxruntime batch: 1024 28x28 images, 27 R
 
 class OnnxMismatchError(RuntimeError):
     """onnxruntime and PyTorch disagree beyond tolerance."""
-
-
-def load_model(spec: ModelSpec, weights: dict | Path) -> nn.Module:
-    """A fresh network from `spec` with a state_dict (or the file holding one) loaded, in eval mode."""
-    model = build_from_spec(spec)
-    model.load_state_dict(weights if isinstance(weights, dict) else load_weights(weights))
-    return model.eval()
-
-
-def load_weights(path: Path) -> dict:
-    """Reads a state_dict without running any pickled code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def write_state_dict(state_dict: dict, path: Path) -> Path:
-    """Saves weights atomically: a crash leaves the previous file or none, and a failed write raises
-    OutputWriteError naming `path`."""
-    atomic_save({key: value.detach().cpu() for key, value in state_dict.items()}, path)
-    return path
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:

@@ -17,9 +17,10 @@ import contextlib
 import hashlib
 import os
 import re
+import shlex
 from typing import Iterator
 
-from tasks.track.redaction import redact_url
+from tasks.redaction import redact_url
 
 # MLflow and torch (tasks.files) are imported where used: flows/api_server.py reads
 # TEMPORARY_API_VARIABLE from here while a command line is still starting.
@@ -33,6 +34,7 @@ GATE_LEASE_SECONDS = 60.0
 # Set by flows/api_server.py to the URL of the temporary Prefect server it points a run at, for
 # the block it does so; child processes (Dask or Ray workers) inherit it.
 TEMPORARY_API_VARIABLE = "PIC_TEMPORARY_PREFECT_API_URL"
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986's unreserved characters
 
 
 class GateBusyError(TimeoutError):
@@ -93,8 +95,15 @@ def promotion_gate(name: str) -> Iterator[None]:
 
 
 def limit_name(name: str) -> str:
-    """The Prefect global concurrency limit that is `name`'s gate."""
-    return f"champion-gate-{_slug(name)}"
+    """The Prefect global concurrency limit that is `name`'s gate: `champion-gate-<name>` for a name
+    of letters, digits and `._~-`. In other names those characters become `_` and `-` and the first
+    8 hex digits of the name's sha256 follow (`a b` -> `champion-gate-a_b-` and the digits), so two
+    names never share a gate: Prefect refuses / % & < > in a limit's name, and its client puts the
+    name into a URL path unquoted, where ? and # would end the path."""
+    if _URL_SAFE.fullmatch(name):
+        return f"champion-gate-{name}"
+    readable = re.sub(r"[^A-Za-z0-9._~-]", "_", name)
+    return f"champion-gate-{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def lease_seconds() -> float:
@@ -115,17 +124,12 @@ def lease_seconds() -> float:
     return seconds
 
 
-def _slug(name: str) -> str:
-    """`name` in characters Prefect accepts in a limit's name, unique per name."""
-    readable = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64]
-    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
 @contextlib.contextmanager
 def _prefect_lock(name: str) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     limit, lease = limit_name(name), lease_seconds()
+    command = f"prefect gcl update {shlex.quote(limit)}"  # as a shell takes it: names may have spaces
     _check_limit(name, limit, create=True)
     with contextlib.ExitStack() as held:
         try:
@@ -136,8 +140,8 @@ def _prefect_lock(name: str) -> Iterator[None]:
             raise GateBusyError(
                 f"the promotion gate of {name!r} (Prefect global concurrency limit {limit!r}) stayed "
                 f"held for {GATE_TIMEOUT_SECONDS} s. A run that dies holding it frees it within its "
-                f"{lease:.0f} s lease (when the Prefect server runs its repossessor service); if no "
-                f"run is registering {name!r}, `prefect gcl update {limit} --active-slots 0` frees it"
+                f"{lease:.0f} s lease (when the Prefect server runs its repossessor service); if no run "
+                f"is registering {name!r}, `{command} --active-slots 0` frees it"
             ) from error
         # Deactivated while this run waited, it would have let the run in without taking a slot.
         _check_limit(name, limit, create=False)
@@ -173,6 +177,6 @@ def _check_limit(name: str, limit: str, create: bool) -> None:
         raise GateMisconfiguredError(
             f"the promotion gate of {name!r} is Prefect global concurrency limit {limit!r}, which "
             f"{', '.join(problems)}; a gate needs exactly 1 slot, active, no decay, or runs "
-            f"would promote at the same time. Fix it with `prefect gcl update {limit} --limit 1 "
+            f"would promote at the same time. Fix it with `prefect gcl update {shlex.quote(limit)} --limit 1 "
             "--enable --slot-decay-per-second 0`"
         )

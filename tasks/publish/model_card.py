@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 from tasks.data.datasets import DatasetRef
 from tasks.data.decoding import Preprocessing
-from tasks.track.redaction import redact_params
+from tasks.redaction import redact_params
+from tasks.track.reports import Provenance, link, markdown_table
 
 PER_CLASS_COLUMNS = ("class_name", "precision", "recall", "f1", "support")
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Where a model came from; the URLs are set only when the servers are reachable over HTTP."""
-
-    run_id: str
-    run_url: Optional[str] = None
-    flow_run_id: Optional[str] = None
-    flow_run_url: Optional[str] = None
-    git_commit: Optional[str] = None
-
-
-def link(text: str, url: Optional[str]) -> str:
-    return f"[{text}]({url})" if url else f"`{text}`"
-
-
-def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
-    """A GitHub-flavoured table; floats to 4 decimals."""
-
-    def cell(value: object) -> str:
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[column]) for column in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def version_card(

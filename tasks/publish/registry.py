@@ -88,6 +88,9 @@ def save_pytorch(model: nn.Module, path: str, mlflow_model: Model, **options) ->
     )
 
 
+_SET_BY_ADD_TO_MODEL = ("loader_module", "python_version")  # mlflow.pyfunc.add_to_model's own fields
+
+
 def save_onnx_logits(onnx_path: Path, path: str, mlflow_model: Model, **options) -> None:
     """Saves the ONNX flavor with models/logits_pyfunc.py as its pyfunc loader."""
     # MLflow's own ONNX pyfunc answers a numpy batch with {output name: array} where the PyTorch
@@ -103,7 +106,12 @@ def save_onnx_logits(onnx_path: Path, path: str, mlflow_model: Model, **options)
         pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         **options,
     )
-    mlflow_model.flavors["python_function"]["loader_module"] = loader.stem
+    # The pyfunc flavor again, with the loader instead of mlflow.onnx, through MLflow's public way to
+    # say how a saved folder loads as pyfunc; the rest (data, code, env) stays as saved.
+    from mlflow.pyfunc import FLAVOR_NAME, add_to_model
+
+    saved = mlflow_model.flavors[FLAVOR_NAME].items()
+    add_to_model(mlflow_model, loader.stem, **{k: v for k, v in saved if k not in _SET_BY_ADD_TO_MODEL})
     mlflow_model.save(str(Path(path) / "MLmodel"))
 
 

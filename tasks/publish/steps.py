@@ -15,30 +15,32 @@ from prefect.cache_policies import NO_CACHE
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef, test_images, test_pixels
 from tasks.data.loaders import TensorLoader
-from tasks.files import atomic_output
+from tasks.files import atomic_output, atomic_path
 from tasks.publish import evaluation, export, gate_lock, model_card, plots, promotion, registry
 from tasks.publish.evaluation import Evaluation
-from tasks.retrying import retry_except
+from tasks.retrying import attempt_stable_ms
 from tasks.track import lineage, reports, tracking
-from tasks.train import speed
+from tasks.track.retries import mlflow_retries
+from tasks.train import checkpoints, speed
 from tasks.train.steps import TrainedModel
 from tasks.train.training import predict_logits
 
 
-@task(name="evaluate-model", cache_policy=NO_CACHE)
+@task(name="evaluate-model", cache_policy=NO_CACHE, **mlflow_retries())
 def evaluate_model(
     trained: TrainedModel, test_loader: TensorLoader, class_names: tuple[str, ...], run_dir: Path, run_id: str
 ) -> Evaluation:
     """Test metrics, per-class table and plots (confusion matrix, learning curves, misclassified
     images), logged to MLflow."""
-    model = export.load_model(trained.spec, trained.weights()).to(test_loader.labels.device)
+    model = checkpoints.load_model(trained.spec, trained.weights()).to(test_loader.labels.device)
     if speed.has_convolutions(model):  # the same fp32 arithmetic, laid out for speed
         model = model.to(memory_format=torch.channels_last)
     logits, labels = predict_logits(model, test_loader)
     metrics, table, matrix = evaluation.summarise(logits, labels, class_names)
     with atomic_output(run_dir / "per_class_metrics.csv") as handle:
         table.to_csv(handle, index=False)
-    np.save(run_dir / "test_logits.npy", logits.numpy())  # per test image, in the split's order
+    with atomic_path(run_dir / "test_logits.npy") as tmp, open(tmp, "wb") as handle:
+        np.save(handle, logits.numpy())  # per test image, in the split's order
     images = test_loader.images.cpu()
     artefacts = [
         run_dir / "per_class_metrics.csv",
@@ -49,31 +51,31 @@ def evaluate_model(
             images, labels, logits.argmax(1), class_names, run_dir / "misclassified.png"
         ),
     ]
-    logged_at = tracking.now_ms()
+    logged_at = attempt_stable_ms()  # a retry's metrics are the first attempt's, stored once
     tracking.log_metrics(run_id, metrics, timestamp=logged_at)
     tracking.log_artifacts(run_id, artefacts)
     return Evaluation(metrics, table.to_dict("records"), logged_at, logits)
 
 
-@task(name="save-state-dict", cache_policy=NO_CACHE)
+@task(name="save-state-dict", cache_policy=NO_CACHE, **mlflow_retries())
 def save_state_dict(trained: TrainedModel, run_dir: Path, run_id: str) -> Path:
     """Writes model_weights.pth atomically and logs it."""
-    path = export.write_state_dict(trained.weights(), run_dir / "model_weights.pth")
+    path = checkpoints.write_state_dict(trained.weights(), run_dir / "model_weights.pth")
     tracking.log_artifacts(run_id, [path])
     return path
 
 
-@task(name="export-onnx", cache_policy=NO_CACHE)
+@task(name="export-onnx", cache_policy=NO_CACHE, **mlflow_retries())
 def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str) -> Path:
     """Exports model.onnx with a dynamic batch axis and logs it."""
-    model = export.load_model(spec, weights_path)
+    model = checkpoints.load_model(spec, weights_path)
     example = torch.rand(2, spec.in_channels, *spec.image_size)
     path = export.write_onnx(model, example, run_dir / "model.onnx")
     tracking.log_artifacts(run_id, [path])
     return path
 
 
-@task(name="validate-onnx", cache_policy=NO_CACHE)
+@task(name="validate-onnx", cache_policy=NO_CACHE, **mlflow_retries(export.OnnxMismatchError))
 def validate_onnx(
     onnx_path: Path, evaluation: Evaluation, dataset: DatasetRef, trained: TrainedModel, run_id: str
 ) -> dict:
@@ -82,7 +84,7 @@ def validate_onnx(
     images = test_images(dataset)
     report = export.compare_onnx(evaluation.logits, onnx_path, images)
     if not report.passed and report.top1_agreement == 1:
-        model = export.load_model(trained.spec, trained.weights())
+        model = checkpoints.load_model(trained.spec, trained.weights())
         tolerance = export.fp32_tolerance(model, images, evaluation.logits, report.worst_rows)
         report = replace(report, tolerance=tolerance, passed=report.max_abs_diff <= tolerance)
     tracking.log_metrics(
@@ -92,6 +94,7 @@ def validate_onnx(
             "onnx_tolerance": report.tolerance,
             "onnx_top1_agreement": report.top1_agreement,
         },
+        timestamp=attempt_stable_ms(),
     )
     if not report.passed:
         raise export.OnnxMismatchError(
@@ -102,7 +105,7 @@ def validate_onnx(
     return {key: value for key, value in asdict(report).items() if key != "worst_rows"}
 
 
-@task(name="log-models", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+@task(name="log-models", cache_policy=NO_CACHE, **mlflow_retries())
 def log_models(
     spec: ModelSpec,
     weights_path: Path,
@@ -127,7 +130,7 @@ def log_models(
         },
     )
     savers = {
-        name: functools.partial(registry.save_pytorch, export.load_model(spec, weights_path), **options),
+        name: functools.partial(registry.save_pytorch, checkpoints.load_model(spec, weights_path), **options),
         name + registry.ONNX_SUFFIX: functools.partial(registry.save_onnx_logits, onnx_path, **options),
     }
     tags = model_tags(dataset, evaluation, parity)
@@ -143,9 +146,8 @@ def log_models(
 @task(
     name="register-model",
     cache_policy=NO_CACHE,
-    **tracking.MLFLOW_RETRIES,
     # A gate that refused, or stayed busy for minutes, would do the same again.
-    retry_condition_fn=retry_except(
+    **mlflow_retries(
         gate_lock.GateBusyError, gate_lock.GateMisconfiguredError, gate_lock.PrefectNotSharedError
     ),
 )

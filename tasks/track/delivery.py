@@ -19,8 +19,8 @@ from mlflow.environment_variables import (
     MLFLOW_TRACKING_SERVER_CERT_PATH,
 )
 
+from tasks.redaction import redact_url, without_credentials
 from tasks.track import tracking
-from tasks.track.redaction import redact_url, without_credentials
 
 logger = logging.getLogger(__name__)
 REACHABLE_WITHIN_SECONDS = 10.0

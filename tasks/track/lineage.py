@@ -6,10 +6,11 @@ import hashlib
 import json
 
 from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -21,15 +22,12 @@ from tasks.track.tracking import get_client
 TRAINING, VALIDATION, TEST = "training", "validation", "test"
 
 
-class ImageSplit(Dataset):
+class ImageSplit(MetaDataset):
     """One split of a prepared image dataset, described by its origin, fingerprint and sizes."""
 
     def __init__(self, source: DatasetSource, name: str, digest: str, profile: dict) -> None:
         self._profile = profile
-        super().__init__(source=source, name=name, digest=digest)
-
-    def _compute_digest(self) -> str:
-        return self.digest  # always given: derived from the prepared data's sha256
+        super().__init__(source=source, name=name, digest=digest)  # given: derived from the data's sha256
 
     @property
     def profile(self) -> dict:
@@ -37,6 +35,12 @@ class ImageSplit(Dataset):
 
     def to_dict(self) -> dict[str, str]:
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    def to_entity(self) -> DatasetEntity:
+        """The split as MLflow stores it, from its public to_dict()."""
+        fields = self.to_dict()
+        keys = ("name", "digest", "source_type", "source", "profile")
+        return DatasetEntity(**{key: fields[key] for key in keys}, schema=fields.get("schema"))
 
 
 def origin_source(origin: str) -> DatasetSource:
@@ -77,7 +81,7 @@ def split_sizes(dataset: DatasetRef, val_fraction: float) -> dict[str, int]:
 def log_splits(run_id: str, dataset: DatasetRef, seed: int, val_fraction: float) -> None:
     """Logs the splits as the run's dataset inputs, each tagged with its context."""
     inputs = [
-        DatasetInput(split._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        DatasetInput(split.to_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for context, split in image_splits(dataset, seed, val_fraction).items()
     ]
     try:

@@ -1,19 +1,45 @@
-"""What a run shows in the Prefect UI (summary, per-class table, prediction summary artifacts) and
-where it came from, with links into both UIs when their servers speak HTTP."""
+"""Where a run came from, with links into both UIs when their servers speak HTTP, the Markdown that
+shows it (links, tables), and a prediction run's summary artifact in the Prefect UI."""
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
 from urllib.parse import quote
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from tasks.publish.evaluation import Evaluation
-from tasks.publish.model_card import PER_CLASS_COLUMNS, Provenance, link, markdown_table
 from tasks.track import tracking
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model came from; the URLs are set only when the servers are reachable over HTTP."""
+
+    run_id: str
+    run_url: Optional[str] = None
+    flow_run_id: Optional[str] = None
+    flow_run_url: Optional[str] = None
+    git_commit: Optional[str] = None
+
+
+def link(text: str, url: Optional[str]) -> str:
+    return f"[{text}]({url})" if url else f"`{text}`"
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
+    """A GitHub-flavoured table; floats to 4 decimals."""
+
+    def cell(value: object) -> str:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[column]) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def artifact_key(*parts: str) -> str:
@@ -38,34 +64,6 @@ def provenance(run_id: str) -> Provenance:
 
 def version_url(name: str, version: str) -> Optional[str]:
     return tracking.web_url("models", quote(name, safe=""), "versions", version)
-
-
-def publish_run_summary(
-    name: str, evaluation: Evaluation, parity: Mapping, registration: Mapping, outputs: Mapping[str, str]
-) -> None:
-    """A markdown summary and a per-class table artifact on the flow run."""
-    metrics = evaluation.metrics
-    versions = ", ".join(
-        link(f"{registered} v{version}", version_url(registered, version))
-        for registered, version in registration["versions"].items()
-    )
-    source = provenance(registration["run_id"])
-    lines = [
-        f"# {name}: test accuracy {metrics['test_accuracy']:.4f}",
-        f"- **Test** accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_macro_f1']:.4f}, "
-        f"loss {metrics['test_loss']:.4f}",
-        f"- **ONNX parity** max |logit diff| {parity['max_abs_diff']:.3g}, "
-        f"{'passed' if parity['passed'] else 'failed'}",
-        f"- **Gate** {registration['alias']}: {registration['reason']}",
-        f"- **Registered** {versions}",
-        f"- **MLflow run** {link(source.run_id, source.run_url)}",
-        *(f"- **{label}** `{path}`" for label, path in outputs.items()),
-    ]
-    create_markdown_artifact("\n".join(lines), key=artifact_key(name, "summary"), description=f"{name} run")
-    rows = [{column: row[column] for column in PER_CLASS_COLUMNS} for row in evaluation.per_class]
-    create_table_artifact(
-        rows, key=artifact_key(name, "per-class"), description=f"{name}: per-class test metrics"
-    )
 
 
 def publish_prediction_summary(

@@ -1,4 +1,4 @@
-"""Prefect tasks that open, annotate and close the flow run's one MLflow run, and report on it."""
+"""Prefect tasks that open, annotate and close the flow run's one MLflow run."""
 
 from __future__ import annotations
 
@@ -19,20 +19,21 @@ from prefect.runtime import flow_run
 
 from tasks.data.datasets import DatasetRef
 from tasks.files import OutputWriteError, atomic_output
-from tasks.publish.evaluation import Evaluation
-from tasks.retrying import retry_except
-from tasks.track import delivery, lineage, reports, tracking
+from tasks.redaction import redact_params
+from tasks.track import delivery, lineage, tracking
 from tasks.track.cancellation import ended_status
-from tasks.track.redaction import redact_params
+from tasks.track.retries import mlflow_retries
 
 _FOLDER_NAME_LIMIT = 80  # characters of a run folder's name taken from the flow run's name
+# Tracking URIs checked moments ago by whoever started the flow (flows/launcher.py, before its
+# imports), which the next open-mlflow-run does not check again: a run checks its server once.
+_checked_uris: set[str] = set()
 
 
 @task(
     name="open-mlflow-run",
     cache_policy=NO_CACHE,
-    retry_condition_fn=retry_except(delivery.TrackingUnavailableError),  # it waited already
-    **tracking.MLFLOW_RETRIES,
+    **mlflow_retries(),  # not after a TrackingUnavailableError: check_reachable waited already
 )
 def open_mlflow_run(
     experiment: str,
@@ -45,7 +46,8 @@ def open_mlflow_run(
 ) -> str:
     """Starts the run (or reopens the one a retried flow run already started) and logs the config;
     fails at once, naming it, when the tracking server does not answer."""
-    delivery.check_reachable()
+    if not _checked_just_now():
+        delivery.check_reachable()
     run_id = tracking.find_run(experiment, flow_run_id)
     if run_id is None:
         tags = {
@@ -64,6 +66,20 @@ def open_mlflow_run(
     return run_id
 
 
+def tracking_checked() -> None:
+    """Tells this process's next open-mlflow-run that its tracking server answered and took the
+    login just now, so that the run checks it once."""
+    _checked_uris.add(tracking.tracking_uri())
+
+
+def _checked_just_now() -> bool:
+    """Whether the tracking server was checked for this run (once: a retry checks again)."""
+    uri = tracking.tracking_uri()
+    checked = uri in _checked_uris
+    _checked_uris.discard(uri)
+    return checked
+
+
 def write_config(run_dir: Path, params: Mapping[str, object], device: str) -> Path:
     """The run's settings as run_dir/config.json (atomically, URLs without their credentials)."""
     path = run_dir / "config.json"
@@ -73,7 +89,7 @@ def write_config(run_dir: Path, params: Mapping[str, object], device: str) -> Pa
     return path
 
 
-@task(name="log-dataset", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+@task(name="log-dataset", cache_policy=NO_CACHE, **mlflow_retries())
 def log_dataset(
     run_id: str, dataset: DatasetRef, seed: Optional[int] = None, val_fraction: Optional[float] = None
 ) -> None:
@@ -93,7 +109,7 @@ def log_dataset(
     )
 
 
-@task(name="close-mlflow-run", cache_policy=NO_CACHE, **tracking.MLFLOW_RETRIES)
+@task(name="close-mlflow-run", cache_policy=NO_CACHE, **mlflow_retries())
 def close_mlflow_run(run_id: str, status: str) -> None:
     """Marks the run FINISHED, FAILED or KILLED."""
     tracking.finish_run(run_id, status)
@@ -142,11 +158,3 @@ def mlflow_run(
         close_mlflow_run(run_id, ended_status(error))
         raise
     close_mlflow_run(run_id, "FINISHED")
-
-
-@task(name="report-run", cache_policy=NO_CACHE)
-def report_run(
-    name: str, evaluation: Evaluation, parity: dict, registration: dict, outputs: dict[str, str]
-) -> None:
-    """The run's summary and per-class table as Prefect artifacts, keyed by the registered name."""
-    reports.publish_run_summary(name, evaluation, parity, registration, outputs)

@@ -6,7 +6,7 @@ import logging
 import subprocess
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from tasks.files import file_lock, write_error
-from tasks.track.redaction import redact_params, without_credentials
+from tasks.redaction import redact_params, without_credentials
 
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 # Prefect retry settings for tasks that mostly talk to MLflow. Each request also has MLflow's own
@@ -38,18 +38,6 @@ def get_client() -> MlflowClient:
     return MlflowClient()
 
 
-def open_in_background() -> None:
-    """Starts opening the tracking store in a thread, so that its cost (1-1.5 s for a SQLite store:
-    MLflow's SQL modules and its schema check) overlaps work that waits on the Prefect server. The
-    run's own first get_client() reports any error."""
-
-    def open_quietly() -> None:
-        with suppress(Exception):
-            get_client()
-
-    threading.Thread(target=open_quietly, name="open-mlflow-store", daemon=True).start()
-
-
 def _create_sqlite_store(uri: str, store: Path) -> None:
     # MLflow creates a new SQLite store's tables and runs its migrations when a process first opens
     # it, without a lock: runs started at once on a new store break each other's migrations ("table
@@ -64,13 +52,11 @@ def skip_package_scan() -> None:
     """Call before saving or loading an MLflow model: the same requirements check, about 1 s sooner."""
     # MLflow checks a model's pinned requirements against the installed versions, by distribution
     # name, after mapping every installed package to its modules (reading each one's RECORD: about
-    # 1 s), which only a distribution without metadata needs. pip gives every one metadata, so an
-    # empty map leaves the check as it was. The map is MLflow's private cache: if it is renamed,
-    # the scan comes back and nothing else changes.
-    from mlflow.utils import requirements_utils
+    # 1 s), which only a distribution without metadata needs. The map is MLflow's private cache
+    # (tasks/compat.py): if it is renamed, the scan comes back and nothing else changes.
+    from tasks import compat
 
-    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", {}) is None:
-        requirements_utils._MODULES_TO_PACKAGES = {}
+    compat.skip_mlflow_package_scan()
 
 
 def local_store(uri: str) -> Optional[Path]:
@@ -248,10 +234,17 @@ def system_metrics(run_id: str, enabled: bool = True, interval: float = 5.0) -> 
     if not enabled:
         yield
         return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from tasks import compat
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop chatter
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True)
+    try:
+        monitor = compat.monitor_system_metrics(run_id, interval)
+    except compat.CompatError as error:  # system metrics never fail a run; tests/test_compat.py fails
+        logging.getLogger(__name__).warning("system metrics not recorded: %s", error)
+        monitor = None
+    if monitor is None:
+        yield
+        return
     monitor.start()
     try:
         yield
@@ -273,10 +266,9 @@ _MONITOR_STOP_SECONDS = 10
 
 
 def _stop_monitor(monitor) -> None:
+    from tasks import compat
+
     try:
-        monitor.finish()
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        compat.log_last_system_metrics(monitor)
     except Exception as error:  # noqa: BLE001 - system metrics never fail a run
         logging.getLogger(__name__).warning("system metrics: last sample not logged (%s)", error)

@@ -1,17 +1,46 @@
-"""Training checkpoints: written atomically, holding all a retry needs to resume exactly."""
+"""Weights and training checkpoints on disk: written atomically, read without running pickled code;
+a checkpoint holds all a retry needs to resume exactly."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from models import ModelSpec, build_from_spec
 from tasks.data.loaders import TensorLoader
+from tasks.files import atomic_save
 
-if TYPE_CHECKING:
-    from tasks.train.training import Optimisation
+
+@dataclass
+class Optimisation:
+    """What a training step updates besides the weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+
+
+def load_weights(path: Path) -> dict:
+    """Reads a state_dict without running any pickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(spec: ModelSpec, weights: dict | Path) -> nn.Module:
+    """A fresh network from `spec` with a state_dict (or the file holding one) loaded, in eval mode."""
+    model = build_from_spec(spec)
+    model.load_state_dict(weights if isinstance(weights, dict) else load_weights(weights))
+    return model.eval()
+
+
+def write_state_dict(state_dict: dict, path: Path) -> Path:
+    """Saves weights atomically: a crash leaves the previous file or none, and a failed write raises
+    OutputWriteError naming `path`."""
+    atomic_save({key: value.detach().cpu() for key, value in state_dict.items()}, path)
+    return path
 
 
 def checkpoint_state(
@@ -36,7 +65,7 @@ def restore_checkpoint(
     path: Path, model: nn.Module, optimisation: Optimisation, loader: TensorLoader
 ) -> list[dict[str, float]]:
     """Loads a checkpoint into the given objects and returns the epochs it already holds."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     saved = state.get("precision", "fp32")
     if saved != optimisation.precision:
         raise ValueError(

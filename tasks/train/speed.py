@@ -21,8 +21,11 @@ class PrecisionUnavailableError(RuntimeError):
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 convolutions and matmuls in hardware. Elsewhere bf16 is emulated and
     slower than fp32."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    # torch.cpu.get_capabilities() is public in recent torch (2.14 has it); an older one without it
+    # says no: auto picks fp32, and bf16 can still be asked for. torch.backends.cpu's
+    # get_cpu_capability() ("AVX512") cannot tell AVX512 with BF16 from AVX512 without it.
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_tile"))
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

@@ -13,11 +13,11 @@ from rich.console import Console
 
 from models import ModelSpec, build_from_spec
 from tasks.data.loaders import Loaders
-from tasks.publish import export
 from tasks.retrying import retry_except
 from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.delivery import MetricsOutbox, TrackingUnavailableError
+from tasks.train import checkpoints
 from tasks.train.progress import TrainingProgress
 from tasks.train.training import TrainSettings, settings_levers, train
 
@@ -30,7 +30,7 @@ class TrainedModel:
 
     def weights(self) -> dict:
         """The trained state_dict, read from the last checkpoint."""
-        return export.load_weights(Path(self.checkpoint_path))["model"]
+        return checkpoints.load_weights(Path(self.checkpoint_path))["model"]
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,10 @@ from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import make_loaders
 from tasks.data.local_copy import CannotPrepareHereError, DataRecipe, DatasetMismatchError, dataset_here
 from tasks.files import atomic_output, atomic_save
-from tasks.publish import export
 from tasks.retrying import retry_except
 from tasks.track import lineage, reports, tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
-from tasks.train import sweeps
+from tasks.train import checkpoints, sweeps
 from tasks.train.steps import TrainedModel, Watch, train_logged
 from tasks.train.training import TrainSettings, resolve_device
 
@@ -93,7 +92,7 @@ def run_trial(
         watch = Watch(system_metrics=trial.params["system_metrics"], stop_when_cancelled=True)
         folder = trial_folder(sweep_dir, trial.name, str(trial.params["output_dir"]))
         trained = train_logged(trial.spec, loaders, trial.settings, folder, run_id, watch)
-        weights = export.write_state_dict(trained.weights(), folder / TRIAL_WEIGHTS)
+        weights = checkpoints.write_state_dict(trained.weights(), folder / TRIAL_WEIGHTS)
         tracking.log_artifacts(run_id, [weights], str(Path(TRIAL_WEIGHTS).parent))
     except BaseException as error:
         tracking.finish_run(run_id, ended_status(error))
@@ -145,7 +144,7 @@ def fetch_trial_weights(run_id: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as scratch:
         downloaded = tracking.get_client().download_artifacts(run_id, TRIAL_WEIGHTS, scratch)
-        weights = export.load_weights(Path(downloaded))  # weights_only: no pickled code runs
+        weights = checkpoints.load_weights(Path(downloaded))  # weights_only: no pickled code runs
     path = folder / "checkpoints" / "from-tracking.pt"
     atomic_save({"model": weights}, path)
     return path

@@ -24,7 +24,7 @@ from models import (
 from tasks.data.loaders import Loaders, TensorLoader
 from tasks.files import atomic_save
 from tasks.train import speed
-from tasks.train.checkpoints import checkpoint_state, restore_checkpoint
+from tasks.train.checkpoints import Optimisation, checkpoint_state, restore_checkpoint
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 BatchCallback = Callable[[int], None]  # the number of batches done so far in the epoch
@@ -111,16 +111,6 @@ def make_scheduler(
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     raise ValueError(f"unknown scheduler {name!r}; choose onecycle, cosine or constant")
-
-
-@dataclass
-class Optimisation:
-    """What a training step updates besides the weights."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
 
 
 def train_one_epoch(
