@@ -73,14 +73,40 @@ class AnonPeak:
 """
 
 
+# The modules that take longest, longest first (`--durations`): under --dist loadfile each is one
+# unit of work, and one started last runs alone at the end while the other worker idles.
+LONGEST_MODULES = (
+    "test_team_deployment",
+    "test_faults",
+    "test_serving",
+    "test_predict_flow",
+    "test_train_flow",
+    "test_sweep_flow",
+    "test_checkpoints",
+    "test_launcher",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist sends loadfile's units out by number of tests, most first, unless told to keep
+    # the collection's order (below): the four-test team module would then start last.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Runs the modules with slow end-to-end tests first (each module's tests still together, so its
-    fixtures are made once): with -n 2 the quick ones then fill the gaps, rather than one worker
-    finishing a long flow test alone at the end."""
+    """Runs the longest modules first, then the other modules with slow end-to-end tests (each
+    module's tests still together, so its fixtures are made once): with -n 2 the quick ones then
+    fill the gaps, rather than one worker finishing a long flow test alone at the end."""
     require_slow_marks(items)
     slow = {item.module for item in items if item.get_closest_marker("slow")}
-    # The longest module (it is one unit for --dist loadfile) first of all, not last at the end.
-    items.sort(key=lambda item: (item.module not in slow, not getattr(item.module, "LONGEST", False)))
+
+    def rank(item: pytest.Item) -> tuple[int, bool]:
+        name = item.module.__name__.rpartition(".")[2]
+        longest = LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+        return longest, item.module not in slow
+
+    items.sort(key=rank)
 
 
 def run_train_script(

@@ -42,7 +42,6 @@ from stack_processes import group_alive  # noqa: E402
 
 # One stack for the module: `pytest -n 2 --dist loadfile` runs a module's tests on one worker.
 pytestmark = pytest.mark.slow
-LONGEST = True  # about 5 minutes on one worker: conftest starts it first
 NAME = "digits-cnn"  # what train-on-demand registers, and the name prefect.yaml's trigger follows
 SEEDS = (1, 2, 3)
 ESCAPED = re.compile(r"\d{8}-\d{6}-escaped-[0-9a-f]{8}")  # the folder of a flow run named ../../escaped
