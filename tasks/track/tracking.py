@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.file_utils import local_file_uri_to_path
 
+from tasks import compat
 from tasks.files import file_lock, write_error
 from tasks.redaction import redact_params, without_credentials
 
@@ -54,8 +55,6 @@ def skip_package_scan() -> None:
     # name, after mapping every installed package to its modules (reading each one's RECORD: about
     # 1 s), which only a distribution without metadata needs. The map is MLflow's private cache
     # (tasks/compat.py): if it is renamed, the scan comes back and nothing else changes.
-    from tasks import compat
-
     compat.skip_mlflow_package_scan()
 
 
@@ -234,8 +233,6 @@ def system_metrics(run_id: str, enabled: bool = True, interval: float = 5.0) -> 
     if not enabled:
         yield
         return
-    from tasks import compat
-
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop chatter
     try:
         monitor = compat.monitor_system_metrics(run_id, interval)
@@ -266,8 +263,6 @@ _MONITOR_STOP_SECONDS = 10
 
 
 def _stop_monitor(monitor) -> None:
-    from tasks import compat
-
     try:
         compat.log_last_system_metrics(monitor)
     except Exception as error:  # noqa: BLE001 - system metrics never fail a run
