@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import hashlib
 import http.server
@@ -110,18 +112,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def run_train_script(
-    cwd: Path, *flags: str, timeout: int = 600, script: Path = TRAIN_SCRIPT
+    cwd: Path, *flags: str, timeout: int = 600, script: Path = TRAIN_SCRIPT, seeded: bool = False
 ) -> subprocess.CompletedProcess:
     """Runs `python flows/train_flow.py FLAGS` (or another script) as a user would: its own
-    temporary Prefect server, Prefect and MLflow state under `cwd`."""
+    temporary Prefect server, Prefect and MLflow state under `cwd` (see `script_env`)."""
     command = [sys.executable, str(script), *flags]
-    return subprocess.run(
-        command, capture_output=True, text=True, cwd=cwd, env=script_env(cwd), timeout=timeout
-    )
+    env = script_env(cwd, seeded)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
-def script_env(cwd: Path) -> dict[str, str]:
-    """A user's shell in `cwd`: Prefect and MLflow state there, no Prefect server configured."""
+def script_env(cwd: Path, seeded: bool = False) -> dict[str, str]:
+    """A user's shell in `cwd`: Prefect and MLflow state there, no Prefect server configured.
+
+    `seeded`: `cwd` starts with a Prefect home and an MLflow store that already exist, as a user's
+    do after their first run. Creating them is the first run's alone (about 7 s of CPU in the
+    temporary server's and MLflow's migrations); seeded, a test process pays it once, not per run."""
+    if seeded:
+        cwd.mkdir(parents=True, exist_ok=True)
+        for name, seeded in (("prefect", seeded_prefect_home()), ("mlflow.db", seeded_mlflow_db())):
+            if not (cwd / name).exists():
+                (shutil.copytree if seeded.is_dir() else shutil.copyfile)(seeded, cwd / name)
     env = {
         **os.environ,
         "PREFECT_HOME": str(cwd / "prefect"),
@@ -131,9 +141,40 @@ def script_env(cwd: Path) -> dict[str, str]:
     return env
 
 
+@functools.cache
+def seeded_folder() -> Path:
+    """Where this test process keeps the stores it seeds others from; removed when it exits."""
+    folder = Path(tempfile.mkdtemp(prefix="seeded-stores-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+@functools.cache
+def seeded_mlflow_db() -> Path:
+    """An MLflow SQLite store, created (its schema migrated) and otherwise empty."""
+    from mlflow import MlflowClient
+
+    path = seeded_folder() / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@functools.cache
+def seeded_prefect_home() -> Path:
+    """A Prefect home whose database a temporary server has created and filled, then left."""
+    home = seeded_folder() / "prefect"
+    program = "from flows.api_server import EarlyServer; s = EarlyServer(); assert s.wait(); s.stop()"
+    subprocess.run(
+        [sys.executable, "-c", program], cwd=REPO, env={**os.environ, "PREFECT_HOME": str(home)}, check=True
+    )
+    return home
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A real SQLite-backed MLflow tracking store and registry in a temporary folder."""
+    """A real SQLite-backed MLflow tracking store and registry in a temporary folder (copied from
+    an empty one: MLflow's migrations take a second per new store)."""
+    shutil.copyfile(seeded_mlflow_db(), tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # MLflow's default artefact root ./mlruns lands here too

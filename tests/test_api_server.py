@@ -22,7 +22,7 @@ def run_program(cwd: Path, body: str, env: dict | None = None) -> subprocess.Com
     return subprocess.run(
         [sys.executable, "-c", program],
         cwd=cwd,
-        env=env or script_env(cwd),
+        env=env or script_env(cwd, seeded=True),
         capture_output=True,
         text=True,
         timeout=180,

@@ -466,6 +466,7 @@ def test_script_refuses_a_hostile_csv_in_one_line(png_dataset, outside_png, tmp_
         *("--train-csv", str(png_dataset["train_csv"]), "--test-csv", str(png_dataset["test_csv"])),
         *("--image-root", str(root), "--data-dir", str(tmp_path / "data")),
         timeout=300,
+        seeded=True,
     )
     assert result.returncode != 0
     [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TRAIN_SCRIPT, script_env
 
 from flows import launcher
@@ -83,6 +84,7 @@ def no_git(monkeypatch) -> None:
 def launch_log(tmp_path, mlflow_store, no_git, monkeypatch) -> list[str]:
     """What the launcher did, in order, with the servers' checks and the server start recorded."""
     log: list[str] = []
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as launch sets it
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fake_flow", raising=False)
     monkeypatch.setattr(launcher, "exit_unless_tracking_answers", lambda: log.append("tracking"))
@@ -139,6 +141,30 @@ def test_a_user_error_exits_with_its_one_line_and_others_propagate(tmp_path, lau
         launcher.launch(script, ["bug"])
 
 
+NO_FP16 = "precision 'fp16' needs a CUDA device, and this run trains on cpu"
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        (launcher.TRAIN, ["--device", "cuda"], "device 'cuda' was requested but is not available here"),
+        (launcher.TRAIN, ["--precision", "fp16"], NO_FP16),
+        (launcher.SWEEP, ["--precision", "fp16", "--grid", "lr=0.1,0.2"], NO_FP16),
+    ],
+)
+def test_hardware_the_machine_lacks_is_refused_before_any_work(
+    script, flags, message, tmp_path, launch_log, monkeypatch
+):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        launcher.launch(script, ["--dataset", "synthetic", "--device", "cpu", *flags])
+    assert exited.value.code.startswith(f"error: {message}")  # printed; the exit status is 1
+    assert launch_log == ["tracking", "prefect", "server"]  # refused while the server starts
+    assert [path.name for path in tmp_path.iterdir()] == ["mlflow.db"]  # the fixture's: no data, outputs
+
+
 def test_a_flow_started_otherwise_checks_its_tracking_server(mlflow_store, no_git, tmp_path, monkeypatch):
     checks = []
     monkeypatch.setattr(delivery, "check_reachable", lambda: checks.append("checked"))
@@ -147,13 +173,17 @@ def test_a_flow_started_otherwise_checks_its_tracking_server(mlflow_store, no_gi
 
 
 @pytest.mark.slow
-def test_the_mlflow_store_is_opened_in_the_main_thread_before_the_flow_run(tmp_path):
-    """The race that killed a run: MLflow's store opened in a thread while the main one imported
-    Prefect configured Prefect's half-defined server models ("'WorkQueue' failed to locate")."""
+def test_a_script_runs_on_its_own_server_with_the_mlflow_store_opened_in_the_main_thread(tmp_path):
+    """`python flows/train_flow.py` end to end on the temporary server the launcher starts beside
+    its imports (Prefect does not start its own), and without the race that killed a run: MLflow's
+    store opened in a thread while the main one imported Prefect configured Prefect's half-defined
+    server models ("'WorkQueue' failed to locate")."""
     out = tmp_path / "mappers.json"
     flags = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-system-metrics"]
     result = probe(tmp_path, MAPPERS_PROBE.format(out=str(out), script=str(TRAIN_SCRIPT), flags=flags))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test accuracy" in result.stdout and "Starting temporary server" not in result.stderr
+    assert "test accuracy" in result.stdout and "-> champion" in result.stdout
+    assert list((tmp_path / "outputs").iterdir()) and (tmp_path / "data" / "prepared").is_dir()
+    assert "Starting temporary server" not in result.stderr
     calls = json.loads(out.read_text())
     assert calls and all(call == ["MainThread", False] for call in calls), calls

@@ -54,6 +54,7 @@ def test_script_predicts_a_csv_with_the_training_runs_accuracy(trained_csv_model
         "--output",
         str(output),
         script=PREDICT_SCRIPT,
+        seeded=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting temporary server" not in result.stderr  # the early one served it

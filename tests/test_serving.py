@@ -46,7 +46,7 @@ def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path
     written = write_class_folders(tmp_path / "photos", ["ant", "bee", "wasp"], 200, PHOTO_SIZES)
     assert len({Image.open(p).size for files in written.values() for p in files}) >= 20
     flags = ["--dataset", "folder", "--train-dir", "photos", "--model", "resnet18", "--image-size", "64"]
-    trained = run_train_script(tmp_path, *flags, "--epochs", "2", "--registered-model", "photos")
+    trained = run_train_script(tmp_path, *flags, "--epochs", "1", "--registered-model", "photos", seeded=True)
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = Path(trained.stdout.rsplit("outputs in ", 1)[1].strip())
     monkeypatch.chdir(tmp_path)  # the run's store and its ./mlruns artefacts

@@ -1,7 +1,6 @@
 import time
 
 import pytest
-from conftest import REPO, run_train_script
 from pydantic import ValidationError
 
 from flows.cli import parse_sweep_config
@@ -140,20 +139,3 @@ def test_the_prefect_form_takes_the_same_config_as_json():
     )
     assert [t.lr for t in config.trial_configs()] == [0.001, 0.01]
     assert "grid" in SweepConfig.model_json_schema()["properties"]
-
-
-@pytest.mark.slow
-def test_script_refuses_fp16_without_cuda_before_any_work(tmp_path):
-    result = run_train_script(
-        tmp_path,
-        "--device",
-        "cpu",
-        "--precision",
-        "fp16",
-        "--grid",
-        "lr=0.1,0.2",
-        script=REPO / "flows" / "sweep_flow.py",
-    )
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: precision 'fp16' needs a CUDA device, and this run trains on cpu")
-    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()

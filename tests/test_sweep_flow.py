@@ -54,6 +54,7 @@ def test_script_sweeps_a_grid_and_registers_the_best_child_run(tmp_path):
         *("--dataset", "digits", "--epochs", "2", "--grid", "image-size=20,28", "--grid", "model=mlp,cnn"),
         *("--registered-model", "digits-sweep"),
         script=SWEEP_SCRIPT,
+        seeded=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting temporary server" not in result.stderr  # the early one served it
