@@ -16,10 +16,10 @@ import gc
 import importlib
 import os
 import sys
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 from flows import api_server
 from flows.cli import (
@@ -84,25 +84,39 @@ def launch(script: Script, argv: Optional[list[str]] = None) -> dict:
     # The temporary server's telemetry heartbeat races its own SQLite writes and logs
     # "database is locked" tracebacks; it has nothing to do with the run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    config = script.parse(argv)  # --help and bad flags answer here, before anything starts
-    exit_unless_tracking_answers()
-    exit_unless_prefect_answers()
-    for check in script.first:
-        check(config)
-    server = api_server.start()  # a child process: it comes up while this one imports below
-    for check in script.beside:
-        check(config)
-    module = importlib.import_module(script.module)
-    from tasks.track import steps  # imported with the module
+    with _no_collection_while_importing():
+        config = script.parse(argv)  # --help and bad flags answer here, before anything starts
+        exit_unless_tracking_answers()
+        exit_unless_prefect_answers()
+        for check in script.first:
+            check(config)
+        server = api_server.start()  # a child process: it comes up while this one imports below
+        for check in script.beside:
+            check(config)
+        module = importlib.import_module(script.module)
+        from tasks.track import steps  # imported with the module
 
-    steps.tracking_checked()  # it answered above: the run's open-mlflow-run step does not ask again
-    open_tracking_store()
+        steps.tracking_checked()  # it answered above: the run's open-mlflow-run step does not ask again
+        open_tracking_store()
     errors = module.USER_ERRORS
     try:
         with api_server.use(server), short_user_errors(errors):
             return module.main(config)
     except errors as error:
         sys.exit(f"error: {error}")
+
+
+@contextmanager
+def _no_collection_while_importing() -> Iterator[None]:
+    """Imports make millions of objects and next to no garbage, yet the cyclic collector runs over
+    them again and again as they grow: 1-2 s of CPU before a run starts. It is off until they are
+    done; then what they made is frozen (never scanned again) and it is on again for the run."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def open_tracking_store() -> None:

@@ -129,9 +129,9 @@ def script_env(cwd: Path, seeded: bool = False) -> dict[str, str]:
     temporary server's and MLflow's migrations); seeded, a test process pays it once, not per run."""
     if seeded:
         cwd.mkdir(parents=True, exist_ok=True)
-        for name, seeded in (("prefect", seeded_prefect_home()), ("mlflow.db", seeded_mlflow_db())):
+        for name, source in (("prefect", seeded_prefect_home()), ("mlflow.db", seeded_mlflow_db())):
             if not (cwd / name).exists():
-                (shutil.copytree if seeded.is_dir() else shutil.copyfile)(seeded, cwd / name)
+                (shutil.copytree if source.is_dir() else shutil.copyfile)(source, cwd / name)
     env = {
         **os.environ,
         "PREFECT_HOME": str(cwd / "prefect"),

@@ -3,11 +3,13 @@ imports and the MLflow store opened in the main thread only, one-line user error
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -81,7 +83,7 @@ def no_git(monkeypatch) -> None:
 
 
 @pytest.fixture
-def launch_log(tmp_path, mlflow_store, no_git, monkeypatch) -> list[str]:
+def launch_log(tmp_path, mlflow_store, no_git, monkeypatch) -> Iterator[list[str]]:
     """What the launcher did, in order, with the servers' checks and the server start recorded."""
     log: list[str] = []
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as launch sets it
@@ -91,7 +93,8 @@ def launch_log(tmp_path, mlflow_store, no_git, monkeypatch) -> list[str]:
     monkeypatch.setattr(launcher, "exit_unless_prefect_answers", lambda: log.append("prefect"))
     monkeypatch.setattr(launcher.api_server, "start", lambda: log.append("server"))
     monkeypatch.setattr(delivery, "check_reachable", lambda: log.append("tracking again"))
-    return log
+    yield log
+    gc.unfreeze()  # launch froze this test process's objects, as it does a script's
 
 
 def test_launch_checks_once_starts_the_server_before_importing_and_opens_the_store_first(
@@ -100,13 +103,15 @@ def test_launch_checks_once_starts_the_server_before_importing_and_opens_the_sto
     module = write_flow_module(
         tmp_path,
         """
+        import gc
         from pathlib import Path
         from tasks.track import steps
         USER_ERRORS = (LookupError,)
-        LOG = []
+        LOG = [f"imported, collector on: {gc.isenabled()}"]
 
         def main(config):
-            LOG.append(f"main {config}, store made: {Path('mlflow.db').is_file()}")
+            store = Path("mlflow.db").is_file()
+            LOG.append(f"main {config}, store made: {store}, collector on: {gc.isenabled()}")
             for attempt in (1, 2):  # the run's open-mlflow-run, then a retry of it
                 steps.open_mlflow_run.fn("exp", {}, f"flow-run-{attempt}", "name", "cpu", Path("."))
             return {"ran": config}
@@ -120,7 +125,12 @@ def test_launch_checks_once_starts_the_server_before_importing_and_opens_the_sto
     )
     assert launcher.launch(script, ["x"]) == {"ran": "x"}
     assert launch_log == ["parse", "tracking", "prefect", "first x", "server", "beside x", "tracking again"]
-    assert sys.modules[module].LOG == ["main x, store made: True"]  # opened before the run, by the launcher
+    # The store was opened before the run, by the launcher; the collector was off for the imports.
+    assert sys.modules[module].LOG == [
+        "imported, collector on: False",
+        "main x, store made: True, collector on: True",
+    ]
+    assert gc.get_freeze_count() > 0  # what the imports made is left out of later collections
 
 
 def test_a_user_error_exits_with_its_one_line_and_others_propagate(tmp_path, launch_log):

@@ -24,7 +24,7 @@ _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 # Prefect retry settings for tasks that mostly talk to MLflow. Each request also has MLflow's own
 # HTTP retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR).
 MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_jitter_factor=0.5)
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # tasks/track/tracking.py -> the checkout
 
 
 _created: set[Path] = set()  # the SQLite stores this process has created or found created
