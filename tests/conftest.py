@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import gzip
 import hashlib
 import http.server
@@ -29,6 +30,11 @@ from torchvision import datasets
 from torchvision.io import write_png
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Two test workers share two cores: torch in each (and in the servers and clusters they start) gets
+# one thread, not one per core spinning against the other's (about a tenth less CPU on the suite's
+# in-process tests). The flows still set their own count (--threads, or one per core).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch read the variable as it loaded
 # Servers the tests start store events every half second, not every 5 s (the promotion events).
 os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
 REPO = Path(__file__).resolve().parents[1]
@@ -578,3 +584,10 @@ def pytest_runtest_setup(item: pytest.Item):
 def pytest_runtest_call(item: pytest.Item):
     with no_process_unless_slow(item):
         return (yield)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The collection imported torch, Prefect and MLflow: millions of objects that live as long as
+    # the process. Frozen, the collector stops rescanning them in every full collection (about a
+    # tenth of the in-process tests' CPU, measured on `-m "not slow"`).
+    gc.freeze()
