@@ -30,11 +30,6 @@ from torchvision import datasets
 from torchvision.io import write_png
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Two test workers share two cores: torch in each (and in the servers and clusters they start) gets
-# one thread, not one per core spinning against the other's (about a tenth less CPU on the suite's
-# in-process tests). The flows still set their own count (--threads, or one per core).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch read the variable as it loaded
 # Servers the tests start store events every half second, not every 5 s (the promotion events).
 os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
 REPO = Path(__file__).resolve().parents[1]
