@@ -21,7 +21,7 @@ import time
 import urllib.request
 from typing import Iterator, Optional
 
-from tasks import compat
+from common import compat
 
 _STARTUP_TIMEOUT_SECONDS = 60
 _STOP_TIMEOUT_SECONDS = 5

@@ -14,13 +14,17 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Iterator, Literal, Optional, TypeVar, get_args, get_origin
 
+from prefect.exceptions import CancelledRun
 from pydantic import BaseModel, ValidationError
 
+from common.errors import UserError
 from flows.config import TrainConfig
 from flows.sweep_config import SearchRange, SweepConfig, sweepable_choices
 
 Config = TypeVar("Config", bound=BaseModel)
-_SWEEP_OWN = ("grid", "space")  # flags with a syntax of their own; SweepConfig's others are generated
+_SWEEP_OWN = ("grid", "space")
+# Failures a user can act on: the command lines print their message instead of a traceback.
+USER_ERRORS = (UserError, CancelledRun)  # flags with a syntax of their own; SweepConfig's others are generated
 
 
 def build_parser(config_class: type[BaseModel], prog: str) -> argparse.ArgumentParser:
@@ -171,7 +175,7 @@ def exit_unless_prefect_answers(within: float = 10.0) -> None:
     url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     if not url:
         return  # a temporary local server (or one the active profile names: Prefect reports that)
-    from tasks.redaction import redact_url
+    from common.redaction import redact_url
 
     auth = os.environ.get("PREFECT_API_AUTH_STRING")
     headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}

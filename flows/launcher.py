@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional
 
 from flows import api_server
 from flows.cli import (
+    USER_ERRORS,
     exit_unless_gate_shared,
     exit_unless_hardware_fits,
     exit_unless_prefect_answers,
@@ -98,7 +99,7 @@ def launch(script: Script, argv: Optional[list[str]] = None) -> dict:
 
         steps.tracking_checked()  # it answered above: the run's open-mlflow-run step does not ask again
         open_tracking_store()
-    errors = module.USER_ERRORS
+    errors = USER_ERRORS
     try:
         with api_server.use(server), short_user_errors(errors):
             return module.main(config)

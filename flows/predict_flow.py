@@ -16,9 +16,8 @@ from prefect import flow
 
 from flows.config import PredictConfig, resolve_path
 from flows.confinement import check_confined
-from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
-from flows.train_flow import USER_ERRORS as TRAINING_ERRORS
-from tasks.predict.image_inputs import PredictionError, partitions
+from flows.runners import cluster_ready, make_task_runner, submit_all
+from tasks.predict.image_inputs import partitions
 from tasks.predict.steps import (
     list_images,
     load_registered_model,
@@ -28,9 +27,6 @@ from tasks.predict.steps import (
 )
 from tasks.track import tracking
 from tasks.track.steps import make_run_dir, mlflow_run
-
-# Failures a user can act on: the CLI prints their message instead of a traceback.
-USER_ERRORS = (*TRAINING_ERRORS, PredictionError, RunnerUnavailableError)
 
 
 @flow(name="predict-images", log_prints=True)

@@ -13,11 +13,12 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from common import compat
+from common.errors import UserError
 from flows.config import ClusterOptions, RunnerName
-from tasks import compat
 
 
-class RunnerUnavailableError(RuntimeError):
+class RunnerUnavailableError(UserError, RuntimeError):
     """The chosen task runner's package is not installed."""
 
 

@@ -22,24 +22,20 @@ from prefect.task_runners import TaskRunner
 from flows.config import TrainConfig, resolve_path
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
-from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
+from flows.runners import cluster_ready, make_task_runner, submit_all
 from flows.sweep_config import SweepConfig
-from flows.train_flow import USER_ERRORS as TRAINING_ERRORS
-from flows.train_flow import publish_model
 from tasks.data.augment import resolve_augment
 from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
 from tasks.data.local_copy import DataRecipe
 from tasks.data.steps import fetch_dataset, fetch_weights
 from tasks.publish.gate_lock import require_shared_prefect
+from tasks.publish.stage import publish_model
 from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train.sweep_steps import Trial, report_trials, run_trial, trained_here
-from tasks.train.sweeps import FAILED, FINISHED, SweepFailedError, best_trial
-
-# Failures a user can act on: the CLI prints their message instead of a traceback.
-USER_ERRORS = (*TRAINING_ERRORS, SweepFailedError, RunnerUnavailableError)
+from tasks.train.sweeps import FAILED, FINISHED, best_trial
 
 
 @flow(name="sweep-image-classifier", log_prints=True)

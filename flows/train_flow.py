@@ -13,62 +13,21 @@ if __name__ == "__main__":  # the launcher checks the flags before the imports b
     launcher.run_script(launcher.TRAIN)
 
 from prefect import flow
-from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from flows.config import TrainConfig, resolve_path
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
-from models import PretrainedWeightsUnavailable
 from tasks.data.augment import resolve_augment
-from tasks.data.csv_images import CsvDatasetError
-from tasks.data.datasets import DatasetRef
-from tasks.data.loaders import TensorLoader
-from tasks.data.mnist_files import ChecksumError, DownloadError
-from tasks.data.photos import ImageFolderError
 from tasks.data.steps import build_loaders, fetch_dataset, fetch_weights
-from tasks.files import OutputWriteError
-from tasks.publish.export import OnnxMismatchError
-from tasks.publish.gate_lock import (
-    GateBusyError,
-    GateMisconfiguredError,
-    PrefectNotSharedError,
-    require_shared_prefect,
-)
-from tasks.publish.run_summary import report_run
-from tasks.publish.steps import (
-    evaluate_model,
-    export_onnx,
-    log_models,
-    register_model,
-    save_state_dict,
-    validate_onnx,
-)
-from tasks.track.cancellation import CancelWatch, FlowRunCancelled
-from tasks.track.delivery import TrackingUnavailableError
+from tasks.publish.gate_lock import require_shared_prefect
+from tasks.publish.stage import publish_model
+from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
-from tasks.train.speed import PrecisionUnavailableError, set_threads
-from tasks.train.steps import TrainedModel, Watch, train_model
-from tasks.train.training import DeviceUnavailableError, resolve_device
-
-# Failures a user can act on: the CLI prints their message instead of a traceback.
-USER_ERRORS = (
-    DownloadError,
-    ChecksumError,
-    CsvDatasetError,
-    ImageFolderError,
-    PretrainedWeightsUnavailable,
-    DeviceUnavailableError,
-    PrecisionUnavailableError,
-    OnnxMismatchError,
-    TrackingUnavailableError,
-    GateBusyError,
-    GateMisconfiguredError,
-    PrefectNotSharedError,
-    OutputWriteError,
-    CancelledRun,
-)
+from tasks.train.speed import set_threads
+from tasks.train.steps import Watch, train_model
+from tasks.train.training import resolve_device
 
 
 @flow(name="train-image-classifier", log_prints=True)
@@ -107,37 +66,6 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     except FlowRunCancelled as cancelled:
         return Cancelled(message=str(cancelled))  # what Prefect asked for: the run ends Cancelled
     return {"mlflow_run_id": run_id, "run_dir": str(run_dir), **published}
-
-
-def publish_model(
-    trained: TrainedModel,
-    test: TensorLoader,
-    dataset: DatasetRef,
-    name: str,
-    params: dict,
-    run_dir: Path,
-    run_id: str,
-) -> dict:
-    """Tests the trained model, saves it, exports and checks the ONNX, registers both flavors and
-    reports the outcome in Prefect."""
-    spec = trained.spec
-    # Testing and plotting run beside the ONNX export (mostly Python tracing): two cores, both busy.
-    evaluating = evaluate_model.submit(trained, test, dataset.class_names, run_dir, run_id)
-    weights = save_state_dict(trained, run_dir, run_id)
-    onnx_path = export_onnx(spec, weights, run_dir, run_id)
-    evaluation = evaluating.result()
-    parity = validate_onnx(onnx_path, evaluation, dataset, trained, run_id)
-    CancelWatch(interval=0)()  # cancelled while testing or exporting: nothing is registered
-    model_ids = log_models(spec, weights, onnx_path, dataset, evaluation, parity, name, run_id)
-    registration = register_model(model_ids, spec, dataset, evaluation, parity, params, run_id)
-    outputs = {"Outputs": str(run_dir), "Weights": str(weights), "ONNX": str(onnx_path)}
-    report_run(name, evaluation, parity, registration, outputs)
-    return {
-        "test_accuracy": evaluation.metrics["test_accuracy"],
-        "test_loss": evaluation.metrics["test_loss"],
-        "onnx_max_abs_diff": parity["max_abs_diff"],
-        **registration,
-    }
 
 
 def main(config: TrainConfig) -> dict:

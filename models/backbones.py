@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torchvision import models as tv
 
-from tasks.downloads import download
-from tasks.redaction import redact_url as redact
+from common.downloads import download
+from common.errors import UserError
+from common.redaction import redact_url as redact
 
 BACKBONES: tuple[str, ...] = (
     "resnet18",
@@ -38,7 +39,7 @@ _LAYOUTS: dict[type, tuple[str, str]] = {
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(UserError, RuntimeError):
     """ImageNet weights are neither in the torch hub cache nor downloadable from here."""
 
 

@@ -1,4 +1,4 @@
-"""tasks/compat.py, the one seam to MLflow's, Prefect's and torch's internals: a scan of the source
+"""common/compat.py, the one seam to MLflow's, Prefect's and torch's internals: a scan of the source
 that finds none elsewhere, each internal resolved on the installed versions, the clear error when
 one is gone, and the public APIs that replaced private ones behaving as those did."""
 
@@ -20,7 +20,7 @@ from mlflow.utils import requirements_utils
 from packaging.requirements import Requirement
 from prefect.server.api import server
 
-from tasks import compat
+from common import compat
 from tasks.data.datasets import DatasetRef
 from tasks.track import tracking
 from tasks.track.lineage import image_splits
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = ("flows", "tasks", "models", "deploy", "benchmarks")
 SEAM = REPO / "tasks" / "compat.py"
 LIBRARIES = {"mlflow", "prefect", "torch"}
-# Internals without a leading underscore, which the project reaches only through tasks/compat.py.
+# Internals without a leading underscore, which the project reaches only through common/compat.py.
 INTERNAL_NAMES = {"SubprocessASGIServer", "SystemMetricsMonitor", "system_metrics_monitor", "mlflow_logger"}
 # In strings: private environment variables, and dotted paths or uvicorn targets to a private name.
 PRIVATE_TEXT = re.compile(
@@ -203,7 +203,7 @@ def test_no_private_name_of_mlflow_prefect_or_torch_outside_the_seam():
         for path in files
         for line, why in scan(path.read_text(encoding="utf-8"), defined)
     ]
-    assert found == [], "private names outside tasks/compat.py:\n" + "\n".join(found)
+    assert found == [], "private names outside common/compat.py:\n" + "\n".join(found)
 
 
 # Planted sources, each with what the scan must say about it.
@@ -282,7 +282,7 @@ def test_each_internal_resolves_on_the_installed_versions(internal):
     # passes here too); a newer minor needs both raised together.
     installed = importlib.metadata.version(internal.library)
     same_minor = installed.split(".")[:2] == internal.checked.split(".")[:2]
-    assert same_minor, f"{internal.library} {installed}: recheck tasks/compat.py"
+    assert same_minor, f"{internal.library} {installed}: recheck common/compat.py"
 
 
 def test_check_internals_passes_on_the_installed_versions():
@@ -294,7 +294,7 @@ def test_a_missing_name_fails_the_check_with_a_clear_message(monkeypatch):
     message = (
         "mlflow 3.17.2 no longer has mlflow.utils.requirements_utils._MODULES_TO_PACKAGES (used to skip "
         "MLflow's scan of every installed package when it saves or loads a model; checked on mlflow "
-        "3.17.2); pin mlflow<3.18 or update tasks/compat.py"
+        "3.17.2); pin mlflow<3.18 or update common/compat.py"
     )
     with pytest.raises(compat.CompatError) as raised:
         compat.check_internals()
@@ -337,7 +337,7 @@ def test_prefect_no_longer_reading_the_server_variables_fails_the_check(monkeypa
         compat.check_internals()
     assert str(raised.value).splitlines() == [
         f"prefect 3.9.1 no longer has {name} in prefect.server.api.server.create_app (used to {purpose}; "
-        "checked on prefect 3.9.1); pin prefect<3.10 or update tasks/compat.py"
+        "checked on prefect 3.9.1); pin prefect<3.10 or update common/compat.py"
         for name, purpose in [
             ("PREFECT__SERVER_EPHEMERAL", compat.SERVER_EPHEMERAL.purpose),
             ("PREFECT__SERVER_FINAL", compat.SERVER_FINAL.purpose),

@@ -11,8 +11,8 @@ from typing import Callable
 import pytest
 from conftest import http_files, raw_server
 
-from tasks import files
-from tasks.downloads import DownloadLimitError, download
+from common import files
+from common.downloads import DownloadLimitError, download
 
 BODY = bytes(range(256)) * 8  # 2048 bytes
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from tasks import files
-from tasks.files import OutputWriteError, atomic_path, atomic_save
+from common import files
+from common.files import OutputWriteError, atomic_path, atomic_save
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +127,7 @@ def test_output_write_error_message_and_pickling():
 KERNEL_REFUSES = """
 import pathlib, resource, sys, torch
 sys.path.insert(0, {repo!r})
-from tasks.files import OutputWriteError, atomic_save
+from common.files import OutputWriteError, atomic_save
 target = pathlib.Path({target!r})
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.redaction import redact_params, redact_url, without_credentials
+from common.redaction import redact_params, redact_url, without_credentials
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ from mlflow.exceptions import MlflowException
 from prefect.context import TaskRunContext
 from prefect.states import Failed
 
-from tasks.files import OutputWriteError
+from common.files import OutputWriteError
+from common.retrying import attempt_stable_ms
 from tasks.publish import export, gate_lock, run_summary
 from tasks.publish import steps as publish
-from tasks.retrying import attempt_stable_ms
 from tasks.track import steps as track
 from tasks.track import tracking
 from tasks.track.cancellation import FlowRunCancelled

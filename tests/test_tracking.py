@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from tasks.files import OutputWriteError
+from common.files import OutputWriteError
 from tasks.track import steps, tracking
 
 MIRROR = "https://bob:pa55@files.example/mnist/?token=t0ken&v=2"  # a --mirror with credentials

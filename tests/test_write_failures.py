@@ -17,10 +17,10 @@ import torch
 from conftest import fewer_training_images
 from mlflow import MlflowClient
 
+from common.files import OutputWriteError, atomic_output, atomic_save
 from models import ModelSpec, build_from_spec
 from tasks.data.datasets import prepare_dataset
 from tasks.data.loaders import TensorLoader, make_loaders
-from tasks.files import OutputWriteError, atomic_output, atomic_save
 from tasks.publish.export import write_onnx
 from tasks.publish.plots import plot_confusion_matrix, plot_learning_curves
 from tasks.publish.steps import evaluate_model

@@ -8,6 +8,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
+from common.errors import UserError
 from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file, open_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp"})  # what the decoder reads
@@ -21,7 +22,7 @@ _ROW_SUFFIXES = IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES  # a first row naming one 
 _BOM = b"\xef\xbb\xbf"
 
 
-class CsvDatasetError(ValueError):
+class CsvDatasetError(UserError, ValueError):
     """A CSV cannot be read, or a row names a missing, outside or unreadable image, or an unknown label."""
 
 

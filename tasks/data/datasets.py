@@ -18,6 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
+from common.files import atomic_output
+from common.redaction import redact_url
 from tasks.data import prepared
 from tasks.data.decoding import Preprocessing
 from tasks.data.images import ImageData, check_image_data
@@ -25,8 +27,6 @@ from tasks.data.mnist_files import FIRST_MIRRORS, RAW_FILES, SOURCES, load_mnist
 from tasks.data.offline_data import load_digits, make_synthetic
 from tasks.data.photos import list_csv, list_folder
 from tasks.data.storing import Logger, Source, channel_stats, memory_source, photo_source, store
-from tasks.files import atomic_output
-from tasks.redaction import redact_url
 
 _logger = logging.getLogger(__name__)
 PHOTO_SOURCES = ("csv", "folder")

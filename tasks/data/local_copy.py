@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Optional
 
+from common.files import file_lock
 from tasks.data import prepared
 from tasks.data.datasets import PHOTO_SOURCES, DatasetRef, Shape, prepare_dataset
 from tasks.data.steps import usable_cores
 from tasks.data.storing import Logger
-from tasks.files import file_lock
 
 _logger = logging.getLogger(__name__)
 

@@ -13,11 +13,12 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from tasks import downloads
+from common import downloads
+from common.downloads import DownloadLimitError
+from common.errors import UserError
+from common.files import exclusive_temp
+from common.redaction import redact_url as redact
 from tasks.data.images import ImageData
-from tasks.downloads import DownloadLimitError
-from tasks.files import exclusive_temp
-from tasks.redaction import redact_url as redact
 
 RAW_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's class names
 SOURCES = tuple(RAW_FOLDERS)
@@ -43,11 +44,11 @@ _ATTEMPTS = 4
 _BACKOFF_SECONDS = 0.5
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """The dataset could not be fetched; the message says what to do instead."""
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     """A downloaded file does not match its published checksum."""
 
 

@@ -11,13 +11,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from common.errors import UserError
 from tasks.data.csv_images import encode_labels, label_set, read_rows
 from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file, open_image
 
 FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # what the decoder reads
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(UserError, ValueError):
     """A class-folder tree is missing, empty, or holds a file that is not a readable image."""
 
 

@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from common.files import atomic_output
 from tasks.data.images import ImageData
-from tasks.files import atomic_output
 
 SUFFIX = ".safetensors"
 _ORDER = ("train_labels", "test_labels", "train_images", "test_images")

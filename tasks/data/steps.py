@@ -11,11 +11,11 @@ from typing import Callable, Iterator, Optional
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from common.retrying import retry_on
 from models import pretrained_file
 from tasks.data.datasets import DatasetRef, Shape, prepare_dataset
 from tasks.data.loaders import Loaders, make_loaders
 from tasks.data.mnist_files import DownloadError
-from tasks.retrying import retry_on
 
 
 @task(name="fetch-weights", retries=2, retry_delay_seconds=[1, 3], cache_policy=NO_CACHE)

@@ -12,6 +12,7 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 
+from common.errors import UserError
 from tasks.data.csv_images import ACCEPTED_FORMATS, IMAGE_SUFFIXES, CsvDatasetError, Row, iter_rows
 from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.decoding import Preprocessing, load_image
@@ -23,7 +24,7 @@ from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, c
 MARK_EVERY = 1000
 
 
-class PredictionError(ValueError):
+class PredictionError(UserError, ValueError):
     """The model, alias or images asked for cannot be used."""
 
 

@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from common.files import atomic_output
 from tasks.data.decoding import Preprocessing, preprocess
-from tasks.files import atomic_output
 from tasks.predict import model_files, model_loading
 from tasks.predict.image_inputs import Inputs, PredictionError
 from tasks.predict.model_loading import LogitsModel

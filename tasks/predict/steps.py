@@ -8,11 +8,11 @@ from typing import Optional, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from common.retrying import retry_except
 from tasks.data.csv_images import CsvDatasetError
 from tasks.predict import image_inputs, prediction
 from tasks.predict.image_inputs import Inputs
 from tasks.predict.prediction import RegisteredModel
-from tasks.retrying import retry_except
 from tasks.track import reports, tracking
 
 

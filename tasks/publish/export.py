@@ -14,7 +14,8 @@ import onnxruntime
 import torch
 from torch import nn
 
-from tasks.files import atomic_path
+from common.errors import UserError
+from common.files import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 MAX_ABS_DIFF = 1e-4
@@ -23,7 +24,7 @@ _EXACT_BATCH = 8
 _BATCH_PIXELS = 1 << 22  # values per onnxruntime batch: 1024 28x28 images, 27 RGB ones at 224x224
 
 
-class OnnxMismatchError(RuntimeError):
+class OnnxMismatchError(UserError, RuntimeError):
     """onnxruntime and PyTorch disagree beyond tolerance."""
 
 

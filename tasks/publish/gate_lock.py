@@ -20,9 +20,10 @@ import re
 import shlex
 from typing import Iterator
 
-from tasks.redaction import redact_url
+from common.errors import UserError
+from common.redaction import redact_url
 
-# MLflow and torch (tasks.files) are imported where used: flows/api_server.py reads
+# MLflow and torch (common.files) are imported where used: flows/api_server.py reads
 # TEMPORARY_API_VARIABLE from here while a command line is still starting.
 
 GATE_TIMEOUT_SECONDS = 300  # the gate itself takes seconds; anything longer is a stuck holder
@@ -37,15 +38,15 @@ TEMPORARY_API_VARIABLE = "PIC_TEMPORARY_PREFECT_API_URL"
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986's unreserved characters
 
 
-class GateBusyError(TimeoutError):
+class GateBusyError(UserError, TimeoutError):
     """The promotion gate stayed held by another run."""
 
 
-class GateMisconfiguredError(RuntimeError):
+class GateMisconfiguredError(UserError, RuntimeError):
     """The Prefect limit that serves as the promotion gate would not let one run in at a time."""
 
 
-class PrefectNotSharedError(RuntimeError):
+class PrefectNotSharedError(UserError, RuntimeError):
     """The tracking store is a server, but the run's Prefect API is not one other machines share."""
 
 
@@ -82,7 +83,7 @@ def promotion_gate(name: str) -> Iterator[None]:
     """Holds `name`'s promotion gate for the block."""
     import mlflow
 
-    from tasks.files import file_lock
+    from common.files import file_lock
     from tasks.track.tracking import local_store
 
     store = local_store(mlflow.get_tracking_uri())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from common.redaction import redact_params
 from tasks.data.datasets import DatasetRef
 from tasks.data.decoding import Preprocessing
-from tasks.redaction import redact_params
 from tasks.track.reports import Provenance, link, markdown_table
 
 PER_CLASS_COLUMNS = ("class_name", "precision", "recall", "f1", "support")

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from common.errors import UserError
 from tasks.publish import gate_lock, registry
 from tasks.publish.registry import CHAMPION, ONNX_SUFFIX, Candidate, Decision
 from tasks.track.tracking import get_client
@@ -31,7 +32,7 @@ RESOURCE_PREFIX = "mlflow.registered-model."
 DELIVERY_SECONDS = 30  # a run ends right after its gate: its event must be sent before
 
 
-class PromotionRefusedError(ValueError):
+class PromotionRefusedError(UserError, ValueError):
     """A move by hand that names no such version, or one the gate refuses."""
 
 

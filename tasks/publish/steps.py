@@ -12,13 +12,13 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from common.files import atomic_output, atomic_path
+from common.retrying import attempt_stable_ms
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef, test_images, test_pixels
 from tasks.data.loaders import TensorLoader
-from tasks.files import atomic_output, atomic_path
 from tasks.publish import evaluation, export, gate_lock, model_card, plots, promotion, registry
 from tasks.publish.evaluation import Evaluation
-from tasks.retrying import attempt_stable_ms
 from tasks.track import lineage, reports, tracking
 from tasks.track.retries import mlflow_retries
 from tasks.train import checkpoints, speed

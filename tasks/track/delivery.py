@@ -19,7 +19,8 @@ from mlflow.environment_variables import (
     MLFLOW_TRACKING_SERVER_CERT_PATH,
 )
 
-from tasks.redaction import redact_url, without_credentials
+from common.errors import UserError
+from common.redaction import redact_url, without_credentials
 from tasks.track import tracking
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logger
 
 
-class TrackingUnavailableError(ConnectionError):
+class TrackingUnavailableError(UserError, ConnectionError):
     """The MLflow tracking server did not answer."""
 
 

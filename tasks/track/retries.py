@@ -1,10 +1,10 @@
-"""Prefect retry options for the steps that talk to MLflow (tasks/retrying.py holds the generic
+"""Prefect retry options for the steps that talk to MLflow (common/retrying.py holds the generic
 retry conditions; these need the tracking stage's errors, so they live in it)."""
 
 from __future__ import annotations
 
-from tasks.files import OutputWriteError
-from tasks.retrying import retry_except
+from common.files import OutputWriteError
+from common.retrying import retry_except
 from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.delivery import TrackingUnavailableError
 from tasks.track.tracking import MLFLOW_RETRIES

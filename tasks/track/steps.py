@@ -17,9 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
+from common.files import OutputWriteError, atomic_output
+from common.redaction import redact_params
 from tasks.data.datasets import DatasetRef
-from tasks.files import OutputWriteError, atomic_output
-from tasks.redaction import redact_params
 from tasks.track import delivery, lineage, tracking
 from tasks.track.cancellation import ended_status
 from tasks.track.retries import mlflow_retries

@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.file_utils import local_file_uri_to_path
 
-from tasks import compat
-from tasks.files import file_lock, write_error
-from tasks.redaction import redact_params, without_credentials
+from common import compat
+from common.files import file_lock, write_error
+from common.redaction import redact_params, without_credentials
 
 _MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 # Prefect retry settings for tasks that mostly talk to MLflow. Each request also has MLflow's own
@@ -54,7 +54,7 @@ def skip_package_scan() -> None:
     # MLflow checks a model's pinned requirements against the installed versions, by distribution
     # name, after mapping every installed package to its modules (reading each one's RECORD: about
     # 1 s), which only a distribution without metadata needs. The map is MLflow's private cache
-    # (tasks/compat.py): if it is renamed, the scan comes back and nothing else changes.
+    # (common/compat.py): if it is renamed, the scan comes back and nothing else changes.
     compat.skip_mlflow_package_scan()
 
 

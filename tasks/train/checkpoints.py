@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.files import atomic_save
 from models import ModelSpec, build_from_spec
 from tasks.data.loaders import TensorLoader
-from tasks.files import atomic_save
 
 
 @dataclass

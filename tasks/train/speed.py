@@ -10,11 +10,13 @@ from typing import ContextManager, Optional
 import torch
 from torch import nn
 
+from common.errors import UserError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PrecisionUnavailableError(RuntimeError):
+class PrecisionUnavailableError(UserError, RuntimeError):
     """The requested precision cannot run on the training device."""
 
 

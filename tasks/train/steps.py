@@ -11,9 +11,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from rich.console import Console
 
+from common.retrying import retry_except
 from models import ModelSpec, build_from_spec
 from tasks.data.loaders import Loaders
-from tasks.retrying import retry_except
 from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.delivery import MetricsOutbox, TrackingUnavailableError

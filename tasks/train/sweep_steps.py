@@ -22,12 +22,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from common.files import atomic_output, atomic_save
+from common.retrying import retry_except
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import make_loaders
 from tasks.data.local_copy import CannotPrepareHereError, DataRecipe, DatasetMismatchError, dataset_here
-from tasks.files import atomic_output, atomic_save
-from tasks.retrying import retry_except
 from tasks.track import lineage, reports, tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
 from tasks.train import checkpoints, sweeps

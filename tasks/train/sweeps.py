@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tasks.files import atomic_path  # noqa: E402
+from common.errors import UserError
+from common.files import atomic_path  # noqa: E402
 
 FINISHED, FAILED = "finished", "failed"
 RESULT_COLUMNS = [
@@ -28,7 +29,7 @@ RESULT_COLUMNS = [
 ]
 
 
-class SweepFailedError(RuntimeError):
+class SweepFailedError(UserError, RuntimeError):
     """Every trial of a sweep failed."""
 
 

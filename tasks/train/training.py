@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import UserError
+from common.files import atomic_save
 from models import (
     ModelSpec,
     backbone_parameters,
@@ -22,7 +24,6 @@ from models import (
     keep_frozen_norms_eval,
 )
 from tasks.data.loaders import Loaders, TensorLoader
-from tasks.files import atomic_save
 from tasks.train import speed
 from tasks.train.checkpoints import Optimisation, checkpoint_state, restore_checkpoint
 
@@ -48,7 +49,7 @@ class TrainSettings:
     backbone_lr_scale: float = 0.1  # the backbone's learning rate as a share of the head's
 
 
-class DeviceUnavailableError(RuntimeError):
+class DeviceUnavailableError(UserError, RuntimeError):
     """The requested device is not present on this machine."""
 
 

@@ -10,8 +10,10 @@ from typing import IO, Iterator, Optional
 
 import torch
 
+from common.errors import UserError
 
-class OutputWriteError(OSError):
+
+class OutputWriteError(UserError, OSError):
     """A file could not be written (disk full, permissions...); whatever was at its path before is
     untouched. `filename` is the file that could not be written, `filename2` what was copied to it."""
 

@@ -38,7 +38,7 @@ class Internal(NamedTuple):
         return CompatError(
             f"{self.library} {installed} no longer has {where} (used to {self.purpose}; checked on "
             f"{self.library} {self.checked}); pin {self.library}<{major}.{int(minor) + 1} or update "
-            "tasks/compat.py"
+            "common/compat.py"
         )
 
     def resolve(self) -> Any:

@@ -10,8 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Callable, Optional
 
-from tasks.files import exclusive_temp
-from tasks.redaction import redact_url as redact
+from common.files import exclusive_temp
+from common.redaction import redact_url as redact
 
 SOCKET_TIMEOUT_SECONDS = 10  # per connect and per read: an unreachable network fails within seconds
 _CHUNK = 1 << 16
