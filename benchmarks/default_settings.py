@@ -57,7 +57,7 @@ def measure(
     channels_last = setting.get("channels_last", True)
     fields = {key: value for key, value in setting.items() if key != "channels_last"}
     config = TrainConfig(dataset=dataset_name, data_dir=str(data_dir), device=device, **fields)
-    dataset = prepare_dataset(dataset_name, data_dir)
+    dataset = prepare_dataset(config.dataset, data_dir)
     loaders = make_loaders(dataset, config.batch_size, config.val_fraction, config.seed, device)
     settings = train_settings(config)
     settings = type(settings)(**{**settings.__dict__, "channels_last": channels_last})

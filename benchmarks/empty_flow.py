@@ -9,8 +9,6 @@ work: starting Python, the imports, creating the flow and task runs, and ending 
     python benchmarks/empty_flow.py
 """
 
-import gc
-
 import mlflow  # noqa: F401  (imported for its cost, as train_flow.py imports it)
 import torch  # noqa: F401
 from prefect import flow, task
@@ -28,4 +26,3 @@ def empty_flow() -> None:
 
 if __name__ == "__main__":
     empty_flow()
-    gc.freeze()  # as flows/launcher.py ends a run: without a last collection over every object

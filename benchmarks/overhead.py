@@ -8,8 +8,8 @@ back from Prefect's task runs.
 
 Beside each run it times `benchmarks/empty_flow.py`, a one-task flow that does nothing but import
 torch, Prefect and MLflow. Against a running server that is the floor: no flow with these
-libraries ends sooner on this machine. Without one, the empty flow also waits for Prefect's own
-temporary server, which train_flow.py starts beside its imports instead.
+libraries ends sooner on this machine. Without one, both start and wait for Prefect's own
+temporary server after their imports.
 
 By default the run is the default run (one epoch) on the generated 60k set
 (`benchmarks/digits60k.py`), so evaluation and the ONNX check see a 10,000-image test split.

@@ -2,8 +2,8 @@
 
 On a generated class-folder tree of JPEGs of mixed sizes (150 to 500 px a side, like photos):
 
-- preparation: `prepare_dataset("folder", ...)` with one worker per core (listing, header checks,
-  decoding, resizing, digests, channel statistics; a fresh data dir each time) against one pass of
+- preparation: `prepare_dataset` of a `FolderSource` with one worker per core (listing, header
+  checks, decoding, resizing, digests, channel statistics; a fresh data dir each time) against one pass of
   ImageFolder + DataLoader(num_workers=cores) doing the same Resize + CenterCrop, images/s;
 - training: one epoch per backbone and size through the project's step (`build_training` +
   `train_one_epoch`: channels-last and bf16 autocast where the device computes it natively), fed
@@ -50,8 +50,9 @@ from torchvision import datasets, transforms  # noqa: E402
 from benchmarks.results_file import processor, write_result  # noqa: E402
 from flows.config import TrainConfig  # noqa: E402
 from models import ModelSpec  # noqa: E402
-from tasks.data.datasets import DatasetRef, Shape, load_tensors, prepare_dataset  # noqa: E402
+from tasks.data.datasets import DatasetRef, load_tensors, prepare_dataset  # noqa: E402
 from tasks.data.loaders import TensorLoader  # noqa: E402
+from tasks.data.sources import FolderSource, Shape  # noqa: E402
 from tasks.train import speed  # noqa: E402
 from tasks.train.training import TrainSettings, build_training, train_one_epoch  # noqa: E402
 
@@ -82,12 +83,10 @@ def prepare(tree: Path, size: int, workers: int, scratch: Path) -> tuple[float, 
     data_dir = Path(tempfile.mkdtemp(prefix=f"prepared{size}-", dir=scratch))
     started = time.perf_counter()
     ref = prepare_dataset(
-        "folder",
+        FolderSource(train_dir=tree, test_fraction=0.2),
         data_dir,
         shape=Shape("3", (size, size), "crop"),
         workers=workers,
-        train_dir=tree,
-        test_fraction=0.2,
     )
     return time.perf_counter() - started, ref
 

@@ -144,7 +144,7 @@ def project_curve(data_dir: Path, scratch: Path) -> list[tuple[float, float]]:
     """The pipeline's own train() with TrainConfig's defaults; after each epoch the checkpoint it
     just wrote is tested off the clock. Returns (training seconds, test accuracy) per epoch."""
     config = TrainConfig(dataset="fashion-mnist", data_dir=str(data_dir))
-    dataset = prepare_dataset("fashion-mnist", data_dir)
+    dataset = prepare_dataset(config.dataset, data_dir)
     loaders = make_loaders(dataset, config.batch_size, config.val_fraction, config.seed, "cpu")
     spec = ModelSpec(config.model, 1, (28, 28), 10, dataset.mean, dataset.std)
     checkpoint = scratch / "last.pt"

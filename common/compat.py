@@ -1,18 +1,23 @@
-"""The one seam to MLflow's, Prefect's and torch's internals: every private name the project relies
-on is used here (and only here), with the public API it lacks and the version it was checked on.
+"""The one seam to the internals of MLflow, Prefect, torch, Pillow, Dask and Ray: every module path,
+name, attribute or reserved tag outside a library's public API (tests/public_api.py says what is
+public: documented modules, their __all__) is used here, and only here, each with the public API it
+lacks and the version it was checked on. tests/test_compat.py scans the rest of the source for any.
 
 `check_internals()` resolves each one and raises CompatError naming the library, its installed
 version, the name and what it was for; tests/test_compat.py runs it on the installed versions, so an
 upgrade that drops a name fails there, first. At use, what only saves time goes without a name that
-is gone (the package-scan skip; the server variables, not checked at use); the rest raise the same
-CompatError, and system metrics then warn and let the run go on without them. Nothing here imports
-the project, nor any library at import time (flows/api_server.py imports this before Prefect).
+is gone (the package-scan skip); the rest raise the same CompatError, and system metrics and the
+wait for a sent event then warn and let the run go on. Nothing here imports the project, nor any
+library at import time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
+import json
+import threading
 from typing import Any, NamedTuple
 
 
@@ -21,9 +26,9 @@ class CompatError(RuntimeError):
 
 
 class Internal(NamedTuple):
-    """A private name of MLflow, Prefect or torch: where it lives, what for, what public API is missing."""
+    """An internal of a library: where it lives, what for, what public API is missing."""
 
-    library: str
+    library: str  # the distribution, as pyproject.toml names it
     owner: str  # the dotted module or class holding the name, or the function whose source reads it
     name: str
     purpose: str
@@ -31,9 +36,13 @@ class Internal(NamedTuple):
     checked: str  # the version it was checked on; pyproject.toml caps the library below its next minor
     in_source: bool = False  # an environment variable or instance attribute, looked up in owner's source
 
+    @property
+    def path(self) -> str:
+        return f"{self.owner}.{self.name}"
+
     def error(self) -> CompatError:
         installed = _version(self.library)
-        where = f"{self.name} in {self.owner}" if self.in_source else f"{self.owner}.{self.name}"
+        where = f"{self.name} in {self.owner}" if self.in_source else self.path
         major, minor = self.checked.split(".")[:2]
         return CompatError(
             f"{self.library} {installed} no longer has {where} (used to {self.purpose}; checked on "
@@ -43,8 +52,6 @@ class Internal(NamedTuple):
 
     def resolve(self) -> Any:
         """The named object (the owner, for a name read in its source); CompatError when it is gone."""
-        import inspect  # here, not at import time: flows/api_server.py imports this module first
-
         try:
             owner = _import(self.owner)
             if not self.in_source:
@@ -83,6 +90,11 @@ def _version(library: str) -> str:
         return "(not installed)"
 
 
+def _mlflow_tag(name: str, purpose: str, missing: str) -> Internal:
+    """One of MLflow's reserved tags (keys that start with `mlflow.`), by MLflow's name for its key."""
+    return Internal("mlflow", "mlflow.utils.mlflow_tags", name, purpose, missing, checked="3.17.2")
+
+
 PACKAGE_SCAN = Internal(
     "mlflow",
     "mlflow.utils.requirements_utils",
@@ -108,33 +120,95 @@ MONITOR_LOGGER = Internal(
     checked="3.17.2",
     in_source=True,
 )
-SERVER_EPHEMERAL = Internal(
+MODEL_VERSIONS_TAG = _mlflow_tag(
+    "MLFLOW_MODEL_VERSIONS",
+    "link a logged model to the registered version made from it",
+    missing="MlflowClient.create_model_version(model_id=...) links them only on a tracking server; on a "
+    "local store only mlflow.register_model does, on the process's global tracking URI",
+)
+DATASET_CONTEXT_TAG = _mlflow_tag(
+    "MLFLOW_DATASET_CONTEXT",
+    "tag a run's dataset inputs with their context (training, validation, test)",
+    missing="no public key for MlflowClient.log_inputs' InputTag; mlflow.log_input(context=) needs the "
+    "thread's active run",
+)
+GIT_COMMIT_TAG = _mlflow_tag(
+    "MLFLOW_GIT_COMMIT",
+    "show a run's git commit where MLflow's UI shows a run's source version",
+    missing="MlflowClient.create_run sets no source tags; mlflow.start_run does, for the thread's active run",
+)
+PARENT_RUN_TAG = _mlflow_tag(
+    "MLFLOW_PARENT_RUN_ID",
+    "nest a sweep trial's run under the sweep's run, and find it there again",
+    missing="MlflowClient.create_run takes no parent; mlflow.start_run(parent_run_id=...) needs the "
+    "thread's active run",
+)
+SOURCE_TYPE = Internal(
+    "mlflow",
+    "mlflow.data.dataset_source.DatasetSource",
+    "_get_source_type",
+    "name a dataset source's type in the dataset inputs a run logs",
+    missing="no public type name: only Dataset.to_dict() gives it, and a Dataset subclass must override "
+    "the private _compute_digest",
+    checked="3.17.2",
+)
+LOCAL_SOURCE = Internal(
+    "mlflow",
+    "mlflow.data.dataset_source_registry",
+    "get_dataset_source_from_json",
+    "describe a local file as a dataset's source",
+    missing="no public dataset source for a local file (mlflow.data documents HTTP, Delta, Spark and "
+    "Hugging Face ones)",
+    checked="3.17.2",
+)
+CODE_SOURCE = Internal(
+    "mlflow",
+    "mlflow.data.code_dataset_source",
+    "CodeDatasetSource",
+    "describe generated data by the function that generates it",
+    missing="no public dataset source for data that code generates",
+    checked="3.17.2",
+)
+PICKLE_MODULE = Internal(
+    "mlflow",
+    "mlflow.pytorch",
+    "pickle_module",
+    "recognise the pickle module MLflow's PyTorch flavor names in the MLmodel files it writes",
+    missing="MLmodel's pickle_module_name names a module of MLflow's, with no public constant for it",
+    checked="3.17.2",
+)
+EVENTS_WAIT = Internal(
     "prefect",
-    "prefect.server.api.server.create_app",
-    "PREFECT__SERVER_EPHEMERAL",
-    "give the early temporary server the services of Prefect's own temporary server",
-    missing="no public setting for create_app(ephemeral=True) in a uvicorn child",
+    "prefect.events.worker.EventsWorker",
+    "wait_until_empty",
+    "wait until the process's events worker has sent the events emitted so far",
+    missing="emit_event() only queues an event, sent in the background; no public flush or wait",
     checked="3.9.1",
+)
+PNG_TILE = Internal(
+    "pillow",
+    "PIL.ImageFile.ImageFile.__init__",
+    "self.tile",
+    "decode all 16 bits of PNG colour, by changing the raw mode Pillow's PNG decoder unpacks with",
+    missing="no 16-bit colour mode: Pillow opens 16-bit RGB(A) PNGs as 8-bit, keeping the top bytes",
+    checked="13.0.0",
     in_source=True,
 )
-SERVER_FINAL = Internal(
-    "prefect",
-    "prefect.server.api.server.create_app",
-    "PREFECT__SERVER_FINAL",
-    "let the early temporary server build its app once, as Prefect's own temporary server does",
-    missing="no public setting for create_app(final=True) in a uvicorn child",
-    checked="3.9.1",
-    in_source=True,
+INTERNALS = (
+    PACKAGE_SCAN,
+    MONITOR,
+    MONITOR_LOGGER,
+    MODEL_VERSIONS_TAG,
+    DATASET_CONTEXT_TAG,
+    GIT_COMMIT_TAG,
+    PARENT_RUN_TAG,
+    SOURCE_TYPE,
+    LOCAL_SOURCE,
+    CODE_SOURCE,
+    PICKLE_MODULE,
+    EVENTS_WAIT,
+    PNG_TILE,
 )
-TEMPORARY_SERVER = Internal(
-    "prefect",
-    "prefect.server.api.server",
-    "SubprocessASGIServer",
-    "start Prefect's temporary API server up front, for local cluster workers to report to",
-    missing="no public way to start Prefect's temporary server outside a flow run and get its URL",
-    checked="3.9.1",
-)
-INTERNALS = (PACKAGE_SCAN, MONITOR, MONITOR_LOGGER, SERVER_EPHEMERAL, SERVER_FINAL, TEMPORARY_SERVER)
 
 
 def check_internals() -> None:
@@ -175,15 +249,52 @@ def log_last_system_metrics(monitor: Any) -> None:
     logger.flush()
 
 
-def temporary_server_env() -> dict[str, str]:
-    """The environment Prefect gives its own temporary server's child. Not checked at use, which
-    would import Prefect's server where the early start avoids it; without it a full server runs."""
-    return {SERVER_EPHEMERAL.name: "1", SERVER_FINAL.name: "1"}
+def reserved_tag(tag: Internal) -> str:
+    """The key of one of MLflow's reserved tags above (`mlflow.parentRunId`, ...)."""
+    return tag.resolve()
 
 
-def start_temporary_server() -> str:
-    """Starts Prefect's own temporary API server in a child process (stopped when this process
-    exits) and returns its API URL; CompatError when Prefect no longer has the class."""
-    server = TEMPORARY_SERVER.resolve()()
-    server.start()
-    return server.api_url
+def dataset_source_type(source: Any) -> str:
+    """The type MLflow records for a dataset source (`http`, `local`, `code`)."""
+    try:
+        return source._get_source_type()
+    except AttributeError as error:
+        raise SOURCE_TYPE.error() from error
+
+
+def local_dataset_source(uri: str) -> Any:
+    """MLflow's dataset source for a local file (`uri`: a path or a file: URI)."""
+    return LOCAL_SOURCE.resolve()(json.dumps({"uri": uri}), "local")
+
+
+def code_dataset_source(tags: dict[str, str]) -> Any:
+    """MLflow's dataset source for data that code generates, described by `tags`."""
+    return CODE_SOURCE.resolve()(tags)
+
+
+def wait_for_events(seconds: float) -> bool:
+    """Waits until Prefect's events worker has sent the events this process emitted, `seconds` at
+    most; whether it did."""
+    wait = EVENTS_WAIT.resolve()
+    try:
+        worker = _import(EVENTS_WAIT.owner).instance()  # the process's worker, as emit_event uses
+    except AttributeError as error:
+        raise EVENTS_WAIT.error() from error
+    waiter = threading.Thread(target=wait, args=(worker,), daemon=True)
+    waiter.start()
+    waiter.join(seconds)
+    return not waiter.is_alive()
+
+
+def png_raw_mode(image: Any) -> str:
+    """The raw mode Pillow's decoder will unpack an opened (not yet loaded) PNG's pixels with."""
+    try:
+        return image.tile[0].args
+    except (AttributeError, IndexError, TypeError) as error:
+        raise PNG_TILE.error() from error
+
+
+def set_png_raw_mode(image: Any, raw_mode: str) -> None:
+    """Has Pillow unpack an opened (not yet loaded) PNG's pixels with `raw_mode`, which must take as
+    many bits per pixel as the one it replaces."""
+    image.tile = [image.tile[0]._replace(args=raw_mode)]

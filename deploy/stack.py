@@ -1,211 +1,169 @@
-"""The team stack without Docker: PostgreSQL, an S3 store, MLflow (basic auth, artefacts proxied
-to S3) and Prefect (API auth, a process work pool), from installed binaries, on deploy/settings.env.
+"""The team stack's command line: PostgreSQL, an S3 store, MLflow (basic auth, artefacts proxied to
+S3) and Prefect (API auth, a process work pool), on the settings in deploy/settings.env.
 
-    python deploy/stack.py up [--state-dir DIR]      start everything; waits until each answers
+    python deploy/stack.py up [--state-dir DIR]      start everything without Docker; waits for each
     python deploy/stack.py env                       the exports a client needs (prints passwords)
+    python deploy/stack.py worker [--cwd DIR]        a process worker of the pool, in the foreground
     python deploy/stack.py down [--state-dir DIR]    stop everything (safe to repeat)
 
-From Python: `with Stack(state_dir, overrides) as stack: stack.client_env()`; everything it started
-is stopped when the block ends, however it ends.
+compose.yaml's containers run it too (`serve`, `init`, `create-pool`). A script, never imported by
+the modules beside it: stack_local.py (the no-Docker stack), stack_settings.py, stack_processes.py
+and stack_provision.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import subprocess
+import shlex
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
+import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when imported
+import stack_provision as provision
+import stack_settings as config
+from stack_local import Stack
+from stack_processes import StackError
 
-import stack_processes as processes  # noqa: E402
-import stack_provision as provision  # noqa: E402
-import stack_settings as config  # noqa: E402
-from stack_processes import Pidfile, Postgres, StackError  # noqa: E402
-
-SERVERS = ("s3", "mlflow", "prefect")  # stopped in reverse, PostgreSQL last
-PACKAGES = {"mlflow": "MLFLOW_VERSION", "prefect": "PREFECT_VERSION", "moto": "MOTO_VERSION"}
-
-
-class Stack:
-    """The no-Docker stack whose PostgreSQL data, logs and pid files live in `state_dir`."""
-
-    def __init__(
-        self,
-        state_dir: Optional[Path] = None,
-        overrides: Optional[Mapping[str, object]] = None,
-        environ: Optional[Mapping[str, str]] = None,
-    ) -> None:
-        self.settings = config.load_settings(overrides, environ)
-        # --state-dir is relative to the working folder; STATE_DIR to this folder.
-        self.state = (
-            Path(state_dir).resolve() if state_dir else (config.HERE / self.settings["STATE_DIR"]).resolve()
-        )
-        self.postgres = Postgres(
-            self.settings["POSTGRES_VERSION"], self.state / "postgres", self._log("postgres")
-        )
-        self.children: dict[str, subprocess.Popen] = {}
-
-    def __enter__(self) -> "Stack":
-        self.up()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-
-    @property
-    def mlflow_url(self) -> str:
-        return config.mlflow_url(self.settings)
-
-    @property
-    def prefect_api_url(self) -> str:
-        return config.prefect_api_url(self.settings)
-
-    def client_env(self) -> dict[str, str]:
-        """MLFLOW_TRACKING_URI/USERNAME/PASSWORD, PREFECT_API_URL/AUTH_STRING: no S3 credentials."""
-        return config.client_env(self.settings)
-
-    def server_s3(self) -> dict[str, str]:
-        """Endpoint, credentials, region and bucket of the S3 store, as the MLflow server uses them."""
-        return config.server_s3(self.settings)
-
-    def _log(self, name: str) -> Path:
-        return self.state / "logs" / f"{name}.log"
-
-    def _pidfile(self, name: str) -> Pidfile:
-        return Pidfile(self.state / "run" / f"{name}.pid")
-
-    def _tail(self, name: str) -> str:
-        return config.redact(processes.tail(self._log(name)), self.settings)
-
-    def running(self) -> dict[str, int]:
-        """Name and PID of each process of this stack that runs now (workers included)."""
-        found = {
-            path.stem: Pidfile(path).running_pid() for path in sorted((self.state / "run").glob("*.pid"))
-        }
-        found["postgres"] = self.postgres.pid()
-        return {name: pid for name, pid in found.items() if pid is not None}
-
-    def up(self, seconds: float = 180) -> None:
-        """Starts every service and waits until each answers; on failure stops what it started."""
-        if self.running():
-            raise StackError(
-                f"the stack in {self.state} already runs {sorted(self.running())}: run down first"
-            )
-        try:
-            self._start_all(seconds)
-        except BaseException:
-            self.down()
-            raise
-
-    def _start_all(self, seconds: float) -> None:
-        """Starts each service as soon as what it needs answers: MLflow is the long pole."""
-        settings, own_s3 = self.settings, not self.settings["S3_ENDPOINT_URL"]
-        self._warn_versions()
-        if own_s3:
-            self._start("s3", *config.s3_server(settings))
-        self.postgres.init(settings["POSTGRES_USER"], settings["POSTGRES_PASSWORD"])
-        self.postgres.start(settings["POSTGRES_HOST"], settings["POSTGRES_PORT"], self.state / "socket")
-        provision.retrying(lambda: provision.create_databases(settings), "creating the databases", 30)
-        ini = self.state / "mlflow-auth.ini"
-        write_private(ini, config.auth_ini(settings))
-        self._start("mlflow", *config.mlflow_server(settings, ini))
-        self._start("prefect", *config.prefect_server(settings, self.state / "prefect"))
-        if own_s3:
-            self._wait("s3", config.s3_endpoint(settings) + "*", seconds)
-        provision.retrying(lambda: provision.create_bucket(settings), "creating the bucket", 30)
-        self._wait("prefect", f"{self.prefect_api_url}/health", seconds)
-        # The pool's CLI (seconds of imports) runs while MLflow finishes starting.
-        with ThreadPoolExecutor(1) as background:
-            pool = background.submit(provision.ensure_pool, settings, self.state / "prefect")
-            self._wait("mlflow", f"{self.mlflow_url}/health", seconds)
-            pool.result()
-
-    def _warn_versions(self) -> None:
-        for package, key in PACKAGES.items():
-            try:
-                installed = metadata.version(package)
-            except metadata.PackageNotFoundError:
-                continue
-            if installed != self.settings[key]:
-                print(
-                    f"note: {package} {installed} is installed; settings say {key}={self.settings[key]}",
-                    file=sys.stderr,
-                )
-
-    def _start(self, name: str, argv: list[str], env: dict[str, str], cwd: Optional[Path] = None) -> None:
-        base = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_")}
-        self.children[name] = processes.start_detached(
-            argv, {**base, **env}, cwd or self.state, self._log(name), self._pidfile(name)
-        )
-
-    def _wait(self, name: str, url: str, seconds: float) -> None:
-        child = self.children[name]
-        processes.wait_until_answers(
-            url, name, lambda: child.poll() is None, lambda: self._tail(name), seconds
-        )
-
-    def start_worker(self, cwd: Path, name: str = "worker", env: Optional[Mapping[str, str]] = None) -> int:
-        """A process worker of the work pool in `cwd`, with client credentials only; its PID.
-
-        Its own PREFECT_HOME (cwd/.prefect) unless `env` names one; stopped by down()."""
-        argv, extra = config.worker(self.settings, name)
-        worker_env = config.client_environ(self.settings, {**os.environ, **(env or {})})
-        worker_env.setdefault("PREFECT_HOME", str(Path(cwd) / ".prefect"))
-        worker_env["PWD"] = str(Path(cwd).resolve())  # prefect.yaml's pull step reads {{ $PWD }}
-        process = processes.start_detached(
-            argv,
-            {**worker_env, **extra},
-            Path(cwd),
-            self._log(f"worker-{name}"),
-            self._pidfile(f"worker-{name}"),
-        )
-        self.children[f"worker-{name}"] = process
-        return process.pid
-
-    def down(self) -> None:
-        """Stops workers, servers, then PostgreSQL (`pg_ctl stop -m fast`); nothing if none runs."""
-        run = self.state / "run"
-        workers = sorted(path.stem for path in run.glob("worker-*.pid")) if run.exists() else []
-        for name in [*workers, *reversed(SERVERS)]:
-            processes.stop_group(self._pidfile(name), child=self.children.pop(name, None))
-        self.postgres.stop()
-
-    def upgrade(self, which: str = "all") -> None:
-        """Schema migrations (`mlflow db upgrade`, Prefect's), with PostgreSQL up and servers down."""
-        if any(name in self.running() for name in SERVERS):
-            raise StackError("stop the MLflow and Prefect servers first (down), then upgrade")
-        # The script's own PostgreSQL is started for the migrations; any other (compose's) must run.
-        started = self.postgres.pid() is None and (self.postgres.data / "PG_VERSION").exists()
-        if started:
-            self.postgres.start(
-                self.settings["POSTGRES_HOST"], self.settings["POSTGRES_PORT"], self.state / "socket"
-            )
-        try:
-            provision.run_steps(
-                self.settings, provision.upgrade_commands(self.settings, which, self.state / "prefect")
-            )
-        finally:
-            if started:
-                self.postgres.stop()
-
-    def backup(self, folder: Path) -> list[Path]:
-        """pg_dump of the three databases into `folder` (the stack must be up)."""
-        return provision.backup(self.settings, self.postgres.bindir(), Path(folder))
+DESCRIPTION = """The team stack (PostgreSQL, an S3 store, MLflow with basic auth, Prefect with API
+auth and a process work pool) without Docker, from installed binaries. Settings: deploy/settings.env;
+a variable of the same name in the environment overrides a line there (this script only)."""
 
 
-def write_private(path: Path, text: str) -> None:
-    """Writes a file only its owner can read (it holds passwords)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(text)
+def parser() -> argparse.ArgumentParser:
+    """The subcommands, each taking --state-dir."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir", type=Path, help="PostgreSQL data, logs, pid files (default: STATE_DIR, under deploy/)"
+    )
+    main = argparse.ArgumentParser(prog="stack.py", description=DESCRIPTION)
+    sub = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", parents=[common], help="start every service; wait until each answers")
+    sub.add_parser("down", parents=[common], help="stop everything this stack started (safe to repeat)")
+    sub.add_parser("status", parents=[common], help="what runs (exit 3 unless everything does)")
+    sub.add_parser(
+        "env", parents=[common], help="print the exports a client needs: this PRINTS the MLflow password "
+        "and the Prefect auth string, its job; no S3 credentials"
+    )  # fmt: skip
+    worker = sub.add_parser(
+        "worker", parents=[common], help="run a process worker of the pool, in the foreground"
+    )
+    worker.add_argument(
+        "--cwd", type=Path, default=Path.cwd(), help="folder flow runs start in (the repository)"
+    )
+    worker.add_argument("--name", help="worker name (default: Prefect's)")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="become one server (what compose's containers run)"
+    )
+    serve.add_argument("service", choices=("s3", "mlflow", "prefect", "worker"))
+    sub.add_parser("init", parents=[common], help="create the databases and the bucket (idempotent)")
+    sub.add_parser("create-pool", parents=[common], help="create the process work pool (idempotent)")
+    upgrade = sub.add_parser(
+        "upgrade", parents=[common], help="migrate the databases to the installed versions"
+    )
+    upgrade.add_argument("which", nargs="?", choices=("all", "mlflow", "prefect"), default="all")
+    backup = sub.add_parser(
+        "backup", parents=[common], help="pg_dump the three databases (the stack must be up)"
+    )
+    backup.add_argument("--to", type=Path, required=True, help="folder for NAME.dump files")
+    return main
+
+
+def up(stack: Stack, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    stack.up()
+    settings = stack.settings
+    s3 = settings["S3_ENDPOINT_URL"] or f"{config.s3_endpoint(settings)} (moto: objects in memory only)"
+    print(f"stack up in {time.monotonic() - started:.0f} s; state in {stack.state}")
+    postgres = f"{settings['POSTGRES_HOST']}:{settings['POSTGRES_PORT']}"
+    print(f"  PostgreSQL  {settings['POSTGRES_VERSION']} on {postgres}")
+    print(f"  S3          {s3}, bucket {settings['S3_BUCKET']}")
+    print(f"  MLflow      {stack.mlflow_url} (basic auth)")
+    print(f"  Prefect     {stack.prefect_api_url} (API auth; work pool {settings['WORK_POOL']})")
+    print('Point a client at it: eval "$(python deploy/stack.py env)"')
+    return 0
+
+
+def status(stack: Stack, args: argparse.Namespace) -> int:
+    running = stack.running()
+    wanted = ["postgres", "mlflow", "prefect"] + ([] if stack.settings["S3_ENDPOINT_URL"] else ["s3"])
+    for name in sorted(set(wanted) | set(running)):
+        print(f"{name:16} {'running, pid ' + str(running[name]) if name in running else 'stopped'}")
+    return 0 if all(name in running for name in wanted) else 3
+
+
+def env(stack: Stack, args: argparse.Namespace) -> int:
+    for key, value in stack.client_env().items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def exec_service(stack: Stack, args: argparse.Namespace) -> int:
+    """Replaces this process with the server, so a container's signals reach it directly."""
+    settings = stack.settings
+    if args.service == "s3":
+        argv, extra = config.s3_server(settings)
+    elif args.service == "mlflow":
+        ini = config.write_auth_ini(settings, stack.state / "mlflow-auth.ini")
+        argv, extra = config.mlflow_server(settings, ini)
+    elif args.service == "prefect":
+        argv, extra = config.prefect_server(settings, stack.state / "prefect")
+    else:
+        return run_worker(stack, args)
+    os.execve(argv[0], argv, {**os.environ, **extra})
+
+
+def run_worker(stack: Stack, args: argparse.Namespace) -> int:
+    """Replaces this process with a worker started in --cwd, holding client credentials only."""
+    argv, extra = config.worker(stack.settings, getattr(args, "name", None))
+    folder = (getattr(args, "cwd", None) or Path.cwd()).resolve()
+    os.chdir(folder)
+    env = {**config.client_environ(stack.settings, os.environ), **extra, "PWD": str(folder)}
+    os.execve(argv[0], argv, env)  # PWD: flows/pull_steps.py starts flow runs in the worker's folder
+
+
+def init(stack: Stack, args: argparse.Namespace) -> int:
+    created = provision.retrying(lambda: provision.create_databases(stack.settings), "creating the databases")
+    made = provision.retrying(lambda: provision.create_bucket(stack.settings), "creating the bucket")
+    print(f"databases created: {created or 'none (all exist)'}; bucket created: {made}")
+    return 0
+
+
+def create_pool(stack: Stack, args: argparse.Namespace) -> int:
+    made = provision.retrying(
+        lambda: provision.ensure_pool(stack.settings, stack.state / "prefect"), "work pool", 120
+    )
+    print(f"work pool {stack.settings['WORK_POOL']}: {'created' if made else 'exists'}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Stack, argparse.Namespace], Optional[int]]] = {
+    "up": up,
+    "down": lambda stack, args: stack.down(),
+    "status": status,
+    "env": env,
+    "worker": run_worker,
+    "serve": exec_service,
+    "init": init,
+    "create-pool": create_pool,
+    "upgrade": lambda stack, args: stack.upgrade(args.which),
+    "backup": lambda stack, args: print("\n".join(map(str, stack.backup(args.to)))),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Runs one subcommand; a failure prints one line (secrets redacted) and returns 1."""
+    args = parser().parse_args(argv)
+    stack = None
+    try:
+        stack = Stack(args.state_dir)
+        return COMMANDS[args.command](stack, args) or 0
+    except (StackError, RuntimeError, ValueError, OSError) as error:
+        message = config.redact(str(error), stack.settings) if stack else str(error)
+        print(f"stack.py {args.command}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    from stack_cli import main
-
     sys.exit(main())

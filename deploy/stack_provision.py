@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -62,7 +63,7 @@ def create_databases(settings: Settings) -> list[str]:
 
 def s3_client(settings: Settings):
     """A boto3 S3 client with the server's credentials (never a client's)."""
-    import boto3
+    import boto3  # like psycopg2: not in the Prefect image, whose containers never call this
 
     s3 = server_s3(settings)
     s3.pop("bucket")
@@ -120,8 +121,6 @@ def ensure_pool(settings: Settings, prefect_home: Path) -> bool:
 
 def upgrade_commands(settings: Settings, which: str, prefect_home: Path) -> list[Command]:
     """Schema migrations of MLflow's tracking and auth databases and/or Prefect's database."""
-    import sys
-
     commands: list[Command] = []
     if which in ("mlflow", "all"):
         tracking, auth = (

@@ -2,7 +2,7 @@
 
 compose.yaml's containers and the no-Docker script both start their servers through these
 functions (`stack.py serve NAME` in a container), so the two cannot drift. Standard library only:
-this module runs inside the MLflow, Prefect and worker images.
+this module runs inside the MLflow and Prefect images.
 """
 
 from __future__ import annotations
@@ -48,8 +48,16 @@ def read_settings_file(path: Path = SETTINGS_FILE) -> Settings:
         key, sep, value = line.partition("=")
         if not sep or not NAME.fullmatch(key.strip()):
             raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {line.split('=')[0]!r}")
-        values[key.strip()] = value.strip()
+        values[key.strip()] = _plain(value.strip(), f"{path}:{number}: {key.strip()}")
     return values
+
+
+def _plain(value: str, where: str) -> str:
+    """`value`, refused where compose's env-file reading would give something else than this one."""
+    # Compose strips quotes, drops " #..." and expands $; the servers must see what compose sees.
+    if value[:1] in ("'", '"') or " #" in value or "$" in value:
+        raise SettingsError(f"{where}: quotes, ' #' and '$' are not accepted in a value: write it plain")
+    return value
 
 
 def load_settings(
@@ -174,6 +182,15 @@ def auth_ini(settings: Settings) -> str:
         f"admin_password = {settings['MLFLOW_ADMIN_PASSWORD'].replace('%', '%%')}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
+
+
+def write_auth_ini(settings: Settings, path: Path) -> Path:
+    """Writes MLflow basic-auth's config file where only its owner can read it (it holds passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(auth_ini(settings))
+    return path
 
 
 def allowed_hosts(settings: Settings) -> str:

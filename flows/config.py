@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-DatasetName = Literal["fashion-mnist", "mnist", "csv", "folder", "synthetic", "digits"]
+from common.path_settings import OptionalPathText, PathSetting, PathText
+from flows.source_settings import flatten, lift, source_union
+from tasks.data.images import DEFAULT_MAX_PIXELS
+from tasks.data.sources import MEMORY_SOURCES, SOURCES, FashionMnistSource
+
 ModelName = Literal[
     "mlp", "cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"
 ]
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
-_PHOTO_FIELDS = {  # dataset: the fields only it takes
-    "csv": ("train_csv", "test_csv", "image_root", "classes"),
-    "folder": ("train_dir", "test_dir"),
-}
+WEIGHTS = PathSetting(names=("none", "imagenet"))  # --weights: a name, or a state_dict file
 RunnerName = Literal["threads", "processes", "dask", "ray"]
 _HOST_PORT = r"[^\s:/]+:\d+"
 _ADDRESSES = {  # runner: (accepted address, as said in errors)
@@ -26,7 +36,6 @@ _ADDRESSES = {  # runner: (accepted address, as said in errors)
 NAME_LIMIT = 256  # characters in an experiment or registered name
 ONNX_SUFFIX = "-onnx"  # the ONNX flavor's registered name is the PyTorch flavor's plus this
 _NAME_FORBIDDEN = "'\"/\\"  # names end up in MLflow filter strings, paths and URLs
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # tasks.data.images.DEFAULT_MAX_PIXELS (not imported: torch is slow)
 
 
 def check_name(value: str, limit: int = NAME_LIMIT, why: str = "") -> str:
@@ -58,6 +67,8 @@ def check_registered_name(value: str) -> str:
 
 ExperimentName = Annotated[str, Field(min_length=1), AfterValidator(check_name)]
 RegisteredName = Annotated[str, Field(min_length=1), AfterValidator(check_registered_name)]
+TrainSource = source_union(SOURCES)
+PredictSource = source_union(MEMORY_SOURCES)  # a test split to predict: the datasets that have one
 
 
 class TrainConfig(BaseModel):
@@ -66,38 +77,11 @@ class TrainConfig(BaseModel):
     # Frozen, so a run cannot drift from the settings it logged.
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dataset: DatasetName = Field("fashion-mnist", description="Dataset to train on.")
-    data_dir: str = Field("data", description="Dataset root; downloads and prepared tensors go here.")
-    train_csv: Optional[str] = Field(
-        None, description="csv dataset: CSV of training images (path relative to --image-root, label)."
+    dataset: TrainSource = Field(
+        FashionMnistSource(),
+        description="Dataset to train on; the flags marked with its name are its settings.",
     )
-    test_csv: Optional[str] = Field(None, description="csv dataset: CSV of test images, same format.")
-    image_root: Optional[str] = Field(None, description="csv dataset: folder the CSV paths are relative to.")
-    classes: Optional[list[str]] = Field(
-        None,
-        description="csv dataset: the label set in index order (comma-separated on the command line); "
-        "default: the labels of the training CSV.",
-    )
-    train_dir: Optional[str] = Field(
-        None, description="folder dataset: one subfolder of images per class (the names are the classes)."
-    )
-    test_dir: Optional[str] = Field(
-        None,
-        description="folder dataset: test images in the same layout; default: a stratified "
-        "--test-fraction of --train-dir.",
-    )
-    test_fraction: float = Field(
-        0.2,
-        gt=0,
-        lt=1,
-        description="folder dataset without --test-dir: share of each class held out for test.",
-    )
-    mirror: Optional[str] = Field(
-        None,
-        pattern=r"^(https?|file)://",
-        description="fashion-mnist/mnist: base URL to download the original .gz files from, "
-        "instead of torchvision's mirrors.",
-    )
+    data_dir: PathText = Field("data", description="Dataset root; downloads and prepared tensors go here.")
     channels: Literal["auto", "1", "3"] = Field(
         "auto", description="Image channels: auto is 3 when any image has colour, else 1."
     )
@@ -118,12 +102,12 @@ class TrainConfig(BaseModel):
     augment: Literal["auto", "none", "flip", "standard"] = Field(
         "auto",
         description="Training augmentation on whole batches: standard is a random resized crop, flip and "
-        "colour jitter; auto is standard for csv/folder colour photos, none otherwise.",
+        "colour jitter; auto is the dataset's own: standard for colour photos (csv, folder), else none.",
     )
     model: ModelName = Field(
         "cnn", description="Network: the notes' MLP, a small CNN or a torchvision backbone."
     )
-    weights: str = Field(
+    weights: Annotated[str, WEIGHTS] = Field(
         "none",
         min_length=1,
         description="Backbone weights: none (random), imagenet (torchvision's, from the TORCH_HOME cache "
@@ -185,35 +169,21 @@ class TrainConfig(BaseModel):
         description="MLflow registry name of the PyTorch flavor (the ONNX flavor gets '-onnx' appended); "
         "default: '<dataset>-<model>'.",
     )
-    output_dir: str = Field("outputs", description="Per-run local folders go under this folder.")
-    max_image_pixels: int = Field(
-        DEFAULT_MAX_IMAGE_PIXELS,
-        ge=1,
-        description="csv and folder datasets: refuse an image whose header declares more pixels than "
-        "this, before decoding it.",
-    )
+    output_dir: PathText = Field("outputs", description="Per-run local folders go under this folder.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_settings_under_dataset(cls, values: Any) -> Any:
+        return lift(values, "dataset", SOURCES, cls.model_fields["dataset"].default)
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return flatten(handler(self), "dataset")  # dataset: the name; its settings as parameters
 
     @field_validator("image_size", mode="before")
     @classmethod
     def _size_as_text(cls, value: object) -> object:
         return str(value) if isinstance(value, int) else value  # 64 from a form or a sweep grid
-
-    @model_validator(mode="after")
-    def _dataset_needs_its_files(self) -> "TrainConfig":
-        required = {"csv": ("train_csv", "test_csv", "image_root"), "folder": ("train_dir",)}
-        missing = [name for name in required.get(self.dataset, ()) if not getattr(self, name)]
-        if missing:
-            raise ValueError(f"dataset {self.dataset!r} needs {', '.join(map(_flag, missing))}")
-        for dataset, fields in _PHOTO_FIELDS.items():
-            if dataset != self.dataset and any(getattr(self, name) for name in fields):
-                raise ValueError(
-                    f"{', '.join(map(_flag, fields))} apply only to --dataset {dataset}, not {self.dataset!r}"
-                )
-        if self.mirror and self.dataset not in ("fashion-mnist", "mnist"):
-            raise ValueError(
-                f"--mirror applies only to --dataset fashion-mnist or mnist, not {self.dataset!r}"
-            )
-        return self
 
     @model_validator(mode="after")
     def _weights_fit_model(self) -> "TrainConfig":
@@ -224,24 +194,11 @@ class TrainConfig(BaseModel):
             )
         if self.freeze_backbone and self.weights == "none":
             raise ValueError("--freeze-backbone needs pretrained --weights (imagenet or a file)")
-        if self.weights not in ("none", "imagenet") and not resolve_path(self.weights).is_file():
+        if self.weights not in WEIGHTS.names and not resolve_path(self.weights).is_file():
             raise ValueError(
                 f"--weights {self.weights!r}: no such file; give none, imagenet or a state_dict file"
             )
         return self
-
-    def dataset_options(self) -> dict[str, object]:
-        """The dataset's own settings, with paths made absolute, for fetch_dataset."""
-        paths = {
-            name: getattr(self, name)
-            for name in ("train_csv", "test_csv", "image_root", "train_dir", "test_dir")
-        }
-        options = {key: resolve_path(value) for key, value in paths.items() if value}
-        if self.dataset in _PHOTO_FIELDS:
-            options["max_image_pixels"] = self.max_image_pixels
-        if self.dataset == "folder":
-            options["test_fraction"] = self.test_fraction
-        return {"mirror": self.mirror, "classes": self.classes, **options}
 
     @property
     def input_size(self) -> Optional[tuple[int, int]]:
@@ -258,11 +215,7 @@ class TrainConfig(BaseModel):
     @property
     def model_name(self) -> str:
         """Registry name of the PyTorch flavor."""
-        return self.registered_model or f"{self.dataset}-{self.model}"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+        return self.registered_model or f"{self.dataset.name}-{self.model}"
 
 
 def resolve_path(path: str) -> Path:
@@ -325,31 +278,28 @@ class PredictConfig(ClusterOptions):
         "onnx",
         description="Run the ONNX flavor (onnxruntime) or the PyTorch flavor ('<name>' vs '<name>-onnx').",
     )
-    input_csv: Optional[str] = Field(
+    input_csv: OptionalPathText = Field(
         None, description="CSV of images: path relative to --image-root, then an optional label."
     )
-    image_root: Optional[str] = Field(
+    image_root: OptionalPathText = Field(
         None, description="Folder the CSV paths are relative to; default: the CSV's."
     )
-    image_dir: Optional[str] = Field(None, description="Predict every image file in this folder.")
-    dataset: Optional[Literal["fashion-mnist", "mnist", "synthetic", "digits"]] = Field(
-        None, description="Predict the test split of this dataset (labels known)."
+    image_dir: OptionalPathText = Field(None, description="Predict every image file in this folder.")
+    dataset: Optional[PredictSource] = Field(
+        None, description="Predict the test split of this dataset (labels known), with its own settings."
     )
-    data_dir: str = Field("data", description="Dataset root for --dataset.")
-    mirror: Optional[str] = Field(
-        None, pattern=r"^(https?|file)://", description="Download base URL for --dataset fashion-mnist/mnist."
-    )
+    data_dir: PathText = Field("data", description="Dataset root for --dataset.")
     batch_size: int = Field(512, ge=1, le=65536, description="Images per inference batch.")
     partition_size: int = Field(
         10000, ge=1, description="Images per partition, the unit of work a task runner hands out."
     )
-    output: Optional[str] = Field(
+    output: OptionalPathText = Field(
         None, description="Predictions CSV to write; default: predictions.csv in the run's folder."
     )
-    output_dir: str = Field("outputs", description="Per-run local folders go under this folder.")
+    output_dir: PathText = Field("outputs", description="Per-run local folders go under this folder.")
     experiment: ExperimentName = Field("image-classifier-predictions", description="MLflow experiment name.")
     max_image_pixels: int = Field(
-        DEFAULT_MAX_IMAGE_PIXELS,
+        DEFAULT_MAX_PIXELS,
         ge=1,
         description="Refuse an image whose header declares more pixels than this, before decoding it.",
     )
@@ -358,6 +308,15 @@ class PredictConfig(ClusterOptions):
         description="Bring images of another size than the model's input to it as training did (the "
         "preprocessing stored with the model); --no-resize refuses them instead.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_settings_under_dataset(cls, values: Any) -> Any:
+        return lift(values, "dataset", MEMORY_SOURCES, None)
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return flatten(handler(self), "dataset")
 
     @model_validator(mode="after")
     def _one_input(self) -> "PredictConfig":
@@ -371,19 +330,6 @@ class PredictConfig(ClusterOptions):
         if self.version and self.alias != "champion":  # a form may send the default alias with a version
             raise ValueError(f"give --alias or --version, not both (got {self.alias!r} and {self.version})")
         return self
-
-    def input_options(self) -> dict[str, object]:
-        """Where the images come from, with paths made absolute (None where not given), for read_images."""
-        paths = {"input_csv": self.input_csv, "image_root": self.image_root, "image_dir": self.image_dir}
-        options = {key: resolve_path(value) if value else None for key, value in paths.items()}
-        return {
-            **options,
-            "dataset": self.dataset,
-            "data_dir": resolve_path(self.data_dir),
-            "mirror": self.mirror,
-            "max_image_pixels": self.max_image_pixels,
-            "resize": self.resize,
-        }
 
     @property
     def registry_name(self) -> str:

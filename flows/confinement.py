@@ -7,28 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
-from urllib.parse import unquote, urlsplit
+from typing import Iterator, Optional
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
+from common.path_settings import path_marks
 from flows.config import resolve_path
 
 ROOTS_VARIABLE = "PIC_ALLOWED_ROOTS"
-# Parameters, in any of the flows' configs, whose value is a file or folder.
-PATH_FIELDS = (
-    "data_dir",
-    "output_dir",
-    "output",
-    "train_csv",
-    "test_csv",
-    "image_root",
-    "train_dir",
-    "test_dir",
-    "input_csv",
-    "image_dir",
-)
-WEIGHTS_NAMES = ("none", "imagenet")  # --weights values that are not files
 
 
 class ParameterOutsideRootsError(PermissionError):
@@ -50,21 +37,29 @@ def from_deployment() -> bool:
 
 
 def path_parameters(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(parameter, path) for every parameter of `config` (a TrainConfig, PredictConfig or
-    SweepConfig, whose base and grid count too) that names a file or folder."""
-    for name in PATH_FIELDS:
-        if value := getattr(config, name, None):
-            yield prefix + name, value
-    if getattr(config, "weights", "none") not in WEIGHTS_NAMES:
-        yield prefix + "weights", config.weights
-    mirror = getattr(config, "mirror", None)
-    if mirror and mirror.startswith("file:"):
-        yield prefix + "mirror", unquote(urlsplit(mirror).path)
-    if isinstance(base := getattr(config, "base", None), BaseModel):
-        yield from path_parameters(base, "base.")
-    for value in getattr(config, "grid", {}).get("weights", ()):
-        if value not in WEIGHTS_NAMES:
-            yield "grid.weights", str(value)
+    """(parameter, path) for every parameter of `config` that names a file or folder: the fields
+    marked with common.path_settings.PATH (or a PathSetting of their own), in the config and the
+    models it holds (a TrainConfig's dataset, a SweepConfig's base), and a sweep's grid values."""
+    fields = type(config).model_fields
+    for name, field in fields.items():
+        value = getattr(config, name)
+        for path in _paths(field, [value]):
+            yield prefix + name, path
+        if isinstance(value, BaseModel):
+            yield from path_parameters(value, f"{prefix}{name}.")
+    base, grid = getattr(config, "base", None), getattr(config, "grid", None)
+    if isinstance(base, BaseModel) and isinstance(grid, dict):
+        for name, values in grid.items():
+            for path in _paths(type(base).model_fields.get(name), values):
+                yield f"{prefix}grid.{name}", path
+
+
+def _paths(field: Optional[FieldInfo], values: list[object]) -> Iterator[str]:
+    """The paths `values` of a field name, by its marks (none for an unmarked field)."""
+    for mark in path_marks(field.metadata if field else ()):
+        for value in values:
+            if (path := mark.path(value)) is not None:
+                yield path
 
 
 def check_confined(config: BaseModel) -> None:

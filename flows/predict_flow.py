@@ -1,22 +1,15 @@
-"""Predict images with a registered model, as a Prefect flow that records its own MLflow run."""
+"""Predict images with a registered model, as a Prefect flow that records its own MLflow run.
+
+`python flows/predict_flow.py FLAGS` runs it once, as flows/train_flow.py does its flow."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # loaded by path (as a script, or from a deployment's entrypoint)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # the launcher checks the flags before the imports below, then runs main
-    from flows import launcher
-
-    launcher.run_script(launcher.PREDICT)
-
 from prefect import flow
 
+from flows.cli import parse_config, prepare_servers, user_errors_exit
 from flows.config import PredictConfig, resolve_path
 from flows.confinement import check_confined
-from flows.runners import cluster_ready, make_task_runner, submit_all
+from flows.runners import make_task_runner, running, submit_all
 from tasks.predict.image_inputs import partitions
 from tasks.predict.steps import (
     list_images,
@@ -39,9 +32,15 @@ def predict_flow(config: PredictConfig) -> dict:
     )
     size = registered.input_shape[1:]
     inputs = list_images(
-        **config.input_options(),
+        input_csv=config.input_csv,
+        image_root=config.image_root,
+        image_dir=config.image_dir,
+        dataset=config.dataset,
+        data_dir=resolve_path(config.data_dir),
         class_names=registered.class_names,
         image_size=size,
+        max_image_pixels=config.max_image_pixels,
+        resize=config.resize,
         partition_size=config.partition_size,
     )
     run_dir = make_run_dir(resolve_path(config.output_dir))
@@ -67,7 +66,7 @@ def predict_flow(config: PredictConfig) -> dict:
             )
             for index, part in enumerate(partitions(inputs, config.partition_size))
         ]
-        with runner:
+        with running(runner):
             counts = [f.result() for f in submit_all(runner, predict_partition, calls, config.max_parallel)]
         output = resolve_path(config.output) if config.output else run_dir / "predictions.csv"
         written = write_predictions([call["output"] for call in calls], counts, output, run_id)
@@ -77,11 +76,16 @@ def predict_flow(config: PredictConfig) -> dict:
 
 
 def main(config: PredictConfig) -> dict:
-    """The command line's run, once flows/launcher.py has parsed and checked its flags: the flow
-    (on a local cluster started for it, if the runner asks for one), then its outcome in one line."""
-    with cluster_ready(config):
+    """The command line's run: the servers are checked first, then the flow runs and its outcome is
+    printed in one line; a user error exits with `error: MESSAGE`."""
+    with user_errors_exit():
+        prepare_servers()
         result = predict_flow(config)
     print(
         f"{result['model_uri']} (version {result['model_version']}): predictions in {result['predictions']}"
     )
     return result
+
+
+if __name__ == "__main__":
+    main(parse_config(config_class=PredictConfig, prog="python flows/predict_flow.py"))

@@ -4,12 +4,11 @@ the same Prefect event: python flows/promote.py NAME VERSION [--force]."""
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict
-from pathlib import Path
+from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the project's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flows.cli import prepare_servers, user_errors_exit
+from tasks.publish.promotion import promote_by_hand
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,25 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point: moves the alias, prints what it did, returns the outcome."""
-    args = build_parser().parse_args(argv)  # --help and bad flags answer before the imports below
-    from flows.cli import exit_unless_prefect_answers, exit_unless_tracking_answers
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """NAME, VERSION and --force; --help and bad flags answer (status 2) before any work."""
+    return build_parser().parse_args(argv)
 
-    exit_unless_tracking_answers()
-    exit_unless_prefect_answers()
-    from tasks.publish.gate_lock import GateBusyError, GateMisconfiguredError, PrefectNotSharedError
-    from tasks.publish.promotion import PromotionRefusedError, promote_by_hand
 
-    refusals = (PromotionRefusedError, PrefectNotSharedError, GateMisconfiguredError, GateBusyError)
-    try:
+def main(args: argparse.Namespace) -> dict:
+    """The command line's run: the servers are checked, the alias moved, what it did printed in one
+    line; a refusal (or another user error) exits with `error: MESSAGE`."""
+    with user_errors_exit():
+        prepare_servers()
         outcome = promote_by_hand(args.name, args.version, force=args.force)
-    except refusals as error:
-        sys.exit(f"error: {error}")
     moves = ", ".join(f"{name}@champion -> {version}" for name, version in outcome.versions.items())
     print(f"{moves} ({outcome.reason})")
     return asdict(outcome)
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flows.config import TrainConfig, resolve_path
+from flows.config import WEIGHTS, TrainConfig, resolve_path
 from models import ModelSpec, pretrained_stats
-from tasks.data.datasets import DatasetRef, Shape
+from tasks.data.datasets import DatasetRef
+from tasks.data.sources import Shape
 from tasks.train.training import TrainSettings
 
 
@@ -41,9 +42,7 @@ def train_settings(config: TrainConfig) -> TrainSettings:
         config.seed,
         precision=config.precision,
         compile=config.compile,
-        weights=config.weights
-        if config.weights in ("none", "imagenet")
-        else str(resolve_path(config.weights)),
+        weights=config.weights if config.weights in WEIGHTS.names else str(resolve_path(config.weights)),
         freeze_backbone=config.freeze_backbone,
         backbone_lr_scale=config.backbone_lr_scale,
     )

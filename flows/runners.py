@@ -9,13 +9,13 @@ from typing import Any, Iterator, Optional
 
 import torch
 from prefect import Task
+from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from common import compat
 from common.errors import UserError
-from flows.config import ClusterOptions, RunnerName
+from flows.config import RunnerName
 
 
 class RunnerUnavailableError(UserError, RuntimeError):
@@ -32,8 +32,15 @@ def _runner_class(module: str, name: str, extra: str) -> type[TaskRunner]:
 
 
 def make_task_runner(kind: RunnerName, address: Optional[str], max_parallel: Optional[int]) -> TaskRunner:
-    """The runner for `kind`, to use as a context manager; without an address, Dask and Ray start a
-    local cluster that stops with the runner."""
+    """The runner for `kind`, to enter with `running`; without an address, Dask and Ray start a
+    local cluster that stops with the runner. An existing cluster's workers report their task runs to
+    a Prefect server they reach, so an address without PREFECT_API_URL is refused."""
+    if address and not PREFECT_API_URL.value():
+        raise RunnerUnavailableError(
+            f"--address {address}: the cluster's workers report task runs to a Prefect server; "
+            "start one (prefect server start --host 0.0.0.0) and set PREFECT_API_URL to an address the "
+            "workers can reach, e.g. prefect config set PREFECT_API_URL=http://HOST:4200/api"
+        )
     cores = os.cpu_count() or 1
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=max_parallel or cores)  # Prefect's default: no limit
@@ -60,27 +67,18 @@ def make_task_runner(kind: RunnerName, address: Optional[str], max_parallel: Opt
 
 
 @contextmanager
-def cluster_ready(options: ClusterOptions) -> Iterator[None]:
-    """Checks the runner's package is installed and that a cluster's workers can report their task
-    runs to the flow's Prefect API, before any work.
-
-    Prefect's on-demand temporary server does not hand its address to worker processes (each
-    would start a server of its own), so for local ones this starts it up front and sets
-    PREFECT_API_URL; an existing cluster needs a Prefect server its workers can reach.
-    """
-    make_task_runner(options.task_runner, options.address, options.max_parallel)
-    if options.task_runner == "threads" or PREFECT_API_URL.value():
-        yield
+def running(runner: TaskRunner) -> Iterator[TaskRunner]:
+    """Enters `runner` in a flow run, its task runs reporting to the flow run's Prefect API. On
+    Prefect's temporary server (no PREFECT_API_URL) its address goes with them in their settings:
+    worker processes would otherwise each start a temporary server of their own."""
+    if PREFECT_API_URL.value():
+        with runner:
+            yield runner
         return
-    if options.address:
-        raise RunnerUnavailableError(
-            f"--address {options.address}: the cluster's workers report task runs to a Prefect server; "
-            "start one (prefect server start --host 0.0.0.0) and set PREFECT_API_URL to an address the "
-            "workers can reach, e.g. prefect config set PREFECT_API_URL=http://HOST:4200/api"
-        )
-    api_url = compat.start_temporary_server()  # Prefect's own, stopped when the process exits
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        yield
+    with get_client(sync_client=True) as client:  # the flow run's own client
+        api_url = str(client.api_url)
+    with temporary_settings({PREFECT_API_URL: api_url}), runner:
+        yield runner
 
 
 def submit_all(

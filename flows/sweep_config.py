@@ -1,11 +1,14 @@
-"""The sweep flow's parameter: a base TrainConfig and what to vary, checked before any work."""
+"""The sweep flow's parameter: a base TrainConfig and what to vary, checked before any work; and
+its command line, train_flow's flags plus --grid, --random and --space."""
 
 from __future__ import annotations
 
-from typing import Literal, Union, get_args, get_origin
+import argparse
+from typing import Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flows.cli import add_fields, build_parser, validate
 from flows.config import ClusterOptions, TrainConfig
 from tasks.train.search_space import Range, trial_count, trial_overrides
 
@@ -27,6 +30,7 @@ SWEEPABLE = (
 NUMERIC = ("epochs", "batch_size", "lr", "weight_decay", "seed")
 INTEGERS = frozenset(name for name in NUMERIC if TrainConfig.model_fields[name].annotation is int)
 MAX_TRIALS = 1000
+_SWEEP_OWN = ("grid", "space")  # flags with a syntax of their own; SweepConfig's others are generated
 
 
 class SearchRange(BaseModel):
@@ -129,3 +133,58 @@ def sweepable_choices() -> str:
         choices = get_args(annotation) if get_origin(annotation) is Literal else ()
         parts.append(f"{name} ({'|'.join(choices)})" if choices else name)
     return ", ".join(parts)
+
+
+def parse_sweep_config(
+    argv: Optional[list[str]] = None, prog: str = "python flows/sweep_flow.py"
+) -> SweepConfig:
+    """train_flow's flags set the base config; --grid, --random and --space say what varies."""
+    parser = build_parser(TrainConfig, prog)
+    parser.description = SweepConfig.__doc__
+    sweep = parser.add_argument_group("sweep", f"Settings a trial can vary: {sweepable_choices()}.")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="Values to try for a setting (repeatable); the trials are the product of all grids.",
+    )
+    sweep.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="FIELD=LOW:HIGH[:log]",
+        help="A range for random search (repeatable), drawn --random N times; ':log' for log-uniform.",
+    )
+    add_fields(sweep, SweepConfig, skip=("base", *_SWEEP_OWN))
+    values = vars(parser.parse_args(argv))
+    own = {name: values.pop(name) for name in SweepConfig.model_fields if name in values}
+    base = validate(parser, TrainConfig, values)  # what is left: train_flow's flags
+    grid = dict(_assignment(parser, "--grid", item) for item in own["grid"])
+    space = dict(_assignment(parser, "--space", item) for item in own["space"])
+    fields = {
+        **own,
+        "base": base,
+        "grid": {name: text.split(",") for name, text in grid.items()},
+        "space": {name: _search_range(parser, name, text) for name, text in space.items()},
+    }
+    return validate(parser, SweepConfig, fields)
+
+
+def _assignment(parser: argparse.ArgumentParser, flag: str, item: str) -> tuple[str, str]:
+    """'batch-size=32,64' -> ('batch_size', '32,64')."""
+    name, equals, value = item.partition("=")
+    if not equals or not name.strip() or not value.strip():
+        parser.error(f"{flag} {item!r}: expected FIELD=VALUE")
+    return name.strip().replace("-", "_"), value.strip()
+
+
+def _search_range(parser: argparse.ArgumentParser, name: str, text: str) -> SearchRange:
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+            raise ValueError
+        return SearchRange(low=float(parts[0]), high=float(parts[1]), log=len(parts) == 3)
+    except ValueError:
+        parser.error(f"--space {name}={text}: expected LOW:HIGH or LOW:HIGH:log with numbers")
+    raise AssertionError("unreachable: parser.error exits")

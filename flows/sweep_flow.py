@@ -1,17 +1,11 @@
 """Hyperparameter sweep: trials train in parallel (threads, processes, Dask or Ray) as child MLflow
-runs of one parent run; the best is tested, exported, validated and registered like train_flow's."""
+runs of one parent run; the best is tested, exported, validated and registered like train_flow's.
+
+`python flows/sweep_flow.py FLAGS` runs it once, as flows/train_flow.py does its flow."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path, PurePath
-
-if __package__ in (None, ""):  # loaded by path (as a script, or from a deployment's entrypoint)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # the launcher checks the flags before the imports below, then runs main
-    from flows import launcher
-
-    launcher.run_script(launcher.SWEEP)
+from pathlib import Path
 
 import pandas as pd
 from prefect import flow
@@ -19,11 +13,12 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled
 from prefect.task_runners import TaskRunner
 
+from flows.cli import prepare_servers, user_errors_exit
 from flows.config import TrainConfig, resolve_path
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
-from flows.runners import cluster_ready, make_task_runner, submit_all
-from flows.sweep_config import SweepConfig
+from flows.runners import make_task_runner, running, submit_all
+from flows.sweep_config import SweepConfig, parse_sweep_config
 from tasks.data.augment import resolve_augment
 from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
@@ -34,8 +29,10 @@ from tasks.publish.stage import publish_model
 from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
+from tasks.train.speed import resolve_precision
 from tasks.train.sweep_steps import Trial, report_trials, run_trial, trained_here
 from tasks.train.sweeps import FAILED, FINISHED, best_trial
+from tasks.train.training import resolve_device
 
 
 @flow(name="sweep-image-classifier", log_prints=True)
@@ -63,7 +60,7 @@ def sweep_flow(config: SweepConfig) -> dict:
             ]
             outcomes = run_trials(runner, trials, parent_id, sweep_dir, config)
             stop_if_cancelled()  # its trials stopped at their next check: nothing is registered
-            key = base.registered_model or base.dataset
+            key = base.registered_model or base.dataset.name
             table = report_trials(outcomes, config.swept_fields, sweep_dir, parent_id, key)
             stop_if_cancelled()
             winner, best, published = publish_best(trials, outcomes, table, sweep_dir)
@@ -100,9 +97,9 @@ def publish_best(
 def prepare_shapes(base: TrainConfig, shapes: set[Shape]) -> dict[Shape, DatasetRef]:
     """The sweep's data once per preprocessing its trials ask for (image size, and the default size
     that pretrained weights change)."""
-    data_dir, options = resolve_path(base.data_dir), base.dataset_options()
+    data_dir = resolve_path(base.data_dir)
     return {
-        shape: fetch_dataset(base.dataset, data_dir, shape, base.prepare_workers, **options)
+        shape: fetch_dataset(base.dataset, data_dir, shape, base.prepare_workers)
         for shape in sorted(shapes, key=repr)
     }
 
@@ -124,13 +121,9 @@ def make_trial(index: int, config: TrainConfig, swept: list[str], dataset: Datas
 
 
 def data_recipe(config: TrainConfig) -> DataRecipe:
-    """How a worker that does not see the flow's prepared file prepares the same data: the data
-    folder and source paths as given, so a relative one means the worker's own working directory."""
-    options = {  # dataset_options() resolves paths here; a worker resolves them where it runs
-        key: PurePath(getattr(config, key)) if isinstance(value, Path) else value
-        for key, value in config.dataset_options().items()
-    }
-    return DataRecipe(config.dataset, config.data_dir, data_shape(config), options, config.prepare_workers)
+    """How a worker that does not see the flow's prepared file prepares the same data: the source
+    and data folder as given, so a relative path means the worker's own working directory."""
+    return DataRecipe(config.dataset, config.data_dir, data_shape(config), config.prepare_workers)
 
 
 def run_trials(
@@ -149,7 +142,7 @@ def run_trials(
         dict(trial=t, dataset=t.dataset, parent_run_id=parent_id, sweep_dir=sweep_dir, tracking_uri=uri)
         for t in trials
     ]
-    with runner:
+    with running(runner):
         futures = submit_all(runner, task, calls, config.max_parallel)
         return [outcome(trial, future, parent_id) for trial, future in zip(trials, futures)]
 
@@ -166,9 +159,12 @@ def outcome(trial: Trial, future: PrefectFuture, parent_id: str) -> dict:
 
 
 def main(config: SweepConfig) -> dict:
-    """The command line's run, once flows/launcher.py has parsed and checked its flags: the flow
-    (on a local cluster started for it, if the runner asks for one), then its outcome in one line."""
-    with cluster_ready(config):
+    """The command line's run: what fails in seconds is checked first, then the flow runs and its
+    outcome is printed in one line; a user error exits with `error: MESSAGE`."""
+    with user_errors_exit():
+        if config.task_runner in ("threads", "processes"):  # trials on this machine: its hardware fits?
+            resolve_precision(config.base.precision, resolve_device(config.base.device))
+        prepare_servers()
         result = sweep_flow(config)
     print(
         f"best of {len(result['trials'])} trials: {result['best_trial']} {result['best_settings']}, "
@@ -176,3 +172,7 @@ def main(config: SweepConfig) -> dict:
         f"({result['reason']}); outputs in {result['run_dir']}"
     )
     return result
+
+
+if __name__ == "__main__":
+    main(parse_sweep_config())

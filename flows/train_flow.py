@@ -1,23 +1,21 @@
-"""Train, evaluate, export, validate and register an image classifier, as one Prefect flow."""
+"""Train, evaluate, export, validate and register an image classifier, as one Prefect flow.
+
+`python flows/train_flow.py FLAGS` (from the checkout, where `pip install -e .` makes flows, tasks,
+models and common importable) runs it once, on PREFECT_API_URL's server or Prefect's own temporary one.
+"""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # loaded by path (as a script, or from a deployment's entrypoint)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # the launcher checks the flags before the imports below, then runs main
-    from flows import launcher
-
-    launcher.run_script(launcher.TRAIN)
 
 from prefect import flow
 from prefect.states import Cancelled
 
+from flows.cli import parse_config, prepare_servers, user_errors_exit
 from flows.config import TrainConfig, resolve_path
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
+from models import pretrained_file
 from tasks.data.augment import resolve_augment
 from tasks.data.steps import build_loaders, fetch_dataset, fetch_weights
 from tasks.publish.gate_lock import require_shared_prefect
@@ -25,7 +23,7 @@ from tasks.publish.stage import publish_model
 from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
-from tasks.train.speed import set_threads
+from tasks.train.speed import resolve_precision, set_threads
 from tasks.train.steps import Watch, train_model
 from tasks.train.training import resolve_device
 
@@ -42,9 +40,8 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
         with mlflow_run(config.experiment, config.model_dump(), device, run_dir) as run_id:
             if config.weights == "imagenet":  # before any data work: offline, it fails in seconds
                 fetch_weights(config.model)
-            data_dir, options = resolve_path(config.data_dir), config.dataset_options()
-            workers = config.prepare_workers
-            dataset = fetch_dataset(config.dataset, data_dir, data_shape(config), workers, **options)
+            data_dir, workers = resolve_path(config.data_dir), config.prepare_workers
+            dataset = fetch_dataset(config.dataset, data_dir, data_shape(config), workers)
             log_dataset(run_id, dataset, config.seed, config.val_fraction)
             spec, settings = model_spec(config, dataset), train_settings(config)
             augment = resolve_augment(config.augment, config.dataset, dataset.channels)
@@ -69,11 +66,20 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
 
 
 def main(config: TrainConfig) -> dict:
-    """The command line's run, once flows/launcher.py has parsed and checked its flags: the flow,
-    then its outcome in one line."""
-    result = train_flow(config)
+    """The command line's run: what fails in seconds is checked first, then the flow runs and its
+    outcome is printed in one line; a user error exits with `error: MESSAGE`."""
+    with user_errors_exit():
+        if config.weights == "imagenet":
+            pretrained_file(config.model)  # offline without them: named before any server or data work
+        resolve_precision(config.precision, resolve_device(config.device))  # `--device cuda`, fp16 here?
+        prepare_servers()
+        result = train_flow(config)
     print(
         f"test accuracy {result['test_accuracy']:.4f}; versions {result['versions']} -> {result['alias']} "
         f"({result['reason']}); outputs in {result['run_dir']}"
     )
     return result
+
+
+if __name__ == "__main__":
+    main(parse_config())

@@ -86,7 +86,7 @@ LONGEST_MODULES = (
     "test_train_flow",
     "test_sweep_flow",
     "test_checkpoints",
-    "test_launcher",
+    "test_cli",
 )
 
 
@@ -164,7 +164,12 @@ def seeded_mlflow_db() -> Path:
 def seeded_prefect_home() -> Path:
     """A Prefect home whose database a temporary server has created and filled, then left."""
     home = seeded_folder() / "prefect"
-    program = "from flows.api_server import EarlyServer; s = EarlyServer(); assert s.wait(); s.stop()"
+    # Prefect's client starts its temporary server when no API is set, and stops it at exit.
+    program = (
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as client:\n"
+        "    assert client.api_healthcheck() is None"
+    )
     subprocess.run(
         [sys.executable, "-c", program], cwd=REPO, env={**os.environ, "PREFECT_HOME": str(home)}, check=True
     )

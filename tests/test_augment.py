@@ -9,6 +9,14 @@ from tasks.data.augment import (
     draw_standard,
     resolve_augment,
 )
+from tasks.data.sources import (
+    CsvSource,
+    DigitsSource,
+    FashionMnistSource,
+    FolderSource,
+    MnistSource,
+    SyntheticSource,
+)
 
 _NO_JITTER = torch.ones(1, 3)
 
@@ -133,18 +141,19 @@ def test_standard_keeps_colour_of_a_colourful_image_roughly():
     assert ((ratio > 0.6) & (ratio < 1.4)).all()
 
 
-def test_resolve_auto_picks_standard_only_for_colour_photos():
-    assert resolve_augment("auto", "folder", 3) == "standard"
-    assert resolve_augment("auto", "csv", 3) == "standard"
-    assert resolve_augment("auto", "csv", 1) == "none"
-    for dataset in ("mnist", "fashion_mnist", "synthetic", "digits"):
-        assert resolve_augment("auto", dataset, 3) == "none"
+def test_resolve_auto_is_the_sources_default_standard_only_for_colour_photos():
+    photos = [FolderSource(train_dir="t"), CsvSource(train_csv="a", test_csv="b", image_root="r")]
+    for source in photos:
+        assert resolve_augment("auto", source, 3) == "standard"
+        assert resolve_augment("auto", source, 1) == "none"
+    for source in (MnistSource(), FashionMnistSource(), SyntheticSource(), DigitsSource()):
+        assert resolve_augment("auto", source, 3) == "none"
     for policy in AUGMENT_POLICIES:
-        assert resolve_augment(policy, "mnist", 1) == policy
+        assert resolve_augment(policy, MnistSource(), 1) == policy
 
 
 def test_resolve_rejects_unknown_policy_naming_the_choices():
     with pytest.raises(ValueError, match="'rotate'.*auto, none, flip, standard"):
-        resolve_augment("rotate", "folder", 3)
+        resolve_augment("rotate", FolderSource(train_dir="t"), 3)
     with pytest.raises(ValueError, match="'auto'"):
         augment_batch(_batch(), "auto", torch.Generator())

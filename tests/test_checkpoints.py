@@ -11,9 +11,9 @@ import torch
 from conftest import fewer_training_images
 
 from models import ModelSpec, build_from_spec
-from tasks.data import datasets
 from tasks.data.datasets import prepare_dataset
 from tasks.data.loaders import make_loaders
+from tasks.data.sources import DigitsSource, Shape, SyntheticSource
 from tasks.train.checkpoints import load_model, load_weights, write_state_dict
 from tasks.train.training import TrainSettings, train
 
@@ -28,6 +28,7 @@ sys.path.insert(0, {repo!r})
 from models import ModelSpec
 from tasks.data.datasets import prepare_dataset
 from tasks.data.loaders import make_loaders
+from tasks.data.sources import SyntheticSource
 from tasks.train.training import TrainSettings, train
 
 real_save, writes = torch.save, []
@@ -42,7 +43,7 @@ def stalling_save(obj, handle):
     real_save(obj, handle)
 torch.save = stalling_save
 
-ref = prepare_dataset("synthetic", pathlib.Path({data!r}))
+ref = prepare_dataset(SyntheticSource(), pathlib.Path({data!r}))
 spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
 train(spec, make_loaders(ref, 64, 0.1, 0, "cpu"), TrainSettings(*{settings!r}), pathlib.Path({checkpoint!r}))
 """
@@ -55,7 +56,7 @@ def run_training(ref, checkpoint: Path):
 
 @pytest.mark.slow
 def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
-    ref = prepare_dataset("synthetic", tmp_path / "data")
+    ref = prepare_dataset(SyntheticSource(), tmp_path / "data")
     checkpoint, marker = tmp_path / "run" / "last.pt", tmp_path / "writing"
     code = CHILD.format(
         repo=str(REPO),
@@ -96,7 +97,7 @@ class Interrupted(Exception):
 def test_an_augmented_run_resumed_after_an_epoch_ends_with_the_same_weights(tmp_path):
     """The loader's generator draws the shuffle and the augmentation, and is checkpointed: resuming
     replays the same crops, flips and jitter (bit-identical on CPU)."""
-    ref = prepare_dataset("digits", tmp_path / "data", shape=datasets.Shape("3"))
+    ref = prepare_dataset(DigitsSource(), tmp_path / "data", shape=Shape("3"))
     spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
     settings = TrainSettings(2, "adamw", 3e-3, 1e-4, "onecycle", seed=0)
 

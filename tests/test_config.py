@@ -1,17 +1,18 @@
-import base64
 import time
 
 import pytest
-from conftest import TRAIN_SCRIPT, free_port, raw_server, run_train_script
+from conftest import TRAIN_SCRIPT, run_train_script
 from pydantic import ValidationError
 
-from flows.cli import build_parser, exit_unless_prefect_answers, parse_config
+from flows.cli import build_parser, flag_fields, parse_config
 from flows.config import PredictConfig, TrainConfig
+from tasks.data.images import DEFAULT_MAX_PIXELS
+from tasks.data.sources import CsvSource, DigitsSource, FashionMnistSource, FolderSource
 
 
 def test_flags_fill_a_frozen_config():
     config = parse_config(["--dataset", "digits", "--epochs", "3", "--lr", "0.01", "--model", "mlp"])
-    assert (config.dataset, config.epochs, config.lr, config.model) == ("digits", 3, 0.01, "mlp")
+    assert (config.dataset, config.epochs, config.lr, config.model) == (DigitsSource(), 3, 0.01, "mlp")
     assert config.model_name == "digits-mlp"
     with pytest.raises(ValidationError, match="Instance is frozen"):
         config.epochs = 4
@@ -23,12 +24,16 @@ def test_boolean_fields_are_on_off_flags():
     assert "--system-metrics, --no-system-metrics" in build_parser(TrainConfig, "train").format_help()
 
 
-def test_every_field_is_a_flag_with_help_and_default():
-    text = build_parser(TrainConfig, "train").format_help()
-    for name, field in TrainConfig.model_fields.items():
+def test_every_field_and_every_sources_setting_is_a_flag_with_help_and_default():
+    text = " ".join(build_parser(TrainConfig, "train").format_help().split())
+    for name, (path, model) in flag_fields(TrainConfig).items():
         assert "--" + name.replace("_", "-") in text
-        assert field.description.split()[0] in text
+        assert model.model_fields[name].description.split()[0] in text
     assert "(default: fashion-mnist)" in text and "(default: 5)" in text
+    assert "--train-csv TRAIN_CSV csv dataset: CSV of training images" in text
+    assert "--max-image-pixels MAX_IMAGE_PIXELS csv and folder datasets: Refuse" in text
+    assert f"(default: {DEFAULT_MAX_PIXELS})" in text and "(default: 0.2)" in text
+    assert flag_fields(TrainConfig)["train_dir"] == ("dataset.train_dir", FolderSource)
 
 
 def test_csv_classes_flag_is_comma_separated(tmp_path):
@@ -46,7 +51,7 @@ def test_csv_classes_flag_is_comma_separated(tmp_path):
             "cat, dog",
         ]
     )
-    assert config.classes == ["cat", "dog"]
+    assert config.dataset.classes == ["cat", "dog"]
 
 
 @pytest.mark.parametrize(
@@ -57,9 +62,20 @@ def test_csv_classes_flag_is_comma_separated(tmp_path):
         (["--dataset", "nope"], "'nope'"),
         (["--val-fraction", "1.5"], "--val-fraction 1.5"),
         (["--batch-size", "many"], "--batch-size many"),
-        (["--dataset", "csv"], "--train-csv, --test-csv, --image-root"),
-        (["--dataset", "digits", "--train-csv", "x.csv"], "only to --dataset csv"),
+        (["--dataset", "csv"], "dataset 'csv' needs --train-csv, --test-csv, --image-root"),
+        (
+            ["--dataset", "digits", "--train-csv", "x.csv"],
+            "--train-csv, --test-csv, --image-root, --classes apply only to --dataset csv, not 'digits'",
+        ),
+        (["--dataset", "csv", "--train-dir", "t"], "--train-dir, --test-dir, --test-fraction apply only"),
+        (
+            ["--dataset", "digits", "--mirror", "https://m/"],
+            "--mirror applies only to --dataset fashion-mnist",
+        ),
+        (["--dataset", "digits", "--max-image-pixels", "9"], "applies only to --dataset csv or folder"),
         (["--mirror", "ftp://example"], "--mirror ftp://example"),
+        (["--dataset", "folder", "--train-dir", "t", "--test-fraction", "2"], "--test-fraction 2"),
+        (["--dataset", "folder", "--train-dir", "t", "--max-image-pixels", "0"], "--max-image-pixels 0"),
     ],
 )
 def test_invalid_flags_exit_2_naming_the_value(flags, named, capsys):
@@ -87,20 +103,34 @@ def test_script_help_lists_flags(tmp_path):
         assert flag in result.stdout
 
 
-def test_dataset_options_resolve_csv_paths(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_a_sources_settings_keep_its_paths_as_given_and_its_defaults(tmp_path):
     config = parse_config(
         ["--dataset", "csv", "--train-csv", "a.csv", "--test-csv", "b.csv", "--image-root", "img"]
     )
-    assert config.dataset_options() == {
-        "mirror": None,
-        "classes": None,
-        "train_csv": tmp_path / "a.csv",
-        "test_csv": tmp_path / "b.csv",
-        "image_root": tmp_path / "img",
-        "max_image_pixels": 50_000_000,
-    }
-    assert "max_image_pixels" not in parse_config(["--dataset", "digits"]).dataset_options()
+    assert config.dataset == CsvSource(train_csv="a.csv", test_csv="b.csv", image_root="img")
+    assert config.dataset.max_image_pixels == DEFAULT_MAX_PIXELS  # resolved where they are read
+    folder = parse_config(["--dataset", "folder", "--train-dir", str(tmp_path), "--test-fraction", "0.3"])
+    assert folder.dataset == FolderSource(train_dir=str(tmp_path), test_fraction=0.3)
+    assert parse_config([]).dataset == FashionMnistSource()
+    assert parse_config(["--mirror", "file:///srv/mnist/"]).dataset.mirror == "file:///srv/mnist/"
+
+
+def test_params_are_flat_and_read_back_the_deployment_forms_too():
+    config = parse_config(
+        ["--dataset", "csv", "--train-csv", "a.csv", "--test-csv", "b.csv", "--image-root", "r"]
+    )
+    params = config.model_dump()
+    assert params["dataset"] == "csv" and params["train_csv"] == "a.csv" and "test_fraction" not in params
+    assert list(params)[:3] == ["dataset", "max_image_pixels", "train_csv"]  # the name, then its settings
+    assert TrainConfig(**params) == config == TrainConfig.model_validate_json(config.model_dump_json())
+    assert config.model_name == "csv-cnn"
+    assert TrainConfig(**{"dataset": "digits", "epochs": 3}).dataset == DigitsSource()  # prefect.yaml
+    nested = {"dataset": {"name": "folder", "train_dir": "t"}, "epochs": 3}  # the Prefect UI's form
+    assert TrainConfig(**nested).dataset == FolderSource(train_dir="t")
+    with pytest.raises(ValidationError, match="dataset 'folder' needs --train-dir"):
+        TrainConfig(dataset={"name": "folder"})
+    # a saved form of the flat fields with their defaults, for a dataset that has none of them
+    assert TrainConfig(dataset="digits", test_fraction=0.2, max_image_pixels=DEFAULT_MAX_PIXELS, mirror=None)
 
 
 def test_predict_flags_need_a_model_and_exactly_one_input(capsys):
@@ -129,21 +159,18 @@ def test_predict_script_help(tmp_path):
     assert result.returncode == 0 and "--registered-model" in result.stdout and "--flavor" in result.stdout
 
 
-def test_input_options_resolve_paths(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = parse_config(
-        ["--registered-model", "m", "--input-csv", "a.csv", "--image-root", "img"], PredictConfig
+def test_prediction_takes_a_datasets_test_split_with_its_settings():
+    flags = ["--registered-model", "m", "--dataset", "fashion-mnist", "--mirror", "https://mirror.example/"]
+    config = parse_config(flags, PredictConfig)
+    assert config.dataset == FashionMnistSource(mirror="https://mirror.example/")
+    assert (
+        config.model_dump()["dataset"] == "fashion-mnist" and PredictConfig(**config.model_dump()) == config
     )
-    assert config.input_options() == {
-        "input_csv": tmp_path / "a.csv",
-        "image_root": tmp_path / "img",
-        "image_dir": None,
-        "dataset": None,
-        "data_dir": tmp_path / "data",
-        "mirror": None,
-        "max_image_pixels": 50_000_000,
-        "resize": True,
-    }
+    assert PredictConfig(registered_model="m", dataset="digits").dataset == DigitsSource()  # prefect.yaml
+    only = "--mirror applies only to --dataset fashion-mnist or mnist \\["  # no ", not ...": no dataset
+    with pytest.raises(ValidationError, match=only):
+        PredictConfig(registered_model="m", image_dir="i", mirror="https://mirror.example/")
+    assert PredictConfig(registered_model="m", image_dir="i").model_dump()["dataset"] is None
 
 
 def test_a_registered_name_may_not_be_an_onnx_flavors_name():
@@ -157,40 +184,3 @@ def test_a_registered_name_may_not_be_an_onnx_flavors_name():
         ):
             make("digits-cnn-onnx")
         assert make("digits-onnxish").registered_model == "digits-onnxish"
-
-
-def prefect_login_server(handler) -> None:
-    """Prefect's API with PREFECT_SERVER_API_AUTH_STRING=admin:right: 401 without it."""
-    right = "Basic " + base64.b64encode(b"admin:right").decode()
-    handler.send_response(200 if handler.headers.get("Authorization") == right else 401)
-    handler.send_header("Content-Length", "3")
-    handler.end_headers()
-    handler.wfile.write(b'"3"')
-
-
-@pytest.mark.parametrize("auth", ["admin:right", "admin:wr0ng", None])
-def test_a_prefect_server_that_refuses_the_auth_string_is_named_at_once(monkeypatch, capsys, auth):
-    with raw_server(prefect_login_server) as url:
-        monkeypatch.setenv("PREFECT_API_URL", f"{url}/api")
-        if auth:
-            monkeypatch.setenv("PREFECT_API_AUTH_STRING", auth)
-        else:
-            monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
-        if auth == "admin:right":
-            exit_unless_prefect_answers(within=2)
-            return
-        with pytest.raises(SystemExit) as refused:
-            exit_unless_prefect_answers(within=2)
-    given = "PREFECT_API_AUTH_STRING" if auth else "a client without PREFECT_API_AUTH_STRING"
-    assert refused.value.code == f"error: the Prefect server {url}/api refused {given} (HTTP 401)"
-
-
-def test_a_prefect_server_that_does_not_answer_is_named_within_the_bound(monkeypatch):
-    url = f"http://127.0.0.1:{free_port()}/api"
-    monkeypatch.setenv("PREFECT_API_URL", url)
-    started = time.monotonic()
-    with pytest.raises(
-        SystemExit, match=f"the Prefect server {url} .PREFECT_API_URL. did not answer within 1 s"
-    ):
-        exit_unless_prefect_answers(within=1)
-    assert time.monotonic() - started < 5

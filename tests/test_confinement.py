@@ -2,15 +2,11 @@ import os
 
 import pytest
 
+from common.path_settings import path_marks
 from flows.config import PredictConfig, TrainConfig
-from flows.confinement import (
-    PATH_FIELDS,
-    ParameterOutsideRootsError,
-    allowed_roots,
-    check_confined,
-    path_parameters,
-)
+from flows.confinement import ParameterOutsideRootsError, allowed_roots, check_confined, path_parameters
 from flows.sweep_config import SweepConfig
+from tasks.data.sources import SOURCES
 
 DEPLOYMENT = "PREFECT__RUNTIME__DEPLOYMENT__ID"  # how Prefect lets a test stand in for a deployment run
 
@@ -36,10 +32,16 @@ def outside_configs(outside: str, weights_file: str) -> dict[str, object]:
         "input_csv": PredictConfig(**predict, input_csv=outside),
         "image_root": PredictConfig(**predict, input_csv="in.csv", image_root=outside),
         "data_dir": TrainConfig(**{**train, "data_dir": outside}),
-        "train_csv": TrainConfig(**train, dataset="csv", train_csv=outside, test_csv="t", image_root="r"),
-        "test_dir": TrainConfig(**train, dataset="folder", train_dir="t", test_dir=outside),
+        "dataset.train_csv": TrainConfig(
+            **train, dataset="csv", train_csv=outside, test_csv="t", image_root="r"
+        ),
+        "dataset.test_dir": TrainConfig(**train, dataset="folder", train_dir="t", test_dir=outside),
         "weights": TrainConfig(**train, model="resnet18", weights=weights_file),
-        "mirror": TrainConfig(**train, mirror=f"file://{outside}"),
+        "dataset.mirror": TrainConfig(**train, mirror=f"file://{outside}"),
+        "base.dataset.image_root": SweepConfig(
+            base=TrainConfig(**train, dataset="csv", train_csv="a", test_csv="b", image_root=outside),
+            grid={"lr": [0.1]},
+        ),
         "base.output_dir": SweepConfig(
             base=TrainConfig(data_dir="d", output_dir=outside), grid={"lr": [0.1]}
         ),
@@ -94,12 +96,12 @@ def test_paths_under_a_root_pass_and_the_default_root_is_the_working_directory(t
     check_confined(PredictConfig(registered_model="m", dataset="digits", data_dir="../data"))
 
 
-def test_every_path_field_of_the_configs_is_confined():
-    # A field added later whose name says "path" must be listed, or deployments could point it anywhere.
-    for model in (TrainConfig, PredictConfig):
-        for name in model.model_fields:
+def test_every_path_field_of_the_configs_and_sources_is_confined():
+    # A field added later whose name says "path" must carry the mark, or deployments could point it anywhere.
+    for model in (TrainConfig, PredictConfig, *SOURCES):
+        for name, field in model.model_fields.items():
             if name == "output" or name.endswith(("_dir", "_csv", "_root", "_path", "_file")):
-                assert name in PATH_FIELDS, f"{model.__name__}.{name} is not in flows.confinement.PATH_FIELDS"
+                assert path_marks(field.metadata), f"{model.__name__}.{name} is not marked as a path"
     config = PredictConfig(registered_model="m", input_csv="a.csv", image_root="r", output="p.csv")
     assert dict(path_parameters(config)) == {
         "data_dir": "data",
@@ -108,6 +110,14 @@ def test_every_path_field_of_the_configs_is_confined():
         "image_root": "r",
         "input_csv": "a.csv",
     }
+    folder = TrainConfig(dataset="folder", train_dir="t", weights="none", mirror=None)
+    assert dict(path_parameters(folder)) == {
+        "dataset.train_dir": "t",
+        "data_dir": "data",
+        "output_dir": "outputs",
+    }
+    web = TrainConfig(mirror="https://mirror.example/mnist/")  # only a file:// mirror names a path
+    assert dict(path_parameters(web)) == {"data_dir": "data", "output_dir": "outputs"}
 
 
 @pytest.mark.slow

@@ -7,9 +7,10 @@ from PIL import Image
 from torchvision.io import decode_png, read_file, write_png
 
 from tasks.data.csv_images import CsvDatasetError, iter_rows, label_set, read_rows
-from tasks.data.datasets import Shape, load_tensors, prepare_dataset
+from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.decoding import load_image
 from tasks.data.photos import ImageFolderError, list_csv
+from tasks.data.sources import CsvSource, Shape
 
 
 def png_pixels(path):
@@ -22,7 +23,7 @@ def test_reads_pngs_with_string_labels_and_header(png_dataset, tmp_path):
     assert listing.class_names == ("left", "right")
     assert len(listing.train[0]) == 36 and listing.test[1] == (0, 1) * 6
     assert listing.sizes == {(12, 12)} and not listing.colour
-    ref = prepare_dataset("csv", tmp_path / "data", **png_dataset)
+    ref = prepare_dataset(CsvSource(**png_dataset), tmp_path / "data")
     data = load_tensors(ref.prepared_path)
     assert data.train_images.shape == (36, 1, 12, 12) and data.train_images.dtype == torch.uint8
     assert data.test_labels.tolist() == [0, 1] * 6
@@ -43,7 +44,7 @@ def test_integer_labels_without_header_keep_their_numbers(tmp_path):
     }
     listing = list_csv(**options)
     assert listing.class_names == ("3", "4") and listing.train[1] == (0, 1) * 4 and listing.colour
-    ref = prepare_dataset("csv", tmp_path / "data", **options)
+    ref = prepare_dataset(CsvSource(**options), tmp_path / "data")
     assert ref.class_names == ("3", "4")
     assert load_tensors(ref.prepared_path).train_images.shape == (8, 3, 12, 12)
 
@@ -84,14 +85,14 @@ def test_images_of_another_size_are_resized_to_the_fallback_or_asked_size(png_da
     write_png(torch.full((1, 5, 5), 200, dtype=torch.uint8), str(small))
     assert list_csv(**png_dataset).sizes == {(12, 12), (5, 5)}
     # No common size: every image goes to the fallback size.
-    ref = prepare_dataset("csv", tmp_path / "data", **png_dataset)
+    ref = prepare_dataset(CsvSource(**png_dataset), tmp_path / "data")
     assert ref.image_size == (128, 128) and ref.preprocessing.size == (128, 128)
     data = load_tensors(ref.prepared_path)
     assert data.train_images.shape == (36, 1, 128, 128)
     assert torch.equal(data.train_images[1], load_image(small, ref.preprocessing))
     assert torch.equal(data.train_images[0], load_image(small.with_name("000.png"), ref.preprocessing))
     # An asked size: the odd one out is resized, the others are kept as they are.
-    ref = prepare_dataset("csv", tmp_path / "data", shape=Shape(size=(12, 12)), **png_dataset)
+    ref = prepare_dataset(CsvSource(**png_dataset), tmp_path / "data", shape=Shape(size=(12, 12)))
     data = load_tensors(ref.prepared_path)
     assert ref.image_size == (12, 12) and data.train_images.shape == (36, 1, 12, 12)
     assert torch.equal(data.train_images[1], torch.full((1, 12, 12), 200, dtype=torch.uint8))
@@ -105,7 +106,7 @@ def test_undecodable_file_names_its_file(png_dataset, tmp_path):
     assert len(list_csv(**png_dataset).train[0]) == 36  # the header passes the listing's check
     message = rf"^{re.escape(str(image))}: it cannot be decoded: "
     with pytest.raises(ImageFolderError, match=message):
-        prepare_dataset("csv", tmp_path / "data", **png_dataset)
+        prepare_dataset(CsvSource(**png_dataset), tmp_path / "data")
     assert not list((tmp_path / "data" / "prepared").glob("*.safetensors"))
     assert not list((tmp_path / "data" / "prepared").glob(".*.part"))
 

@@ -10,6 +10,7 @@ import torch
 from models import ModelSpec, build_from_spec
 from tasks.data.datasets import prepare_dataset, test_pixels
 from tasks.data.loaders import make_loaders
+from tasks.data.sources import DigitsSource
 from tasks.publish.export import compare_onnx, write_onnx
 from tasks.train import speed
 from tasks.train.checkpoints import load_model
@@ -24,7 +25,7 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return prepare_dataset("digits", tmp_path_factory.mktemp("data"))
+    return prepare_dataset(DigitsSource(), tmp_path_factory.mktemp("data"))
 
 
 def spec_for(ref, name="cnn"):

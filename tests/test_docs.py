@@ -11,6 +11,7 @@ import yaml
 from mkdocs.commands.build import build
 from mkdocs.config import load_config
 
+from flows.cli import flag_fields
 from flows.config import PredictConfig, TrainConfig
 from flows.sweep_config import SweepConfig
 
@@ -28,12 +29,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def flags_of(config: type, skip: tuple[str, ...] = ()) -> list[str]:
-    """The flags flows/cli.py gives a config's fields (a switch also has its --no- form)."""
+    """The flags flows/cli.py gives a config's fields and its data sources' settings (a switch also
+    has its --no- form)."""
     flags = []
-    for name, field in config.model_fields.items():
+    for name, (_, model) in flag_fields(config).items():
         if name not in skip:
             flag = "--" + name.replace("_", "-")
-            flags += [flag, "--no-" + flag[2:]] if field.annotation is bool else [flag]
+            flags += [flag, "--no-" + flag[2:]] if model.model_fields[name].annotation is bool else [flag]
     return flags
 
 

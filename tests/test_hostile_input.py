@@ -22,13 +22,15 @@ from registered_models import Recording
 from torchvision.io import encode_jpeg, write_png
 from torchvision.transforms.v2.functional import resize
 
-from flows.cli import parse_config, parse_sweep_config, short_user_errors
-from flows.config import DEFAULT_MAX_IMAGE_PIXELS, PredictConfig, TrainConfig
+from flows.cli import parse_config, short_user_errors
+from flows.config import PredictConfig, TrainConfig
+from flows.sweep_config import parse_sweep_config
 from tasks.data.csv_images import CsvDatasetError, read_rows
 from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.decoding import Preprocessing, decode_image_file, load_image
 from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, check_image_file, read_image_header
 from tasks.data.photos import ImageFolderError, list_csv
+from tasks.data.sources import CsvSource
 from tasks.predict.image_inputs import Inputs, PredictionError, csv_inputs, folder_inputs
 from tasks.predict.prediction import RegisteredModel, predict_to_csv, to_pixels
 from tasks.predict.steps import list_images
@@ -133,7 +135,7 @@ def test_paths_leaving_the_image_root_are_refused(kind, png_dataset, outside_png
     with pytest.raises(CsvDatasetError, match=message):
         list_csv(**png_dataset)
     with pytest.raises(CsvDatasetError, match=message):  # the training dataset, before decoding
-        prepare_dataset("csv", tmp_path / "data", **png_dataset)
+        prepare_dataset(CsvSource(**png_dataset), tmp_path / "data")
     with pytest.raises(CsvDatasetError, match=message):  # prediction CSVs too
         csv_inputs(png_dataset["train_csv"], root, ["left", "right"])
     assert decoder_calls == []
@@ -150,7 +152,7 @@ def test_etc_passwd_and_symlinks_inside_the_root(png_dataset):
     (root / "inside.png").symlink_to(root / "img" / "001.png")  # a link that stays inside is fine
     write_csv(png_dataset["test_csv"], [("inside.png", "right"), ("img/../img/000.png", "left")])
     assert list_csv(**png_dataset).test[1] == (1, 0)
-    data = load_tensors(prepare_dataset("csv", root / "data", **png_dataset).prepared_path)
+    data = load_tensors(prepare_dataset(CsvSource(**png_dataset), root / "data").prepared_path)
     assert torch.equal(data.test_images[0], data.train_images[1])  # 001.png, through the link
     assert torch.equal(data.test_images[1], data.train_images[0])
 
@@ -165,7 +167,7 @@ def test_text_with_an_image_suffix_is_refused_by_its_first_bytes(png_dataset, de
         CsvDatasetError,
         match=r"train.csv row 4: image 'img/002.png': it is not a PNG, JPEG, GIF or WebP image",
     ):
-        prepare_dataset("csv", png_dataset["image_root"] / "data", **png_dataset)
+        prepare_dataset(CsvSource(**png_dataset), png_dataset["image_root"] / "data")
     with pytest.raises(PredictionError, match=r"img/002.png: it is not a PNG, JPEG, GIF or WebP image"):
         folder_inputs(root / "img")
     (root / "img" / "002.png").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")  # JPEG magic, no frame
@@ -212,7 +214,7 @@ def test_undecodable_files_are_named_by_the_training_and_prediction_decoders(png
     assert list_csv(**png_dataset).sizes == {(12, 12)}  # listing reads headers only
     named = rf"^{re.escape(str(image))}: it cannot be decoded: "
     with pytest.raises(ImageFolderError, match=named):  # from a decoding worker process
-        prepare_dataset("csv", tmp_path / "data", workers=2, **png_dataset)
+        prepare_dataset(CsvSource(**png_dataset), tmp_path / "data", workers=2)
     assert not list((tmp_path / "data" / "prepared").iterdir())
     inputs = csv_inputs(png_dataset["test_csv"], root, ["left", "right"])
     with pytest.raises(
@@ -230,7 +232,7 @@ def test_a_png_bomb_is_refused_from_its_header_never_decoded(bomb_png, png_datas
     write_csv(png_dataset["train_csv"], [("img/000.png", "left"), ("img/bomb.png", "right")])
     declared = r"its PNG header declares 30000x30000 = 900,000,000 pixels, over the limit of 50,000,000"
     with pytest.raises(CsvDatasetError, match=rf"train.csv row 3: image 'img/bomb.png': {declared}"):
-        prepare_dataset("csv", root / "data", **png_dataset)
+        prepare_dataset(CsvSource(**png_dataset), root / "data")
     with pytest.raises(PredictionError, match=f"bomb.png: {declared}"):
         folder_inputs(root / "img")
     assert decoder_calls == []
@@ -245,15 +247,15 @@ def test_a_png_bomb_is_refused_from_its_header_never_decoded(bomb_png, png_datas
 
 @pytest.mark.slow
 def test_the_pixel_limit_is_a_setting(png_dataset, tmp_path, capsys):
-    assert DEFAULT_MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS == TrainConfig().max_image_pixels
+    assert CsvSource.model_fields["max_image_pixels"].default == DEFAULT_MAX_PIXELS
     assert PredictConfig(registered_model="m", image_dir="x").max_image_pixels == DEFAULT_MAX_PIXELS
     over = r"row 2: image 'img/000.png': .* 12x12 = 144 pixels, over the limit of 143"
     with pytest.raises(CsvDatasetError, match=over):
         list_csv(**png_dataset, max_pixels=143)
     with pytest.raises(CsvDatasetError, match=over):
-        prepare_dataset("csv", tmp_path / "data", **png_dataset, max_image_pixels=143)
+        prepare_dataset(CsvSource(**png_dataset, max_image_pixels=143), tmp_path / "data")
     assert len(list_csv(**png_dataset, max_pixels=144).train[1]) == 36
-    ref = prepare_dataset("csv", tmp_path / "data", **png_dataset, max_image_pixels=144)
+    ref = prepare_dataset(CsvSource(**png_dataset, max_image_pixels=144), tmp_path / "data")
     assert ref.train_size == 36
     csv = png_dataset["test_csv"]
     with pytest.raises(CsvDatasetError, match="over the limit of 100"):
@@ -280,7 +282,7 @@ def test_the_pixel_limit_is_a_setting(png_dataset, tmp_path, capsys):
     with pytest.raises(ImageFileError, match="its JPEG header declares 60000x60000 = 3,600,000,000 pixels"):
         check_image_file(jpeg)
     with pytest.raises(SystemExit):
-        parse_config(["--max-image-pixels", "0"])
+        parse_config(["--dataset", "folder", "--train-dir", "x", "--max-image-pixels", "0"])
     assert "--max-image-pixels 0" in capsys.readouterr().err
 
 
@@ -293,14 +295,15 @@ import json, resource, sys
 from pathlib import Path
 from tasks.data.csv_images import CsvDatasetError
 from tasks.data.datasets import Shape, load_tensors, prepare_dataset
+from tasks.data.sources import CsvSource
 
 root, outcomes = Path(sys.argv[1]), {}
 imports, anonymous = peak_bytes(), AnonPeak()
 for name in sys.argv[2:]:
     csvs = {"train_csv": root / f"{name}-train.csv", "test_csv": root / f"{name}-test.csv"}
     try:
-        ref = prepare_dataset("csv", root / "data", shape=Shape(size=(28, 28)), workers=2,
-                              image_root=root, **csvs)
+        ref = prepare_dataset(CsvSource(image_root=root, **csvs), root / "data", shape=Shape(size=(28, 28)),
+                              workers=2)
         data = load_tensors(ref.prepared_path)
         outcomes[name] = [data.train_images.flatten(1).float().mean(1).tolist(),
                           data.test_images.flatten(1).float().mean(1).tolist()]
@@ -415,8 +418,8 @@ def test_other_sizes_are_resized_as_in_training_or_refused_with_no_resize(tmp_pa
     for name, source in where.items():
         # --no-resize: refused from the headers while listing, before any image is decoded.
         with pytest.raises(PredictionError, match=refused):
-            list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8), resize=False)
-        inputs = list_images.fn(*source, None, tmp_path, None, ["a", "b"], image_size=(8, 8))
+            list_images.fn(*source, None, tmp_path, ["a", "b"], image_size=(8, 8), resize=False)
+        inputs = list_images.fn(*source, None, tmp_path, ["a", "b"], image_size=(8, 8))
         model, output = Recording(), tmp_path / "out" / f"{name}.csv"
         assert predict_to_csv(model, inputs, registered, 4, output)["images"] == 1
         np.testing.assert_allclose(model.pixels[0][0], expected)  # the model's own preprocessing
@@ -439,7 +442,7 @@ def test_console_logs_of_user_errors_lose_their_traceback_only():
     logger.addHandler(console)
     logger.addHandler(collector)
     try:
-        with short_user_errors((CsvDatasetError,)):
+        with short_user_errors((CsvDatasetError,), loggers=(logger,)):
             for error in (CsvDatasetError("train.csv row 3: bad"), RuntimeError("a real bug")):
                 try:
                     raise error

@@ -18,6 +18,7 @@ from torchvision.io import write_png
 from models import build_model
 from tasks.data.csv_images import CsvDatasetError
 from tasks.data.decoding import Preprocessing, load_image
+from tasks.data.sources import SyntheticSource
 from tasks.predict.image_inputs import (
     Inputs,
     PredictionError,
@@ -72,14 +73,14 @@ def test_missing_inputs_are_named(png_dataset, tmp_path):
 
 
 def test_dataset_parts_read_their_own_slice_of_the_test_split(tmp_path):
-    inputs = dataset_inputs("synthetic", tmp_path, [f"pattern-{k}" for k in range(10)])
+    inputs = dataset_inputs(SyntheticSource(), tmp_path, [f"pattern-{k}" for k in range(10)])
     parts = partitions(inputs, 300)
     assert [len(p) for p in parts] == [300, 300, 300, 100] and parts[1].start == 300
     sources, labels, images = decoded(parts[2])
     assert sources[0] == "synthetic/test/600" and labels[0] in inputs.class_names
     assert torch.equal(torch.stack(images), torch.stack(decoded(inputs)[2][600:900]))
     with pytest.raises(PredictionError, match="are not among the model's classes"):
-        dataset_inputs("synthetic", tmp_path, ["cat", "dog"])
+        dataset_inputs(SyntheticSource(), tmp_path, ["cat", "dog"])
 
 
 def test_files_are_decoded_into_the_models_preprocessing(tmp_path):
@@ -163,7 +164,7 @@ def test_folder_skips_other_files_refuses_links_that_leave_it_and_decodes_inside
     (folder / "c.png").symlink_to(folder / "a.png")  # a link that stays inside is an image like any
     inputs = folder_inputs(folder)
     assert inputs.names == ("a.png", "c.png") and dict(inputs.skipped) == {".bmp": 1, ".txt": 1}
-    list_images.fn(None, None, folder, None, tmp_path, None, ["a", "b"])
+    list_images.fn(None, None, folder, None, tmp_path, ["a", "b"])
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 1 and "skipped 2 file(s) that are not images" in printed
     assert ".bmp (1), .txt (1); images must be PNG, JPEG, GIF or WebP" in printed
@@ -338,3 +339,16 @@ def test_resize_decodes_one_image_at_a_time(tmp_path):
     shown = f"peak RSS {peak:.0f} MB ({anonymous:.0f} MB anonymous), {imported:.0f} MB after the imports"
     assert anonymous < 1024 and peak - imported < 300, shown
     print(shown)
+
+
+def test_listing_takes_paths_as_given_and_a_datasets_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    write_png(torch.zeros((1, 4, 4), dtype=torch.uint8), str(tmp_path / "images" / "a.png"))
+    listed = list_images.fn(None, None, "images", None, tmp_path / "data", ["a"])
+    assert (listed.kind, listed.origin, listed.names) == ("folder", str(tmp_path / "images"), ("a.png",))
+    patterns = [f"pattern-{k}" for k in range(10)]
+    split = list_images.fn(None, None, None, SyntheticSource(), tmp_path / "data", patterns)
+    assert (split.kind, split.dataset, len(split)) == ("dataset", "synthetic", 1000)
+    with pytest.raises(PredictionError, match="no images to predict"):
+        list_images.fn(None, None, None, None, tmp_path / "data", patterns)

@@ -2,7 +2,8 @@ import json
 
 from mlflow import MlflowClient
 
-from tasks.data.datasets import DatasetRef, data_origins
+from tasks.data.datasets import DatasetRef
+from tasks.data.sources import FashionMnistSource, MnistSource, SyntheticSource
 from tasks.track import tracking
 from tasks.track.lineage import image_splits, log_splits, origin_source
 
@@ -53,14 +54,14 @@ def test_splits_sizes_digests_and_profiles():
 
 
 def test_origins_of_each_kind_of_dataset(tmp_path):
-    train, test = data_origins("fashion-mnist")
+    train, test = FashionMnistSource().origins()
     assert train.startswith("http") and train.endswith("train-images-idx3-ubyte.gz") and "t10k" in test
-    assert data_origins("mnist", mirror="https://mirror.example/mnist")[0] == (
+    assert MnistSource(mirror="https://mirror.example/mnist").origins()[0] == (
         "https://mirror.example/mnist/train-images-idx3-ubyte.gz"
     )
-    secret = data_origins("mnist", mirror="https://me:pa55@mirror.example/mnist/")[0]
+    secret = MnistSource(mirror="https://me:pa55@mirror.example/mnist/").origins()[0]
     assert secret == "https://***@mirror.example/mnist/train-images-idx3-ubyte.gz"
-    assert data_origins("synthetic")[0] == "tasks.data.offline_data.make_synthetic"
+    assert SyntheticSource().origins()[0] == "tasks.data.offline_data.make_synthetic"
     assert origin_source("https://x/y.gz").to_dict() == {"url": "https://x/y.gz"}
     assert origin_source("/data/train.csv").to_dict() == {"uri": "/data/train.csv"}
     assert origin_source("tasks.data.offline_data.load_digits").to_dict() == {

@@ -2,6 +2,7 @@ import torch
 
 from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.loaders import TensorLoader, make_loaders, split_indices
+from tasks.data.sources import SyntheticSource
 
 
 def test_batches_cover_every_sample_once_scaled_to_unit_range():
@@ -34,7 +35,7 @@ def test_split_is_disjoint_and_complete():
 
 
 def test_make_loaders_splits_the_training_set(tmp_path):
-    ref = prepare_dataset("synthetic", tmp_path)
+    ref = prepare_dataset(SyntheticSource(), tmp_path)
     loaders = make_loaders(ref, batch_size=32, val_fraction=0.25, seed=0, device="cpu")
     assert loaders.train.num_samples + loaders.val.num_samples == ref.train_size
     assert loaders.val.num_samples == ref.train_size // 4 and loaders.test.num_samples == ref.test_size
@@ -48,7 +49,7 @@ def test_a_shuffled_pass_leaves_out_a_last_batch_of_one():
 
 
 def test_loaders_gather_from_the_mapped_file_without_copying_the_split(tmp_path):
-    ref = prepare_dataset("synthetic", tmp_path)
+    ref = prepare_dataset(SyntheticSource(), tmp_path)
     loaders = make_loaders(ref, batch_size=32, val_fraction=0.25, seed=0, device="cpu")
     mapped = load_tensors(ref.prepared_path).train_images
     assert loaders.train.images.numpy().base is not None and loaders.train.images.shape == mapped.shape

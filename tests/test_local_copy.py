@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +16,9 @@ from conftest import write_csv, write_image_folder
 from tasks.data import datasets, local_copy
 from tasks.data.datasets import DatasetRef, load_tensors, prepare_dataset
 from tasks.data.local_copy import DataRecipe, DatasetMismatchError, copy_problem, dataset_here
+from tasks.data.sources import CsvSource, DigitsSource
+
+RELATIVE_CSVS = CsvSource(train_csv="photos/train.csv", test_csv="photos/test.csv", image_root="photos")
 
 
 def elsewhere(ref: DatasetRef, tmp_path: Path) -> DatasetRef:
@@ -28,35 +31,34 @@ def count_preparations(monkeypatch) -> list[str]:
     trials started together all find the copy missing)."""
     calls, real = [], datasets.prepare_dataset
 
-    def counted(name, data_dir, *args, **options):
+    def counted(source, data_dir, *args):
         calls.append(str(data_dir))
         time.sleep(0.2)
-        return real(name, data_dir, *args, **options)
+        return real(source, data_dir, *args)
 
     monkeypatch.setattr(local_copy, "prepare_dataset", counted)
     return calls
 
 
 def test_a_worker_that_sees_the_flows_file_reads_it_where_it_is(tmp_path, monkeypatch):
-    ref = prepare_dataset("digits", tmp_path / "data")
+    ref = prepare_dataset(DigitsSource(), tmp_path / "data")
     calls = count_preparations(monkeypatch)
-    assert dataset_here(ref, DataRecipe("digits", str(tmp_path / "other"))) == ref
+    assert dataset_here(ref, DataRecipe(DigitsSource(), str(tmp_path / "other"))) == ref
     assert calls == [] and not (tmp_path / "other").exists()
 
 
 def test_a_worker_elsewhere_prepares_once_into_its_own_data_dir_for_trials_started_together(
     tmp_path, monkeypatch
 ):
-    ref = prepare_dataset("digits", tmp_path / "flow" / "data")
+    ref = prepare_dataset(DigitsSource(), tmp_path / "flow" / "data")
     worker = tmp_path / "worker"
     worker.mkdir()
     monkeypatch.chdir(worker)  # the recipe's relative data_dir is the worker's own
     calls = count_preparations(monkeypatch)
     got: list[DatasetRef] = []
+    recipe = DataRecipe(DigitsSource(), "data")
     trials = [
-        threading.Thread(
-            target=lambda: got.append(dataset_here(elsewhere(ref, tmp_path), DataRecipe("digits", "data")))
-        )
+        threading.Thread(target=lambda: got.append(dataset_here(elsewhere(ref, tmp_path), recipe)))
         for _ in range(3)
     ]
     for trial in trials:
@@ -69,20 +71,20 @@ def test_a_worker_elsewhere_prepares_once_into_its_own_data_dir_for_trials_start
     assert [Path(r.prepared_path) for r in got] == [local] * 3
     assert got[0] == replace(ref, prepared_path=str(local))  # the same data, digest and statistics
     assert torch.equal(load_tensors(str(local)).test_images, load_tensors(ref.prepared_path).test_images)
-    dataset_here(elsewhere(ref, tmp_path), DataRecipe("digits", "data"))
+    dataset_here(elsewhere(ref, tmp_path), recipe)
     assert len(calls) == 1  # a later trial on this worker finds the copy by its digest
 
 
 def test_a_damaged_copy_is_prepared_again(tmp_path, monkeypatch):
-    ref = prepare_dataset("digits", tmp_path / "flow")
+    ref = prepare_dataset(DigitsSource(), tmp_path / "flow")
     local = local_copy.local_path(ref, tmp_path / "worker")
-    dataset_here(elsewhere(ref, tmp_path), DataRecipe("digits", str(tmp_path / "worker")))
+    dataset_here(elsewhere(ref, tmp_path), DataRecipe(DigitsSource(), str(tmp_path / "worker")))
     with open(local, "r+b") as handle:
         handle.truncate(local.stat().st_size - 10)
     assert "bytes" in copy_problem(local, ref)
     calls = count_preparations(monkeypatch)
     assert dataset_here(
-        elsewhere(ref, tmp_path), DataRecipe("digits", str(tmp_path / "worker"))
+        elsewhere(ref, tmp_path), DataRecipe(DigitsSource(), str(tmp_path / "worker"))
     ).prepared_path == str(local)
     assert len(calls) == 1 and copy_problem(local, ref) is None
 
@@ -95,12 +97,12 @@ def photos(root: Path, seed: int) -> None:
 
 @pytest.mark.slow
 def test_source_paths_resolve_on_the_worker_and_other_data_there_is_refused(tmp_path, monkeypatch):
-    options = {"train_csv": "photos/train.csv", "test_csv": "photos/test.csv", "image_root": "photos"}
-    recipe = DataRecipe("csv", "data", options={key: PurePath(value) for key, value in options.items()})
+    recipe = DataRecipe(RELATIVE_CSVS, "data")  # paths as given: each machine resolves them
     for name, seed in (("flow", 0), ("same", 0), ("other", 1)):
         photos(tmp_path / name, seed)
     monkeypatch.chdir(tmp_path / "flow")
-    ref = prepare_dataset("csv", Path("data").resolve(), **recipe.resolved_options())
+    ref = prepare_dataset(RELATIVE_CSVS, Path("data").resolve())
+    assert ref.train_origin == str(tmp_path / "flow" / "photos" / "train.csv")
 
     monkeypatch.chdir(tmp_path / "same")  # the same photos under the worker's own working directory
     assert dataset_here(elsewhere(ref, tmp_path), recipe).sha256 == ref.sha256
@@ -127,11 +129,8 @@ def report_error(dataset: DatasetRef, recipe: DataRecipe, queue) -> None:
 def test_a_daemonic_worker_that_must_decode_photos_says_how_to_start_it(tmp_path, monkeypatch):
     photos(tmp_path, 0)
     monkeypatch.chdir(tmp_path)
-    options = {"train_csv": "photos/train.csv", "test_csv": "photos/test.csv", "image_root": "photos"}
-    recipe = DataRecipe(
-        "csv", "worker-data", options={key: PurePath(value) for key, value in options.items()}
-    )
-    ref = prepare_dataset("csv", tmp_path / "data", **recipe.resolved_options())
+    recipe = DataRecipe(RELATIVE_CSVS, "worker-data")
+    ref = prepare_dataset(RELATIVE_CSVS, tmp_path / "data")
     context = multiprocessing.get_context("fork")  # a Dask worker under its nanny is daemonic
     queue = context.SimpleQueue()
     child = context.Process(target=report_error, args=(elsewhere(ref, tmp_path), recipe, queue), daemon=True)

@@ -12,12 +12,13 @@ from torchvision import datasets
 
 from tasks.data import mnist_files
 from tasks.data.mnist_files import ChecksumError, DownloadError, download_file, load_mnist_family
+from tasks.data.sources import FashionMnistSource, MnistSource
 from tasks.data.steps import fetch_dataset
 
 
 def test_downloads_verifies_and_loads_through_torchvision(file_server, tmp_path):
     url = file_server.url
-    data = load_mnist_family("fashion-mnist", tmp_path, mirror=url)
+    data = load_mnist_family("FashionMNIST", tmp_path, mirror=url)
     assert data.train_images.shape == (20, 1, 28, 28) and data.test_labels.tolist() == list(range(10))
     assert data.class_names[0] == "T-shirt/top"
     assert (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
@@ -28,14 +29,14 @@ def test_files_already_in_data_dir_are_used_without_network(tiny_fashion, tmp_pa
     raw.mkdir(parents=True)
     for name, blob in tiny_fashion.items():
         (raw / name).write_bytes(blob)
-    data = load_mnist_family("fashion-mnist", tmp_path, mirror="http://127.0.0.1:9/unreachable/")
+    data = load_mnist_family("FashionMNIST", tmp_path, mirror="http://127.0.0.1:9/unreachable/")
     assert len(data.train_labels) == 20
 
 
 def test_corrupted_download_fails_and_keeps_nothing(file_server, tmp_path):
     file_server.corrupt.add("train-labels-idx1-ubyte.gz")
     with pytest.raises(ChecksumError, match="train-labels-idx1-ubyte.gz has md5"):
-        load_mnist_family("fashion-mnist", tmp_path, mirror=file_server.url)
+        load_mnist_family("FashionMNIST", tmp_path, mirror=file_server.url)
     leftovers = [p.name for p in (tmp_path / "FashionMNIST" / "raw").iterdir()]
     assert "train-labels-idx1-ubyte.gz" not in leftovers and not any(n.endswith(".part") for n in leftovers)
 
@@ -78,15 +79,19 @@ def test_a_download_past_its_deadline_fails_without_a_retry(file_server, tmp_pat
 
 
 def test_default_mirrors_are_torchvisions():
-    assert mnist_files.torchvision_source("mnist").mirrors == datasets.MNIST.mirrors
-    for name, source in (("mnist", datasets.MNIST), ("fashion-mnist", datasets.FashionMNIST)):
-        assert mnist_files.FIRST_MIRRORS[name] == source.mirrors[0]
-        assert [archive for archive, _ in source.resources] == [f + ".gz" for f in mnist_files.RAW_FILES]
+    for source_class, torchvision_class in (
+        (MnistSource, datasets.MNIST),
+        (FashionMnistSource, datasets.FashionMNIST),
+    ):
+        assert mnist_files.torchvision_source(source_class.torchvision_name) is torchvision_class
+        assert source_class.first_mirror == torchvision_class.mirrors[0]
+        resources = torchvision_class.resources
+        assert [archive for archive, _ in resources] == [f + ".gz" for f in mnist_files.RAW_FILES]
 
 
 def test_transient_server_errors_are_retried_with_backoff(file_server, tmp_path):
     file_server.failures_left = 2  # the first two requests get HTTP 503
-    data = load_mnist_family("fashion-mnist", tmp_path, mirror=file_server.url)
+    data = load_mnist_family("FashionMNIST", tmp_path, mirror=file_server.url)
     assert len(data.train_labels) == 20
     assert file_server.requests[:3] == ["train-images-idx3-ubyte.gz"] * 3
 
@@ -108,7 +113,7 @@ def test_concurrent_downloads_of_one_data_dir_all_complete(file_server, tmp_path
 
     def load(_):
         start.wait()
-        return load_mnist_family("fashion-mnist", tmp_path, mirror=file_server.url)
+        return load_mnist_family("FashionMNIST", tmp_path, mirror=file_server.url)
 
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(load, range(3)))
@@ -123,14 +128,14 @@ def test_a_damaged_archive_fails_and_leaves_no_partial_file(tiny_fashion, tmp_pa
     for name, blob in tiny_fashion.items():
         (raw / name).write_bytes(blob[:-20] if name.startswith("t10k-images") else blob)
     with pytest.raises(EOFError):
-        load_mnist_family("fashion-mnist", tmp_path, mirror="http://127.0.0.1:9/unreachable/")
+        load_mnist_family("FashionMNIST", tmp_path, mirror="http://127.0.0.1:9/unreachable/")
     left = [p.name for p in raw.iterdir()]
     assert "t10k-images-idx3-ubyte" not in left and not any(name.endswith(".part") for name in left)
 
 
 @flow
 def fetch_only(data_dir: Path, mirror: str):
-    return fetch_dataset("fashion-mnist", data_dir, mirror=mirror)
+    return fetch_dataset(FashionMnistSource(mirror=mirror), data_dir)
 
 
 @pytest.mark.slow

@@ -11,9 +11,10 @@ import torch
 from photos import write_class_folders, write_grey_png, write_kind
 
 from tasks.data import photo_writer, prepared
-from tasks.data.datasets import DatasetRef, Shape, load_tensors, prepare_dataset
+from tasks.data.datasets import DatasetRef, load_tensors, prepare_dataset
 from tasks.data.decoding import Preprocessing, load_image
 from tasks.data.photos import ImageFolderError, list_folder, stratified_split
+from tasks.data.sources import FolderSource, Shape
 
 
 def noise(size: tuple[int, int] = (6, 8), seed: int = 0) -> np.ndarray:
@@ -258,15 +259,14 @@ def test_the_stamp_changes_with_any_listed_file(tmp_path):
 
 
 def prepare_folder(root: Path, data_dir: Path, workers: int) -> tuple[DatasetRef, list[tuple[int, int]]]:
-    """prepare_dataset("folder") of `root` at a 20x20 fallback size, with its progress calls."""
+    """prepare_dataset of the folder `root` at a 20x20 fallback size, with its progress calls."""
     calls = []
     ref = prepare_dataset(
-        "folder",
+        FolderSource(train_dir=root),
         data_dir,
         shape=Shape(fallback=20),
         workers=workers,
         progress=lambda images, total: calls.append((images, total)),
-        train_dir=root,
     )
     return ref, calls
 
@@ -302,7 +302,8 @@ def test_exif_rotated_photos_are_listed_at_their_displayed_size(tmp_path):
         write_kind("exif_jpeg", folder / f"{index}", noise((12, 16), index))
     listing = list_folder(tmp_path / "train", test_fraction=0.5)
     assert listing.sizes == {(12, 16)}  # (height, width) as a viewer shows them, as decoded
-    ref = prepare_dataset("folder", tmp_path / "data", train_dir=tmp_path / "train", test_fraction=0.5)
+    source = FolderSource(train_dir=tmp_path / "train", test_fraction=0.5)
+    ref = prepare_dataset(source, tmp_path / "data")
     assert ref.image_size == (12, 16)
 
 

@@ -43,4 +43,4 @@ def test_predict_batch_follows_the_gates_promotions_of_one_name_with_a_complete_
         "version": "3",
         "trigger_event": "0" * 8 + "-0000" * 3 + "-" + "0" * 12,
     }
-    assert PredictConfig(**rendered).dataset == "digits"
+    assert PredictConfig(**rendered).dataset.name == "digits"

@@ -8,8 +8,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows import runners
-from flows.config import ClusterOptions
-from flows.runners import RunnerUnavailableError, cluster_ready, make_task_runner, submit_all
+from flows.runners import RunnerUnavailableError, make_task_runner, submit_all
 
 
 def test_runner_kinds_and_their_limits():
@@ -21,8 +20,9 @@ def test_runner_kinds_and_their_limits():
     assert (
         local_dask.cluster_kwargs["n_workers"] == 2 and local_dask.cluster_kwargs["threads_per_worker"] == 1
     )
-    assert make_task_runner("dask", "tcp://127.0.0.1:8786", None).address == "tcp://127.0.0.1:8786"
-    assert make_task_runner("ray", "ray://127.0.0.1:10001", None).address == "ray://127.0.0.1:10001"
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert make_task_runner("dask", "tcp://127.0.0.1:8786", None).address == "tcp://127.0.0.1:8786"
+        assert make_task_runner("ray", "ray://127.0.0.1:10001", None).address == "ray://127.0.0.1:10001"
     with pytest.raises(ValueError, match="unknown task runner 'mpi'"):
         make_task_runner("mpi", None, None)
 
@@ -41,14 +41,11 @@ def test_a_missing_extra_says_what_to_install(monkeypatch):
 
 
 def test_an_existing_cluster_needs_a_prefect_server_its_workers_reach():
-    options = ClusterOptions(task_runner="dask", address="tcp://10.1.2.3:8786")
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with pytest.raises(RunnerUnavailableError, match="set PREFECT_API_URL to an address the workers"):
-            with cluster_ready(options):
-                pass
+            make_task_runner("dask", "tcp://10.1.2.3:8786", None)
     with temporary_settings({PREFECT_API_URL: "http://10.1.2.3:4200/api"}):
-        with cluster_ready(options):
-            assert PREFECT_API_URL.value() == "http://10.1.2.3:4200/api"
+        assert make_task_runner("dask", "tcp://10.1.2.3:8786", None).address == "tcp://10.1.2.3:8786"
 
 
 @pytest.mark.slow

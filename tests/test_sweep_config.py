@@ -3,16 +3,16 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from flows.cli import parse_sweep_config
 from flows.config import TrainConfig
-from flows.sweep_config import SearchRange, SweepConfig
+from flows.sweep_config import SearchRange, SweepConfig, parse_sweep_config
+from tasks.data.sources import DigitsSource, FolderSource
 
 
 def test_flags_set_the_base_and_the_grid():
     config = parse_sweep_config(
         ["--dataset", "digits", "--epochs", "2", "--grid", "lr=0.001,0.003", "--grid", "model=mlp,cnn"]
     )
-    assert config.base.dataset == "digits" and config.base.epochs == 2
+    assert config.base.dataset == DigitsSource() and config.base.epochs == 2
     assert config.swept_fields == ["lr", "model"] and config.task_runner == "threads"
     trials = config.trial_configs()
     assert [(t.lr, t.model, t.epochs) for t in trials] == [
@@ -22,6 +22,22 @@ def test_flags_set_the_base_and_the_grid():
         (0.003, "cnn", 2),
     ]
     assert all(isinstance(t, TrainConfig) for t in trials)
+
+
+def test_trials_keep_the_bases_source_and_its_settings():
+    flags = [
+        "--dataset",
+        "folder",
+        "--train-dir",
+        "photos",
+        "--test-fraction",
+        "0.3",
+        "--grid",
+        "image_size=32,64",
+    ]
+    config = parse_sweep_config(flags)
+    source = FolderSource(train_dir="photos", test_fraction=0.3)
+    assert [(t.dataset, t.image_size) for t in config.trial_configs()] == [(source, "32"), (source, "64")]
 
 
 def test_random_search_flags():
@@ -138,4 +154,5 @@ def test_the_prefect_form_takes_the_same_config_as_json():
         {"base": {"dataset": "digits"}, "grid": {"lr": [0.001, 0.01]}, "task_runner": "processes"}
     )
     assert [t.lr for t in config.trial_configs()] == [0.001, 0.01]
+    assert {t.dataset for t in config.trial_configs()} == {DigitsSource()}
     assert "grid" in SweepConfig.model_json_schema()["properties"]

@@ -37,7 +37,7 @@ from tasks.publish.promotion import NOT_PROMOTED, PROMOTED, RESOURCE_PREFIX
 
 sys.path.insert(0, str(REPO / "deploy"))
 import stack_settings as config  # noqa: E402
-from stack import Stack  # noqa: E402
+from stack_local import Stack  # noqa: E402
 from stack_processes import group_alive  # noqa: E402
 
 # One stack for the module: `pytest -n 2 --dist loadfile` runs a module's tests on one worker.
@@ -48,8 +48,10 @@ ESCAPED = re.compile(r"\d{8}-\d{6}-escaped-[0-9a-f]{8}")  # the folder of a flow
 
 
 def checkout(folder: Path) -> Path:
-    """A copy of the repository's tracked files, as a worker machine has its own clone."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    """A copy of the repository's files, as a worker machine has its own clone: the tracked ones and
+    those not yet added (not ignored), so the working tree is what is tested."""
+    listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listing, cwd=REPO, capture_output=True, check=True).stdout
     for name in filter(None, files.decode().split("\0")):
         if (REPO / name).is_file():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +359,7 @@ def test_every_deployment_runs_on_the_team_stack(team, monkeypatch):
         predict = {"registered_model": "scheduled", "dataset": "synthetic"}
         refused = asyncio.run(start_run("predict-images/predict-batch", {**predict, "output": "/etc/x"}))
 
-        # Started the way the README says, with custom parameters, watched until it ends.
+        # Started the way docs/team.md says, with custom parameters, watched until it ends.
         config = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled"}
         watched = subprocess.run(
             [sys.executable, "-m", "prefect", "deployment", "run", "train-image-classifier/train-on-demand"]

@@ -37,6 +37,14 @@ def test_run_lifecycle_in_a_real_store(mlflow_store, tmp_path):
     assert tracking.find_run("exp", "other") is None and tracking.find_run("nope", "abc") is None
 
 
+def test_a_trials_run_is_nested_under_the_sweeps_and_found_again(mlflow_store):
+    parent = tracking.start_run("exp", "sweep", {})
+    child = tracking.open_child_run(parent, 2, "trial-2", {"device": "cpu"}, {"lr": 0.1})
+    assert MlflowClient().get_run(child).data.tags["mlflow.parentRunId"] == parent  # nested in the UI
+    assert tracking.find_child_run(parent, 2) == child and tracking.find_child_run(parent, 3) is None
+    assert tracking.open_child_run(parent, 2, "trial-2", {}, {"lr": 0.1}) == child  # a retry reopens it
+
+
 @pytest.mark.slow
 def test_git_tags_name_the_commit_or_nothing(tmp_path):
     assert tracking.git_tags(tmp_path) == {}
@@ -60,6 +68,7 @@ def test_git_tags_name_the_commit_or_nothing(tmp_path):
     )
     tags = tracking.git_tags(tmp_path)
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] == "false"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"]  # where MLflow's UI shows it
 
 
 def test_system_metrics_are_sampled_while_a_block_runs(mlflow_store):

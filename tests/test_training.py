@@ -5,6 +5,8 @@ from conftest import EPOCH_METRICS, fewer_training_images
 from models import ModelSpec
 from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.loaders import TensorLoader, make_loaders
+from tasks.data.sources import DigitsSource
+from tasks.train.speed import Levers
 from tasks.train.training import (
     TrainSettings,
     evaluate_loss,
@@ -17,7 +19,7 @@ from tasks.train.training import (
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return prepare_dataset("digits", tmp_path_factory.mktemp("data"))
+    return prepare_dataset(DigitsSource(), tmp_path_factory.mktemp("data"))
 
 
 def spec_for(ref, name="mlp"):
@@ -40,20 +42,33 @@ def test_optimizers(name):
 
 def test_schedules_and_bad_names():
     optimizer = make_optimizer(torch.nn.Linear(2, 2), "sgd", 1.0, 0.0)
-    cosine = make_scheduler(optimizer, "cosine", 1.0, total_steps=10)
+    cosine = make_scheduler(optimizer, "cosine", total_steps=10)
     for _ in range(10):
         optimizer.step()
         cosine.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="'step'.*onecycle"):
-        make_scheduler(optimizer, "step", 1.0, 10)
+        make_scheduler(optimizer, "step", 10)
     with pytest.raises(ValueError, match="'lbfgs'"):
         make_optimizer(torch.nn.Linear(2, 2), "lbfgs", 1.0, 0.0)
 
 
+def test_schedules_start_from_each_groups_own_rate():
+    head, backbone = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    for name in ("onecycle", "cosine", "constant"):
+        optimizer = torch.optim.SGD([{"params": [head], "lr": 0.1}, {"params": [backbone], "lr": 0.01}])
+        scheduler = make_scheduler(optimizer, name, 100)
+        for _ in range(50):
+            optimizer.step()
+            scheduler.step()
+        head_lr, backbone_lr = (group["lr"] for group in optimizer.param_groups)
+        assert head_lr == pytest.approx(10 * backbone_lr), name  # one schedule, scaled per group
+        assert 0 < head_lr <= 0.1, name
+
+
 def test_learns_real_digits_far_above_chance(digits, tmp_path):
     loaders = make_loaders(digits, 64, 0.1, seed=0, device="cpu")
-    seen, steps = [], []
+    seen, steps, started = [], [], []
     model, history = train(
         spec_for(digits, "mlp"),  # 98% in a third of the CNN's time; the flow tests train the CNN
         loaders,
@@ -61,7 +76,9 @@ def test_learns_real_digits_far_above_chance(digits, tmp_path):
         tmp_path / "last.pt",
         on_epoch=lambda epoch, metrics: seen.append(epoch),
         on_batch=lambda epoch, batch: steps.append((epoch, batch)),
+        on_start=started.append,
     )
+    assert started == [Levers("fp32", channels_last=False, compile=False)]  # an MLP has no convolutions
     assert seen == [1, 2, 3] and len(history) == 3
     batches = len(loaders.train)
     assert steps == [(epoch, batch) for epoch in (1, 2, 3) for batch in range(1, batches + 1)]
@@ -130,7 +147,7 @@ def test_compiled_training_learns_and_checkpoints_the_plain_module(digits, tmp_p
 def test_one_cycle_schedules_runs_of_any_length(steps):
     """OneCycleLR divides by zero when its warm-up is exactly one step (4 steps at a quarter)."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    scheduler = make_scheduler(optimizer, "onecycle", 0.1, steps)
+    scheduler = make_scheduler(optimizer, "onecycle", steps)
     used = []
     for _ in range(steps):
         used.append(optimizer.param_groups[0]["lr"])

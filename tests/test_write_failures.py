@@ -21,6 +21,7 @@ from common.files import OutputWriteError, atomic_output, atomic_save
 from models import ModelSpec, build_from_spec
 from tasks.data.datasets import prepare_dataset
 from tasks.data.loaders import TensorLoader, make_loaders
+from tasks.data.sources import SyntheticSource
 from tasks.publish.export import write_onnx
 from tasks.publish.plots import plot_confusion_matrix, plot_learning_curves
 from tasks.publish.steps import evaluate_model
@@ -232,7 +233,7 @@ def test_remote_artefact_store_errors_pass_unchanged(monkeypatch, tmp_path):
 
 
 def test_checkpoint_failing_at_epoch_two_leaves_epoch_one_loadable(tmp_path, fill_disk):
-    ref = prepare_dataset("synthetic", tmp_path / "data")
+    ref = prepare_dataset(SyntheticSource(), tmp_path / "data")
     spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
     loaders = fewer_training_images(make_loaders(ref, 64, 0.1, 0, "cpu"), ref, 320)
     checkpoint = tmp_path / "run" / "last.pt"
@@ -274,7 +275,7 @@ def test_flow_with_a_full_disk_at_onnx_export_fails_and_registers_nothing(
     assert not (run_dir / "model.onnx").exists()
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert len(checkpoint["history"]) == 1
-    ref = prepare_dataset("synthetic", tmp_path / "data")
+    ref = prepare_dataset(SyntheticSource(), tmp_path / "data")
     spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
     load_model(spec, checkpoint["model"])
     assert list(tmp_path.rglob("*.part")) == []

@@ -1,17 +1,20 @@
 """MkDocs hook: the flag tables of docs/flags.md, generated at build time from the parsers that
-flows/cli.py builds out of the pydantic configs, so the page cannot drift from the command lines."""
+flows/cli.py builds out of the pydantic configs, so the page cannot drift from the command lines.
+
+The project is installed (`pip install -e '.[docs]'`), so its packages import like any library."""
 
 from __future__ import annotations
 
 import argparse
 import html
 import re
-import sys
-from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 from unittest import mock
 
-ROOT = Path(__file__).resolve().parents[2]
+from flows.cli import build_parser, flag_fields
+from flows.config import PredictConfig, TrainConfig
+from flows.sweep_config import SweepConfig, parse_sweep_config
+
 MARKER = re.compile(r"^<!-- flags: (?P<command>[\w-]+) -->$", re.M)
 COMMANDS = {  # marker: the command whose flags replace it
     "train": "python flows/train_flow.py",
@@ -20,6 +23,14 @@ COMMANDS = {  # marker: the command whose flags replace it
 }
 _TYPE_NAMES = {int: "integer", float: "number", str: "text", bool: "switch"}
 _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "length >="))
+# A reader wants the form of a value, not the regular expression that checks it. A field with a
+# pattern not listed here fails the build, naming it, so each new pattern gets its words.
+PATTERN_WORDS = {
+    r"^(https?|file)://": "a URL: `http://`, `https://` or `file://`",
+    r"^[1-9][0-9]{0,4}(x[1-9][0-9]{0,4})?$": "`H` or `HxW` in pixels (`224`, `96x128`)",
+    r"^[1-9][0-9]{0,9}$": "a version number (`3`)",
+    r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$": "an event id (a UUID)",
+}
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
@@ -46,29 +57,21 @@ def command_markdown(command: str) -> str:
 
 
 def command_parser(command: str) -> tuple[argparse.ArgumentParser, dict[str, tuple[str, type]]]:
-    """The parser the command line uses, and for each flag's dest: (its field path, its config)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from flows import cli
-    from flows.config import PredictConfig, TrainConfig
-    from flows.sweep_config import SweepConfig
-
+    """The parser the command line uses, and for each flag's dest: (its field's path in the flow's
+    parameter, the model that declares the field)."""
     if command == "predict":
-        return cli.build_parser(PredictConfig, COMMANDS[command]), _paths(PredictConfig, "")
+        return build_parser(PredictConfig, COMMANDS[command]), flag_fields(PredictConfig)
     if command == "train":
-        return cli.build_parser(TrainConfig, COMMANDS[command]), _paths(TrainConfig, "")
-    return _sweep_parser(cli), {**_paths(TrainConfig, "base."), **_paths(SweepConfig, "")}
-
-
-def _paths(config: type, prefix: str) -> dict[str, tuple[str, type]]:
-    return {name: (prefix + name, config) for name in config.model_fields}
+        return build_parser(TrainConfig, COMMANDS[command]), flag_fields(TrainConfig)
+    base = {dest: ("base." + path, model) for dest, (path, model) in flag_fields(TrainConfig).items()}
+    return _sweep_parser(), {**base, **flag_fields(SweepConfig)}
 
 
 class _Built(Exception):
     """Carries the sweep's parser out of parse_sweep_config, which builds it inline."""
 
 
-def _sweep_parser(cli: Any) -> argparse.ArgumentParser:
+def _sweep_parser() -> argparse.ArgumentParser:
     """parse_sweep_config's own parser, caught when it is complete (at parse_args)."""
 
     def stop(parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
@@ -76,21 +79,23 @@ def _sweep_parser(cli: Any) -> argparse.ArgumentParser:
 
     with mock.patch.object(argparse.ArgumentParser, "parse_args", stop):
         try:
-            cli.parse_sweep_config([])
+            parse_sweep_config([])
         except _Built as built:
             return built.args[0]
-    raise RuntimeError("flows.cli.parse_sweep_config no longer calls parse_args: update docs/hooks/flags.py")
+    raise RuntimeError("parse_sweep_config no longer calls parse_args: update docs/hooks/flags.py")
 
 
 def flag_table(actions: list[argparse.Action], configs: dict[str, tuple[str, type]]) -> str:
-    """One row per flag: flag, config field, type or choices, default, description."""
-    rows = ["| flag | field | type | default | description |", "|---|---|---|---|---|"]
+    """One row per flag: flag and config field, type or choices, default, description."""
+    rows = ["| flag and field | type | default | description |", "|---|---|---|---|"]
     for action in actions:
-        path, config = configs[action.dest]
-        field = config.model_fields[action.dest]
+        path, model = configs[action.dest]
+        field = model.model_fields[path.rpartition(".")[2]]
+        # One line each (docs/stylesheets/extra.css keeps code in table cells whole), so a long
+        # name is never broken mid-word and the description keeps most of the width.
+        names = "<br>".join(f"`{flag}`" for flag in action.option_strings)
         cells = [
-            " / ".join(f"`{flag}`" for flag in action.option_strings),
-            f"`{path}`",
+            f"{names}<br>field `{path}`",
             _type(action, field),
             _default(action, field),
             html.escape(action.help or "", quote=False),
@@ -119,10 +124,21 @@ def _type(action: argparse.Action, field: Any) -> str:
             f"{sign} {getattr(item, key)}" for key, sign in _BOUNDS if getattr(item, key, None) is not None
         ]
         if getattr(item, "pattern", None):
-            words.append(f"matching `{item.pattern}`")
-        if getattr(item, "func", None):
-            words.append(f"checked by `{item.func.__module__}.{item.func.__name__}`")
+            words[0] = _pattern_words(item.pattern, action)  # instead of plain `text`
+        check = getattr(item, "func", None)
+        if check is not None and not check.__name__.startswith("_"):  # a private one only converts
+            where = check.__module__.replace(".", "/") + ".py"
+            words.append(f"checked by `{check.__name__}` in `{where}`")
     return ", ".join(words)
+
+
+def _pattern_words(pattern: str, action: argparse.Action) -> str:
+    if pattern not in PATTERN_WORDS:
+        raise ValueError(
+            f"{action.option_strings[0]} is checked by the pattern {pattern!r}, which docs/hooks/flags.py "
+            "cannot put in words: add it to PATTERN_WORDS"
+        )
+    return PATTERN_WORDS[pattern]
 
 
 def _annotated_metadata(annotation: Any) -> list:

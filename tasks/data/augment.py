@@ -17,21 +17,21 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from tasks.data.sources import DataSource
+
 AUGMENT_POLICIES = ("none", "flip", "standard")
-_PHOTO_DATASETS = ("folder", "csv")  # flips and crops suit photos, not digits
 _SCALE = (0.35, 1.0)  # crop area as a fraction of the image
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 _JITTER = 0.2  # brightness, contrast and saturation factors lie in [1 - _JITTER, 1 + _JITTER]
 
 
-def resolve_augment(policy: str, dataset: str, channels: int) -> str:
-    """The policy to run: 'auto' picks 'standard' for colour photos and 'none' for everything else."""
+def resolve_augment(policy: str, source: DataSource, channels: int) -> str:
+    """The policy to run: 'auto' is the source's own default for its images of `channels` (standard
+    for colour photos, none for digits and the like)."""
     accepted = ("auto", *AUGMENT_POLICIES)
     if policy not in accepted:
         raise ValueError(f"unknown augment policy {policy!r}; choose one of {', '.join(accepted)}")
-    if policy != "auto":
-        return policy
-    return "standard" if dataset in _PHOTO_DATASETS and channels == 3 else "none"
+    return source.default_augment(channels) if policy == "auto" else policy
 
 
 def augment_batch(images: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:

@@ -13,13 +13,14 @@ import multiprocessing
 import os
 import socket
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import Optional
 
 from common.files import file_lock
 from tasks.data import prepared
-from tasks.data.datasets import PHOTO_SOURCES, DatasetRef, Shape, prepare_dataset
+from tasks.data.datasets import DatasetRef, prepare_dataset
+from tasks.data.sources import DataSource, PhotoSource, Shape
 from tasks.data.steps import usable_cores
 from tasks.data.storing import Logger
 
@@ -36,19 +37,14 @@ class CannotPrepareHereError(RuntimeError):
 
 @dataclass(frozen=True)
 class DataRecipe:
-    """How any machine prepares a sweep's dataset: the settings as the user gave them, so that a
-    relative folder or file resolves in the working directory of the process that prepares it."""
+    """How any machine prepares a sweep's dataset: the source and data folder as the user gave them,
+    so that a relative folder or file resolves in the working directory of the process that
+    prepares it (a source makes its paths absolute only when it reads them)."""
 
-    name: str
+    source: DataSource
     data_dir: str
     shape: Shape = Shape()
-    options: dict[str, object] = field(default_factory=dict)  # paths as PurePath, resolved where used
     workers: Optional[int] = None  # processes decoding photos; default: one per core
-
-    def resolved_options(self) -> dict[str, object]:
-        """The options, with their paths made absolute in this process's working directory."""
-        options = self.options.items()
-        return {key: _here(value) if isinstance(value, PurePath) else value for key, value in options}
 
 
 def _here(path: PurePath) -> Path:
@@ -100,14 +96,12 @@ def dataset_here(dataset: DatasetRef, recipe: DataRecipe, logger: Optional[Logge
     with file_lock(local.parent / f".{local.stem}.lock"):
         if copy_problem(local, dataset) is None:
             return replace(dataset, prepared_path=str(local))
-        check_can_decode_photos(dataset)
+        check_can_decode_photos(dataset, recipe.source)
         (logger or _logger).info(
             "%s is not on this machine; preparing %s into %s", dataset.prepared_path, dataset.name, data_dir
         )
         workers = recipe.workers or usable_cores()
-        made = prepare_dataset(
-            recipe.name, data_dir, logger, recipe.shape, workers, None, **recipe.resolved_options()
-        )
+        made = prepare_dataset(recipe.source, data_dir, logger, recipe.shape, workers)
     if made.sha256 != dataset.sha256:
         raise DatasetMismatchError(
             f"worker {socket.gethostname()}:{os.getpid()} prepared {dataset.name} into {made.prepared_path} "
@@ -118,10 +112,10 @@ def dataset_here(dataset: DatasetRef, recipe: DataRecipe, logger: Optional[Logge
     return replace(dataset, prepared_path=made.prepared_path)
 
 
-def check_can_decode_photos(dataset: DatasetRef) -> None:
+def check_can_decode_photos(dataset: DatasetRef, source: DataSource) -> None:
     """Raises CannotPrepareHereError for photos in a daemonic process (a Dask worker under its
     nanny), which may not start the processes that decode them."""
-    if dataset.name in PHOTO_SOURCES and multiprocessing.current_process().daemon:
+    if isinstance(source, PhotoSource) and multiprocessing.current_process().daemon:
         raise CannotPrepareHereError(
             f"worker {socket.gethostname()}:{os.getpid()} does not see {dataset.prepared_path} and must "
             f"prepare the {dataset.name} photos itself, but it runs as a daemonic process (a Dask worker "

@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from torchvision import datasets
+
 from common import downloads
 from common.downloads import DownloadLimitError
 from common.errors import UserError
@@ -20,13 +22,6 @@ from common.files import exclusive_temp
 from common.redaction import redact_url as redact
 from tasks.data.images import ImageData
 
-RAW_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's class names
-SOURCES = tuple(RAW_FOLDERS)
-# torchvision's first mirror of each (a test keeps them equal), for lineage without its import.
-FIRST_MIRRORS = {
-    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
-}
 RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -52,10 +47,11 @@ class ChecksumError(UserError, RuntimeError):
     """A downloaded file does not match its published checksum."""
 
 
-def load_mnist_family(name: str, data_dir: Path, mirror: Optional[str] = None) -> ImageData:
-    """Loads `name` from `data_dir`, downloading and verifying any missing raw file first."""
-    source = torchvision_source(name)
-    raw_folder = data_dir / RAW_FOLDERS[name] / "raw"
+def load_mnist_family(dataset: str, data_dir: Path, mirror: Optional[str] = None) -> ImageData:
+    """Loads torchvision's `dataset` (FashionMNIST or MNIST) from `data_dir`, downloading and
+    verifying any missing raw file first."""
+    source = torchvision_source(dataset)
+    raw_folder = data_dir / dataset / "raw"  # where torchvision looks
     mirrors = [mirror.rstrip("/") + "/"] if mirror else source.mirrors
     for archive, md5 in source.resources:
         _ensure_raw_file(raw_folder, archive, md5, mirrors)
@@ -69,21 +65,18 @@ def load_mnist_family(name: str, data_dir: Path, mirror: Optional[str] = None) -
     )
 
 
-def raw_files_stamp(name: str, data_dir: Path) -> Optional[list[tuple[str, int, int]]]:
-    """(file, size, mtime in ns) of the extracted files, or None while any is missing: what a
-    prepared copy of them must have been made from."""
-    files = [data_dir / RAW_FOLDERS[name] / "raw" / file for file in RAW_FILES]
+def raw_files_stamp(dataset: str, data_dir: Path) -> Optional[list[tuple[str, int, int]]]:
+    """(file, size, mtime in ns) of torchvision's `dataset`'s extracted files, or None while any is
+    missing: what a prepared copy of them must have been made from."""
+    files = [data_dir / dataset / "raw" / file for file in RAW_FILES]
     if not all(file.exists() for file in files):
         return None
     return [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in files]
 
 
-def torchvision_source(name: str) -> type:
-    """torchvision's dataset class for `name` (imported only when one is used: torchvision's import
-    takes seconds)."""
-    from torchvision import datasets
-
-    return {"fashion-mnist": datasets.FashionMNIST, "mnist": datasets.MNIST}[name]
+def torchvision_source(dataset: str) -> type:
+    """torchvision's dataset class `dataset` (FashionMNIST or MNIST)."""
+    return {"FashionMNIST": datasets.FashionMNIST, "MNIST": datasets.MNIST}[dataset]
 
 
 def _ensure_raw_file(raw_folder: Path, archive: str, md5: str, mirrors: list[str]) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from common import compat
 from tasks.data.images import ImageFileError
 
 _LOW_BYTES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}  # Pillow's raw modes of 16-bit PNG colour
@@ -48,15 +49,16 @@ def _sixteen_bit_bytes(handle: BinaryIO, low: bool) -> tuple[np.ndarray, Any]:
     `low`) bytes, or all four bytes of grey + alpha; and its tRNS colour, or "LA"."""
     handle.seek(0)
     with Image.open(handle, formats=["PNG"]) as image:
-        # Pillow unpacks 16-bit colour to 8 bits by an unpacker of the same bits per pixel, which
-        # the tile names: its little-endian twin takes the low bytes, RGBA all four of grey + alpha.
-        tile, key = image.tile[0], image.info.get("transparency")
-        if tile.args == "LA;16B":
-            image.tile, key = [tile._replace(args="RGBA")], "LA"
-        elif low and tile.args in _LOW_BYTES:
-            image.tile = [tile._replace(args=_LOW_BYTES[tile.args])]
+        # Pillow unpacks 16-bit colour to 8 bits by a raw mode of the same bits per pixel: its
+        # little-endian twin takes the low bytes, RGBA all four of grey + alpha (common/compat.py).
+        raw_mode, key = compat.png_raw_mode(image), image.info.get("transparency")
+        if raw_mode == "LA;16B":
+            compat.set_png_raw_mode(image, "RGBA")
+            key = "LA"
+        elif low and raw_mode in _LOW_BYTES:
+            compat.set_png_raw_mode(image, _LOW_BYTES[raw_mode])
         elif low:
-            raise ImageFileError(f"it is a 16-bit PNG of Pillow raw mode {tile.args}, which is not decoded")
+            raise ImageFileError(f"it is a 16-bit PNG of Pillow raw mode {raw_mode}, which is not decoded")
         ImageOps.exif_transpose(image, in_place=True)
         values = np.array(image)
     return (values.astype(np.uint16) if key == "LA" else values), key

@@ -13,9 +13,10 @@ from prefect.cache_policies import NO_CACHE
 
 from common.retrying import retry_on
 from models import pretrained_file
-from tasks.data.datasets import DatasetRef, Shape, prepare_dataset
+from tasks.data.datasets import DatasetRef, prepare_dataset
 from tasks.data.loaders import Loaders, make_loaders
 from tasks.data.mnist_files import DownloadError
+from tasks.data.sources import DataSource, Shape
 
 
 @task(name="fetch-weights", retries=2, retry_delay_seconds=[1, 3], cache_policy=NO_CACHE)
@@ -33,14 +34,15 @@ def fetch_weights(model: str) -> str:
     cache_policy=NO_CACHE,
 )
 def fetch_dataset(
-    name: str, data_dir: Path, shape: Shape = Shape(), workers: Optional[int] = None, **options
+    source: DataSource, data_dir: Path, shape: Shape = Shape(), workers: Optional[int] = None
 ) -> DatasetRef:
-    """Fetches the dataset and prepares it, in `shape`, as one memory-mapped uint8 file; photos are
-    decoded by `workers` processes (default: one per core), with a progress bar on a terminal."""
+    """Fetches the source's data and prepares it, in `shape`, as one memory-mapped uint8 file in
+    `data_dir`; photos are decoded by `workers` processes (default: one per core), with a progress
+    bar on a terminal."""
     workers = workers or usable_cores()
     logger = get_run_logger()  # warnings reach the UI
     with progress_bar(sys.stdout.isatty()) as progress:
-        return prepare_dataset(name, data_dir, logger, shape, workers, progress, **options)
+        return prepare_dataset(source, data_dir, logger, shape, workers, progress)
 
 
 def usable_cores() -> int:

@@ -17,6 +17,7 @@ from tasks.data.csv_images import ACCEPTED_FORMATS, IMAGE_SUFFIXES, CsvDatasetEr
 from tasks.data.datasets import load_tensors, prepare_dataset
 from tasks.data.decoding import Preprocessing, load_image
 from tasks.data.images import DEFAULT_MAX_PIXELS, ImageFileError, ImageHeader, check_image_file, open_image
+from tasks.data.sources import MemorySource
 
 # csv: rows between the row offsets a listing records when not given the partition size: a part then
 # parses (without checking) fewer than this many rows before its own, and a million-row CSV's listing
@@ -190,14 +191,17 @@ def skipped_note(inputs: Inputs) -> str:
     )
 
 
-def dataset_inputs(
-    name: str, data_dir: Path, class_names: Sequence[str], mirror: Optional[str] = None
-) -> Inputs:
-    """The test split of a named dataset, labelled."""
-    dataset = prepare_dataset(name, data_dir, mirror=mirror)
+def dataset_inputs(source: MemorySource, data_dir: Path, class_names: Sequence[str]) -> Inputs:
+    """The test split of a dataset, labelled, prepared in `data_dir` as training prepares it."""
+    dataset = prepare_dataset(source, data_dir)
     check_labels(set(dataset.class_names), class_names)
     return Inputs(
-        "dataset", dataset.prepared_path, 0, dataset.test_size, dataset=name, class_names=dataset.class_names
+        "dataset",
+        dataset.prepared_path,
+        0,
+        dataset.test_size,
+        dataset=source.name,
+        class_names=dataset.class_names,
     )
 
 

@@ -21,6 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 import models.logits_pyfunc
+from common import compat
 from tasks.data.decoding import Preprocessing
 from tasks.predict.image_inputs import PredictionError
 from tasks.track.tracking import get_client
@@ -35,7 +36,7 @@ PYTORCH_PYFUNC = {
     "loader_module": "mlflow.pytorch",  # MLflow's own loader, which `mlflow models serve` runs
     "data": "data",
     "code": None,
-    "pickle_module_name": "mlflow.pytorch.pickle_module",
+    "pickle_module_name": compat.PICKLE_MODULE.path,  # MLflow's own module, named in what it writes
     **dict.fromkeys(("config", "env", "python_version"), ...),
 }
 ONNX_FIELDS = {"data", "code", "onnx_version", "providers", "onnx_session_options"}

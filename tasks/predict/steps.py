@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from common.retrying import retry_except
 from tasks.data.csv_images import CsvDatasetError
+from tasks.data.sources import MemorySource
 from tasks.predict import image_inputs, prediction
 from tasks.predict.image_inputs import Inputs
 from tasks.predict.prediction import RegisteredModel
 from tasks.track import reports, tracking
+
+PathText = Union[str, Path]  # a path as the user gave it: relative ones are to the working directory
 
 
 @task(
@@ -33,33 +36,40 @@ def load_registered_model(
 
 @task(name="list-images", cache_policy=NO_CACHE)
 def list_images(
-    input_csv: Optional[Path],
-    image_root: Optional[Path],
-    image_dir: Optional[Path],
-    dataset: Optional[str],
+    input_csv: Optional[PathText],
+    image_root: Optional[PathText],
+    image_dir: Optional[PathText],
+    dataset: Optional[MemorySource],
     data_dir: Path,
-    mirror: Optional[str],
     class_names: Sequence[str],
     image_size: Optional[image_inputs.Size] = None,
     max_image_pixels: int = image_inputs.DEFAULT_MAX_PIXELS,
     resize: bool = True,
     partition_size: int = image_inputs.MARK_EVERY,
 ) -> Inputs:
-    """Lists the images to predict (a CSV, a folder, or a dataset's test split) and checks labels
-    and image headers; without `resize`, image files of another size than `image_size` (the
-    model's) are refused here, before any prediction (else they are preprocessed as in training).
-    A CSV's parts of `partition_size` rows will each read from their own first row."""
+    """Lists the images to predict (a CSV, a folder, or a dataset's test split, prepared in
+    `data_dir`) and checks labels and image headers; paths as the user gave them are made absolute
+    here. Without `resize`, image files of another size than `image_size` (the model's) are refused
+    here, before any prediction (else they are preprocessed as in training). A CSV's parts of
+    `partition_size` rows will each read from their own first row."""
     size = None if resize else image_size
     if input_csv:
-        root = image_root or input_csv.parent
-        inputs = image_inputs.csv_inputs(input_csv, root, class_names, max_image_pixels, size, partition_size)
+        csv_path = _absolute(input_csv)
+        root = _absolute(image_root) if image_root else csv_path.parent
+        inputs = image_inputs.csv_inputs(csv_path, root, class_names, max_image_pixels, size, partition_size)
     elif image_dir:
-        inputs = image_inputs.folder_inputs(image_dir, max_image_pixels, size)
+        inputs = image_inputs.folder_inputs(_absolute(image_dir), max_image_pixels, size)
         if note := image_inputs.skipped_note(inputs):
             print(note)
+    elif dataset is not None:
+        inputs = image_inputs.dataset_inputs(dataset, data_dir, class_names)
     else:
-        inputs = image_inputs.dataset_inputs(dataset, data_dir, class_names, mirror)
+        raise image_inputs.PredictionError("no images to predict: give a CSV, a folder or a dataset")
     return inputs
+
+
+def _absolute(path: PathText) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 @task(

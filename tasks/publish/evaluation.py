@@ -1,4 +1,5 @@
-"""evaluate_model: test accuracy and loss, per-class precision/recall/F1, confusion matrix."""
+"""What a test set says of a model: accuracy and loss, per-class precision/recall/F1 and the
+confusion matrix (summarise; tasks.publish.steps wraps it as evaluate-model)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""export_onnx and validate_onnx: the model leaves PyTorch, checked."""
+"""The model leaves PyTorch, checked: write_onnx exports it, compare_onnx measures the ONNX model
+against it within fp32_tolerance (tasks.publish.steps wraps them as export-onnx and validate-onnx)."""
 
 from __future__ import annotations
 

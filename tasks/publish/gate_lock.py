@@ -5,10 +5,10 @@ A local tracking store (the default `sqlite:///mlflow.db`, or a folder) can only
 processes on one machine: an OS file lock beside it serialises them, and the OS releases it when
 a holder dies. A tracking server may be shared by runs on several machines, so its lock must live
 where they all look: a Prefect global concurrency limit of one slot per name on the team's Prefect
-server. A run against a tracking server with a Prefect API of its own (Prefect's temporary one, or
-the one flows/api_server.py starts) would take a lock nobody else sees, so it is refused. Holders
-take the slot under a lease that they renew while they hold it: when a holder dies, the server's
-repossessor service frees the slot once the lease runs out.
+server. A run against a tracking server without PREFECT_API_URL would run on Prefect's temporary
+server and take a lock nobody else sees, so it is refused (require_shared_prefect, which a run
+calls before its work). Holders take the slot under a lease that they renew while they hold it:
+when a holder dies, the server's repossessor service frees the slot once the lease runs out.
 """
 
 from __future__ import annotations
@@ -20,11 +20,17 @@ import re
 import shlex
 from typing import Iterator
 
-from common.errors import UserError
-from common.redaction import redact_url
+import mlflow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import get_current_settings
 
-# MLflow and torch (common.files) are imported where used: flows/api_server.py reads
-# TEMPORARY_API_VARIABLE from here while a command line is still starting.
+from common.errors import UserError
+from common.files import file_lock
+from common.redaction import redact_url
+from tasks.track.tracking import local_store
 
 GATE_TIMEOUT_SECONDS = 300  # the gate itself takes seconds; anything longer is a stuck holder
 LEASE_VARIABLE = "PIC_GATE_LEASE_SECONDS"
@@ -32,9 +38,6 @@ LEASE_VARIABLE = "PIC_GATE_LEASE_SECONDS"
 # the lease plus the repossessor's loop (15 s by default).
 LEASE_BOUNDS = (60.0, 86400.0)
 GATE_LEASE_SECONDS = 60.0
-# Set by flows/api_server.py to the URL of the temporary Prefect server it points a run at, for
-# the block it does so; child processes (Dask or Ray workers) inherit it.
-TEMPORARY_API_VARIABLE = "PIC_TEMPORARY_PREFECT_API_URL"
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986's unreserved characters
 
 
@@ -52,43 +55,26 @@ class PrefectNotSharedError(UserError, RuntimeError):
 
 def require_shared_prefect() -> None:
     """Raises PrefectNotSharedError when the tracking store is a server (runs on other machines may
-    share it) and the Prefect API is Prefect's temporary one or flows/api_server.py's."""
-    import mlflow
-
-    from tasks.track.tracking import local_store
-
+    share it) and no Prefect server is configured (PREFECT_API_URL, in the environment or the active
+    profile): the run would be on Prefect's temporary server. Runs call it once, before their work;
+    promotion_gate does not ask again."""
     uri = mlflow.get_tracking_uri()
-    if local_store(uri):
+    if local_store(uri) or get_current_settings().api.url:
         return
-    from prefect.settings import get_current_settings
-
-    api = get_current_settings().api.url
-    if api and api != os.environ.get(TEMPORARY_API_VARIABLE):
-        return
-    where = (
-        f"PREFECT_API_URL is {api}, a temporary server this command started"
-        if api
-        else "no PREFECT_API_URL is set, so the run would use a temporary Prefect server of its own"
-    )
     raise PrefectNotSharedError(
         f"the MLflow tracking store {redact_url(uri)} is a server that runs on other machines may "
-        f"share, but {where}: the champion gate's lock would hold for this run alone. Set "
-        "PREFECT_API_URL (and PREFECT_API_AUTH_STRING, if the server asks for one) to your team's "
-        "Prefect server, e.g. PREFECT_API_URL=http://prefect.example:4200/api"
+        "share, but no PREFECT_API_URL is set, so the run would use a temporary Prefect server of its "
+        "own: the champion gate's lock would hold for this run alone. Set PREFECT_API_URL (and "
+        "PREFECT_API_AUTH_STRING, if the server asks for one) to your team's Prefect server, e.g. "
+        "PREFECT_API_URL=http://prefect.example:4200/api"
     )
 
 
 @contextlib.contextmanager
 def promotion_gate(name: str) -> Iterator[None]:
-    """Holds `name`'s promotion gate for the block."""
-    import mlflow
-
-    from common.files import file_lock
-    from tasks.track.tracking import local_store
-
+    """Holds `name`'s promotion gate for the block (on a tracking server, after the caller's
+    require_shared_prefect)."""
     store = local_store(mlflow.get_tracking_uri())
-    if store is None:
-        require_shared_prefect()  # again here, for callers that did not check before their work
     # One lock file per local store, whatever the name: gates take a second, so sharing costs nothing.
     lock = file_lock(store.with_name(f".{store.name}.promotion.lock")) if store else _prefect_lock(name)
     with lock:
@@ -127,8 +113,6 @@ def lease_seconds() -> float:
 
 @contextlib.contextmanager
 def _prefect_lock(name: str) -> Iterator[None]:
-    from prefect.concurrency.sync import concurrency
-
     limit, lease = limit_name(name), lease_seconds()
     command = f"prefect gcl update {shlex.quote(limit)}"  # as a shell takes it: names may have spaces
     _check_limit(name, limit, create=True)
@@ -152,10 +136,6 @@ def _prefect_lock(name: str) -> Iterator[None]:
 def _check_limit(name: str, limit: str, create: bool) -> None:
     """Raises GateMisconfiguredError unless `limit` has exactly one slot, is active and does not
     decay; creates it (with `create`) when it does not exist."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
     with get_client(sync_client=True) as client:
         try:
             found = client.read_global_concurrency_limit_by_name(limit)

@@ -14,13 +14,15 @@ NAME is the PyTorch flavor's registered name; the ONNX flavor is NAME-onnx.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from prefect.events import emit_event
+from prefect.settings import get_current_settings
 
+from common import compat
 from common.errors import UserError
 from tasks.publish import gate_lock, registry
 from tasks.publish.registry import CHAMPION, ONNX_SUFFIX, Candidate, Decision
@@ -71,8 +73,6 @@ def align_champions(names: Sequence[str]) -> Optional[ModelVersion]:
 def announce(outcome: Outcome) -> Optional[str]:
     """Emits the outcome's event and waits until it is sent (DELIVERY_SECONDS at most); its id, or
     None when Prefect has no events client here."""
-    from prefect.events import emit_event
-
     event = emit_event(
         event_name(outcome),
         resource={
@@ -84,7 +84,12 @@ def announce(outcome: Outcome) -> Optional[str]:
     if event is None:
         print(f"warning: no Prefect events client here; the {event_name(outcome)} event was not sent")
         return None
-    if not _sent_within(DELIVERY_SECONDS):
+    try:
+        sent = compat.wait_for_events(DELIVERY_SECONDS)
+    except compat.CompatError as error:  # the event is queued: Prefect still sends it at exit
+        print(f"warning: could not wait for the {event.event} event {event.id} to be sent: {error}")
+        return str(event.id)
+    if not sent:
         print(f"warning: the {event.event} event {event.id} was not sent within {DELIVERY_SECONDS} s")
     return str(event.id)
 
@@ -92,16 +97,6 @@ def announce(outcome: Outcome) -> Optional[str]:
 def event_name(outcome: Outcome) -> str:
     """promoted when the outcome moved `champion`, else not-promoted."""
     return PROMOTED if outcome.alias == CHAMPION else NOT_PROMOTED
-
-
-def _sent_within(seconds: float) -> bool:
-    """Waits until Prefect's events worker has handled what was emitted so far."""
-    from prefect.events.worker import EventsWorker
-
-    waiter = threading.Thread(target=EventsWorker.instance().wait_until_empty, daemon=True)
-    waiter.start()
-    waiter.join(seconds)
-    return not waiter.is_alive()
 
 
 def promote_by_hand(name: str, version: str, force: bool = False) -> Outcome:
@@ -211,6 +206,4 @@ def _quoted(value: str) -> str:
 
 
 def _has_prefect_api() -> bool:
-    from prefect.settings import get_current_settings
-
     return bool(get_current_settings().api.url)

@@ -18,10 +18,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
-from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from torch import nn
 
 import models.logits_pyfunc
+from common import compat
 from tasks.track.tracking import get_client, skip_package_scan
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -163,10 +163,10 @@ def register_version(
             name, f"models:/{model_id}", run_id=run_id, tags=tags, description=card, model_id=model_id
         )
         version = str(created.version)
-    # The link from the logged model to its versions, as mlflow.register_model records it.
-    client.set_logged_model_tags(
-        model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": version}])}
-    )
+    # The link from the logged model to its versions, as mlflow.register_model records it (the UI
+    # lists a logged model's versions from it); create_model_version leaves it to a tracking server.
+    link = json.dumps([{"name": name, "version": version}])
+    client.set_logged_model_tags(model_id, {compat.reserved_tag(compat.MODEL_VERSIONS_TAG): link})
     return version
 
 

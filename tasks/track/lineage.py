@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
-from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source import DatasetSource
-from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.http_dataset_source import HTTPDatasetSource
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from common import compat
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import validation_size
 from tasks.track.tracking import get_client
@@ -22,25 +20,29 @@ from tasks.track.tracking import get_client
 TRAINING, VALIDATION, TEST = "training", "validation", "test"
 
 
-class ImageSplit(MetaDataset):
-    """One split of a prepared image dataset, described by its origin, fingerprint and sizes."""
+@dataclass(frozen=True)
+class ImageSplit:
+    """One split of a prepared image dataset, described by its origin, fingerprint and sizes: the
+    metadata-only dataset MLflow stores for it (the digest is given: derived from the data's sha256)."""
 
-    def __init__(self, source: DatasetSource, name: str, digest: str, profile: dict) -> None:
-        self._profile = profile
-        super().__init__(source=source, name=name, digest=digest)  # given: derived from the data's sha256
-
-    @property
-    def profile(self) -> dict:
-        return self._profile
+    source: DatasetSource
+    name: str
+    digest: str
+    profile: dict
 
     def to_dict(self) -> dict[str, str]:
-        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+        """The fields of MLflow's dataset entity, as mlflow.data's Dataset.to_dict() gives them."""
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "source": self.source.to_json(),
+            "source_type": compat.dataset_source_type(self.source),
+            "profile": json.dumps(self.profile),
+        }
 
     def to_entity(self) -> DatasetEntity:
-        """The split as MLflow stores it, from its public to_dict()."""
-        fields = self.to_dict()
-        keys = ("name", "digest", "source_type", "source", "profile")
-        return DatasetEntity(**{key: fields[key] for key in keys}, schema=fields.get("schema"))
+        """The split as MLflow stores it."""
+        return DatasetEntity(**self.to_dict())
 
 
 def origin_source(origin: str) -> DatasetSource:
@@ -48,8 +50,8 @@ def origin_source(origin: str) -> DatasetSource:
     if origin.startswith(("http://", "https://")):
         return HTTPDatasetSource(origin)
     if origin.startswith(("/", "file://")):
-        return get_dataset_source_from_json(json.dumps({"uri": origin}), "local")
-    return CodeDatasetSource({"generator": origin})
+        return compat.local_dataset_source(origin)
+    return compat.code_dataset_source({"generator": origin})
 
 
 def image_splits(dataset: DatasetRef, seed: int, val_fraction: float) -> dict[str, ImageSplit]:
@@ -81,7 +83,7 @@ def split_sizes(dataset: DatasetRef, val_fraction: float) -> dict[str, int]:
 def log_splits(run_id: str, dataset: DatasetRef, seed: int, val_fraction: float) -> None:
     """Logs the splits as the run's dataset inputs, each tagged with its context."""
     inputs = [
-        DatasetInput(split.to_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        DatasetInput(split.to_entity(), [InputTag(compat.reserved_tag(compat.DATASET_CONTEXT_TAG), context)])
         for context, split in image_splits(dataset, seed, val_fraction).items()
     ]
     try:

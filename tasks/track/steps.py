@@ -25,9 +25,6 @@ from tasks.track.cancellation import ended_status
 from tasks.track.retries import mlflow_retries
 
 _FOLDER_NAME_LIMIT = 80  # characters of a run folder's name taken from the flow run's name
-# Tracking URIs checked moments ago by whoever started the flow (flows/launcher.py, before its
-# imports), which the next open-mlflow-run does not check again: a run checks its server once.
-_checked_uris: set[str] = set()
 
 
 @task(
@@ -46,8 +43,7 @@ def open_mlflow_run(
 ) -> str:
     """Starts the run (or reopens the one a retried flow run already started) and logs the config;
     fails at once, naming it, when the tracking server does not answer."""
-    if not _checked_just_now():
-        delivery.check_reachable()
+    delivery.check_reachable()
     run_id = tracking.find_run(experiment, flow_run_id)
     if run_id is None:
         tags = {
@@ -64,20 +60,6 @@ def open_mlflow_run(
         tracking.get_client().update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     tracking.log_artifacts(run_id, [write_config(run_dir, params, device)])
     return run_id
-
-
-def tracking_checked() -> None:
-    """Tells this process's next open-mlflow-run that its tracking server answered and took the
-    login just now, so that the run checks it once."""
-    _checked_uris.add(tracking.tracking_uri())
-
-
-def _checked_just_now() -> bool:
-    """Whether the tracking server was checked for this run (once: a retry checks again)."""
-    uri = tracking.tracking_uri()
-    checked = uri in _checked_uris
-    _checked_uris.discard(uri)
-    return checked
 
 
 def write_config(run_dir: Path, params: Mapping[str, object], device: str) -> Path:

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.utils.file_utils import local_file_uri_to_path
 
 from common import compat
 from common.files import file_lock, write_error
@@ -145,8 +145,13 @@ def log_artifacts(run_id: str, paths: Iterable[Path], artifact_path: Optional[st
             artifact_uri = client.get_run(run_id).info.artifact_uri
             if urlparse(artifact_uri).scheme not in ("", "file"):
                 raise  # HTTP stores: connection errors are OSErrors too, and not about our disk
-            folder = Path(local_file_uri_to_path(artifact_uri), artifact_path or "")
+            folder = Path(local_path(artifact_uri), artifact_path or "")
             raise write_error(folder / Path(path).name, error, source=path) from error
+
+
+def local_path(uri: str) -> str:
+    """The path of a local artefact location: a file: URI's path, or the location itself."""
+    return url2pathname(urlparse(uri).path if uri.startswith("file:") else uri)
 
 
 def git_tags(repo: Path = _REPO_ROOT) -> dict[str, str]:
@@ -165,7 +170,8 @@ def git_tags(repo: Path = _REPO_ROOT) -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {"mlflow.source.git.commit": commit, "git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+    shown = compat.reserved_tag(compat.GIT_COMMIT_TAG)  # where MLflow's UI shows a run's source version
+    return {shown: commit, "git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
 def find_run(experiment: str, flow_run_id: str) -> Optional[str]:
@@ -189,9 +195,10 @@ def _experiment_of(run_id: str) -> str:
 
 
 def _find_child_run(experiment_id: str, parent_run_id: str, trial: int) -> Optional[str]:
+    parent = compat.reserved_tag(compat.PARENT_RUN_TAG)
     runs = get_client().search_runs(
         [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`sweep.trial` = '{trial}'",
+        filter_string=f"tags.`{parent}` = '{parent_run_id}' and tags.`sweep.trial` = '{trial}'",
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
@@ -206,7 +213,8 @@ def open_child_run(
     experiment_id = _experiment_of(parent_run_id)
     run_id = _find_child_run(experiment_id, parent_run_id, trial)
     if run_id is None:
-        identity = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(trial)}
+        # MLflow's parent tag nests the trial under the sweep's run in its UI.
+        identity = {compat.reserved_tag(compat.PARENT_RUN_TAG): parent_run_id, "sweep.trial": str(trial)}
         run_id = client.create_run(experiment_id, run_name=run_name, tags=identity).info.run_id
     else:
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))

@@ -12,14 +12,15 @@ from prefect.cache_policies import NO_CACHE
 from rich.console import Console
 
 from common.retrying import retry_except
-from models import ModelSpec, build_from_spec
+from models import ModelSpec
 from tasks.data.loaders import Loaders
 from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.delivery import MetricsOutbox, TrackingUnavailableError
 from tasks.train import checkpoints
 from tasks.train.progress import TrainingProgress
-from tasks.train.training import TrainSettings, settings_levers, train
+from tasks.train.speed import Levers
+from tasks.train.training import TrainSettings, train
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,12 @@ def train_logged(
         if cancelled:
             cancelled()
 
-    levers = settings_levers(build_from_spec(spec), loaders.train.labels.device, settings)
-    tracking.log_tags(run_id, {**levers.tags(), "threads": str(torch.get_num_threads())})
+    def log_levers(levers: Levers) -> None:
+        tracking.log_tags(run_id, {**levers.tags(), "threads": str(torch.get_num_threads())})
+
     with tracking.system_metrics(run_id, watch.system_metrics), progress:
         try:
-            _, history = train(spec, loaders, settings, checkpoint, log_epoch, on_batch)
+            _, history = train(spec, loaders, settings, checkpoint, log_epoch, on_batch, log_levers)
         except FlowRunCancelled:
             outbox.close()  # the epochs before it are in MLflow too
             raise

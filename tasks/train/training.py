@@ -1,4 +1,5 @@
-"""train_model: the optimisation loop, checkpointed every epoch so a retry resumes."""
+"""The optimisation loop (train, fit, train_one_epoch), checkpointed every epoch so a retry resumes;
+tasks.train.steps wraps it as the train-model task."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from tasks.data.loaders import Loaders, TensorLoader
 from tasks.train import speed
 from tasks.train.checkpoints import Optimisation, checkpoint_state, restore_checkpoint
 
-EpochCallback = Callable[[int, dict[str, float]], None]
-BatchCallback = Callable[[int], None]  # the number of batches done so far in the epoch
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, its metrics) once it is checkpointed
+BatchCallback = Callable[[int, int], None]  # (epoch, batches done so far in it)
+StartCallback = Callable[[speed.Levers], None]  # the levers the built network trains with
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,10 @@ def make_optimizer(
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-step schedule over the whole run: one-cycle, cosine decay or constant."""
+    """A per-step schedule over the whole run: one-cycle, cosine decay or constant, each from the
+    learning rate of every parameter group (its peak, for one-cycle)."""
     if name == "onecycle":
         peaks = [group["lr"] for group in optimizer.param_groups]  # each group's own peak
         # A warm-up of exactly one step divides by zero in OneCycleLR (4 steps at 0.25): short runs
@@ -118,9 +121,10 @@ def train_one_epoch(
     model: nn.Module,
     loader: TensorLoader,
     optimisation: Optimisation,
-    on_batch: Optional[BatchCallback] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss and accuracy."""
+    """One pass over `loader`; returns mean loss and accuracy. `on_batch(batch)` follows each step,
+    with the number of batches done so far."""
     model.train()
     keep_frozen_norms_eval(model)  # a frozen backbone keeps the statistics it came with
     device = loader.labels.device
@@ -176,7 +180,7 @@ def fit(
     epochs: int,
     checkpoint_path: Path,
     on_epoch: Optional[EpochCallback] = None,
-    on_batch: Optional[Callable[[int, int], None]] = None,
+    on_batch: Optional[BatchCallback] = None,
     step_model: Optional[nn.Module] = None,
 ) -> list[dict[str, float]]:
     """Trains for `epochs`, resuming from `checkpoint_path` when it holds earlier epochs.
@@ -227,7 +231,7 @@ def build_training(
         model, settings.optimizer, settings.lr, settings.weight_decay, settings.backbone_lr_scale
     )
     total_steps = settings.epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, settings.scheduler, settings.lr, total_steps)
+    scheduler = make_scheduler(optimizer, settings.scheduler, total_steps)
     optimisation = Optimisation(
         optimizer, scheduler, speed.grad_scaler(device, levers.precision), levers.precision
     )
@@ -241,16 +245,19 @@ def train(
     settings: TrainSettings,
     checkpoint_path: Path,
     on_epoch: Optional[EpochCallback] = None,
-    on_batch: Optional[Callable[[int, int], None]] = None,
+    on_batch: Optional[BatchCallback] = None,
+    on_start: Optional[StartCallback] = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Seeds, builds and trains a network; returns it with one metrics dict per epoch.
 
-    `on_epoch(epoch, metrics)` follows each checkpointed epoch, `on_batch(epoch, batch)` each step."""
+    `on_start(levers)` follows the build, `on_epoch(epoch, metrics)` each checkpointed epoch and
+    `on_batch(epoch, batch)` each step."""
     torch.manual_seed(settings.seed)
     loaders.train.generator.manual_seed(settings.seed)  # a retried attempt reshuffles as the first did
-    model, step_model, optimisation = build_training(
-        spec, settings, loaders.train.labels.device, len(loaders.train)
-    )
+    device = loaders.train.labels.device
+    model, step_model, optimisation = build_training(spec, settings, device, len(loaders.train))
+    if on_start is not None:
+        on_start(settings_levers(model, device, settings))
     history = fit(
         model, loaders, optimisation, settings.epochs, checkpoint_path, on_epoch, on_batch, step_model
     )
