@@ -6,12 +6,19 @@ then takes headless chromium screenshots of the MLflow run page, the registered 
 Prefect flow run page and the Prefect artifacts page, and writes them to docs/images/. Whatever
 happens, it stops every process it started and removes the scratch folder.
 
+Chromium is driven over its DevTools protocol (through `websockets`, which Prefect installs), so
+that each page starts with MLflow's assistant panel closed: on a server at 127.0.0.1 MLflow opens
+it on a first visit, over a quarter of the page.
+
     python docs/screenshots.py [--chromium chromium] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import itertools
+import json
 import os
 import shutil
 import signal
@@ -23,9 +30,20 @@ import time
 import urllib.request
 from pathlib import Path
 
+from websockets.sync.client import connect
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "images"
 MODEL = "digits-cnn"  # the registered name of `--dataset digits` with the default model
+# Run in every page before its own scripts: the browser's storage says the visitor has seen MLflow's
+# assistant panel and closed it (the keys of MLflow 3's UI, `<key>_v1`, JSON values), so the UI
+# neither opens it on a first visit nor reopens it.
+ASSISTANT_CLOSED = """
+try {
+  localStorage.setItem("mlflow.assistant.fab.autoOpenedOnFirstLoad_v1", "true");
+  localStorage.setItem("mlflow.assistant.panelOpen_v1", "false");
+} catch (error) {}
+"""
 
 
 def free_port() -> int:
@@ -130,14 +148,73 @@ def pages(prefect: str, mlflow: str) -> dict[str, str]:
 
 
 def shoot(chromium: str, url: str, image: Path, profile: Path) -> None:
-    """One headless chromium screenshot; the pages are single-page apps, so virtual time lets their
-    scripts fetch and draw before the shot."""
+    """One headless chromium screenshot of `url`, with MLflow's assistant panel closed. The pages
+    are single-page apps: virtual time lets their scripts fetch and draw before the shot."""
     command = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
-    command += ["--hide-scrollbars", f"--screenshot={image}", "--window-size=1600,1000"]
-    command += ["--virtual-time-budget=15000", url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    if done.returncode or not image.is_file():
-        raise RuntimeError(f"chromium could not shoot {url} ({done.returncode}):\n{done.stderr[-2000:]}")
+    command += ["--hide-scrollbars", "--window-size=1600,1000", "--remote-debugging-port=0", "about:blank"]
+    profile.mkdir(parents=True, exist_ok=True)
+    (profile / "DevToolsActivePort").unlink(missing_ok=True)
+    log = profile.parent / "chromium.log"
+    with open(log, "w") as output:
+        browser = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        with DevTools(page_socket(profile, browser, log)) as page:
+            page.call("Page.enable")
+            page.call("Page.addScriptToEvaluateOnNewDocument", source=ASSISTANT_CLOSED)
+            page.call("Emulation.setVirtualTimePolicy", policy="pauseIfNetworkFetchesPending", budget=15000)
+            page.call("Page.navigate", url=url)
+            page.wait_for("Emulation.virtualTimeBudgetExpired")
+            shot = page.call("Page.captureScreenshot", format="png")
+        image.write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+
+
+def page_socket(profile: Path, browser: subprocess.Popen, log: Path, seconds: float = 60) -> str:
+    """The DevTools WebSocket URL of the browser's first page, once chromium has written its port."""
+    port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + seconds
+    while not port_file.is_file() or not port_file.read_text().strip():
+        if browser.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"chromium did not start its DevTools server:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    port = port_file.read_text().split()[0]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
+        page = next(target for target in json.load(answer) if target["type"] == "page")
+    return page["webSocketDebuggerUrl"]
+
+
+class DevTools:
+    """Commands to one page over chromium's DevTools protocol, and the events it sends back."""
+
+    def __init__(self, socket_url: str) -> None:
+        self.socket = connect(socket_url, max_size=None, open_timeout=30)
+        self.ids, self.events = itertools.count(1), []
+
+    def __enter__(self) -> "DevTools":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.socket.close()
+
+    def call(self, method: str, **params: object) -> dict:
+        """Sends a command; its result, once it comes (events that come first are kept)."""
+        number = next(self.ids)
+        self.socket.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            message = self.receive()
+            if message.get("id") == number:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def wait_for(self, event: str) -> None:
+        while not any(message.get("method") == event for message in self.events):
+            self.events.append(self.receive())
+
+    def receive(self, seconds: float = 120) -> dict:
+        return json.loads(self.socket.recv(timeout=seconds))
 
 
 def main() -> None:

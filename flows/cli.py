@@ -28,8 +28,8 @@ from common.errors import UserError
 from common.redaction import redact_url
 from flows.config import TrainConfig
 from flows.source_settings import flag, settings_owners, source_classes
+from tasks.data.source_base import source_name
 from tasks.data.sources import DataSource
-from tasks.data.sources.base import source_name
 from tasks.track.delivery import TrackingUnavailableError, check_reachable
 
 Config = TypeVar("Config", bound=BaseModel)

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, BeforeValidator, Field
 
+from tasks.data.source_base import source_name
 from tasks.data.sources import DataSource
-from tasks.data.sources.base import source_name
 
 
 def source_union(classes: tuple[type[DataSource], ...]) -> Any:

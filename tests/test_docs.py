@@ -1,8 +1,12 @@
 """The documentation site builds strictly, its flag tables cover every config field, and the README,
-its front door, stays short and links to pages that exist."""
+its front door, stays short and links to pages that exist.
+
+The suite builds the site once, here, as `mkdocs build --strict` does (into a scratch folder), and
+every test of the built pages uses that build; `.ci/run` does not build it again."""
 
 from __future__ import annotations
 
+import html as entities
 import re
 from pathlib import Path
 
@@ -61,11 +65,33 @@ def test_the_flags_page_lists_every_field_of_every_command(site):
 
 def test_the_flags_page_gives_types_and_defaults_from_the_configs(site):
     html = section((site / "flags" / "index.html").read_text(), "train_flowpy")
-    epochs = re.search(r"<tr>\s*<td><code>--epochs</code></td>.*?</tr>", html, re.S).group(0)
+    epochs = re.search(r"<tr>\s*<td><code>--epochs</code>.*?</tr>", html, re.S).group(0)
     assert f"<code>{TrainConfig.model_fields['epochs'].default}</code>" in epochs
     assert "integer, &gt;= 1, &lt;= 1000" in epochs
-    dataset = re.search(r"<tr>\s*<td><code>--dataset</code></td>.*?</tr>", html, re.S).group(0)
+    assert "field <code>epochs</code>" in epochs
+    dataset = re.search(r"<tr>\s*<td><code>--dataset</code>.*?</tr>", html, re.S).group(0)
     assert "one of <code>fashion-mnist</code>" in dataset
+
+
+def test_the_flags_page_puts_patterns_in_words(site):
+    html = (site / "flags" / "index.html").read_text()
+    assert "^[" not in html and "{0,4}" not in html  # no regular expression shown as a type
+    size = re.search(r"<tr>\s*<td><code>--image-size</code>.*?</tr>", html, re.S).group(0)
+    assert "<code>HxW</code> in pixels" in size
+
+
+def test_the_speed_page_shows_each_linked_results_file_in_place(site):
+    page, html = (ROOT / "docs" / "speed.md").read_text(), (site / "speed" / "index.html").read_text()
+    assert "../benchmarks/results/" not in html  # every `Figures:` link became its file or a note
+    linked = re.findall(r"\]\(\.\./benchmarks/results/([\w.-]+\.md)\)", page)
+    assert linked, "speed.md links no results file"
+    for name in linked:
+        results = ROOT / "benchmarks" / "results" / name
+        if results.is_file():
+            heading = results.read_text().lstrip("#").split("\n", 1)[0].strip()
+            assert entities.escape(heading, quote=False) in html, name
+        else:
+            assert f"writes <code>benchmarks/results/{name}</code>" in html, name
 
 
 def test_the_screenshots_the_records_page_shows_are_there(site):
@@ -86,13 +112,7 @@ def test_every_docs_link_in_the_readme_resolves_and_every_page_is_linked():
     links = DOCS_LINK.findall(text)
     for path, anchor in links:
         assert (ROOT / path).is_file(), f"README.md links to {path}, which does not exist"
-    nav = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=_IgnoreTags)["nav"]
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
     pages = {f"docs/{page}" for entry in nav for page in entry.values()}
     assert pages - {path for path, _ in links} == set(), "pages the README does not link to"
 
-
-class _IgnoreTags(yaml.SafeLoader):
-    """mkdocs.yml's !relative tag is MkDocs' own; its value does not matter here."""
-
-
-_IgnoreTags.add_constructor("!relative", lambda loader, node: loader.construct_scalar(node))

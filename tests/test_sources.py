@@ -1,9 +1,10 @@
-"""What every source shares (tasks.data.sources.base) and the list of them (its __init__)."""
+"""What every source shares (tasks.data.source_base) and the list of them (its __init__)."""
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from tasks.data.source_base import source_name
 from tasks.data.sources import (
     MEMORY_SOURCES,
     SOURCES,
@@ -16,7 +17,6 @@ from tasks.data.sources import (
     SyntheticSource,
     source_named,
 )
-from tasks.data.sources.base import source_name
 
 
 def test_sources_are_picked_by_their_unique_names_the_default_first():

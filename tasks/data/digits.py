@@ -7,7 +7,7 @@ from typing import Literal
 
 from tasks.data.images import ImageData
 from tasks.data.offline_data import load_digits
-from tasks.data.sources.base import MemorySource, function_origin
+from tasks.data.source_base import MemorySource, function_origin
 
 
 class DigitsSource(MemorySource):

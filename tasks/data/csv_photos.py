@@ -8,7 +8,7 @@ from pydantic import Field
 
 from common.path_settings import PathText
 from tasks.data.photos import Listing, list_csv
-from tasks.data.sources.base import PhotoSource, absolute
+from tasks.data.source_base import PhotoSource, absolute
 
 
 class CsvSource(PhotoSource):

@@ -12,7 +12,7 @@ from common.path_settings import FILE_URL
 from common.redaction import redact_url
 from tasks.data.images import ImageData
 from tasks.data.mnist_files import RAW_FILES, load_mnist_family, raw_files_stamp
-from tasks.data.sources.base import MemorySource
+from tasks.data.source_base import MemorySource
 
 
 class MnistFamilySource(MemorySource):

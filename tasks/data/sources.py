@@ -1,14 +1,14 @@
-"""The data sources a run can train on, one class per source (tasks.data.sources.base says what a
+"""The data sources a run can train on, one class per source (tasks.data.source_base says what a
 source owns). A new source is a module here, its line in SOURCES, and its test."""
 
 from __future__ import annotations
 
-from tasks.data.sources.base import DataSource, MemorySource, PhotoSource, Shape, source_name
-from tasks.data.sources.csv_photos import CsvSource
-from tasks.data.sources.digits import DigitsSource
-from tasks.data.sources.folder_photos import FolderSource
-from tasks.data.sources.mnist_family import FashionMnistSource, MnistSource
-from tasks.data.sources.synthetic import SyntheticSource
+from tasks.data.csv_photos import CsvSource
+from tasks.data.digits import DigitsSource
+from tasks.data.folder_photos import FolderSource
+from tasks.data.mnist_family import FashionMnistSource, MnistSource
+from tasks.data.source_base import DataSource, MemorySource, PhotoSource, Shape, source_name
+from tasks.data.synthetic import SyntheticSource
 
 # In the order --dataset lists them; the first is the default.
 SOURCES: tuple[type[DataSource], ...] = (
