@@ -35,6 +35,7 @@ from websockets.sync.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "images"
 MODEL = "digits-cnn"  # the registered name of `--dataset digits` with the default model
+VIEWPORT = {"width": 1600, "height": 1000}  # pixels of each screenshot
 # Run in every page before its own scripts: the browser's storage says the visitor has seen MLflow's
 # assistant panel and closed it (the keys of MLflow 3's UI, `<key>_v1`, JSON values), so the UI
 # neither opens it on a first visit nor reopens it.
@@ -151,7 +152,7 @@ def shoot(chromium: str, url: str, image: Path, profile: Path) -> None:
     """One headless chromium screenshot of `url`, with MLflow's assistant panel closed. The pages
     are single-page apps: virtual time lets their scripts fetch and draw before the shot."""
     command = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
-    command += ["--hide-scrollbars", "--window-size=1600,1000", "--remote-debugging-port=0", "about:blank"]
+    command += ["--hide-scrollbars", "--remote-debugging-port=0", "about:blank"]
     profile.mkdir(parents=True, exist_ok=True)
     (profile / "DevToolsActivePort").unlink(missing_ok=True)
     log = profile.parent / "chromium.log"
@@ -160,9 +161,11 @@ def shoot(chromium: str, url: str, image: Path, profile: Path) -> None:
     try:
         with DevTools(page_socket(profile, browser, log)) as page:
             page.call("Page.enable")
+            page.call("Emulation.setDeviceMetricsOverride", **VIEWPORT, deviceScaleFactor=1, mobile=False)
             page.call("Page.addScriptToEvaluateOnNewDocument", source=ASSISTANT_CLOSED)
-            page.call("Emulation.setVirtualTimePolicy", policy="pauseIfNetworkFetchesPending", budget=15000)
             page.call("Page.navigate", url=url)
+            page.wait_for("Page.loadEventFired")  # a budget set before this runs out while navigating
+            page.call("Emulation.setVirtualTimePolicy", policy="pauseIfNetworkFetchesPending", budget=15000)
             page.wait_for("Emulation.virtualTimeBudgetExpired")
             shot = page.call("Page.captureScreenshot", format="png")
         image.write_bytes(base64.b64decode(shot["data"]))

@@ -166,7 +166,7 @@ def test_per_class_metrics_fail_whole_and_the_previous_table_stays(tmp_path, fil
     target.write_text("the previous table\n")
     failed = fill_disk(".per_class_metrics.csv.*.part", room=10)
     with pytest.raises(OutputWriteError, match=f"cannot write {target}: {NO_SPACE}"):
-        evaluate_model.fn(trained, test, ("a", "b", "c"), run_dir, "no-run: fails before logging")
+        evaluate_model.fn(trained, trained.weights(), test, ("a", "b", "c"), run_dir, "no-run: fails first")
     assert failed and target.read_text() == "the previous table\n"
     assert_only(run_dir, "per_class_metrics.csv")
 
@@ -183,7 +183,8 @@ def test_test_logits_fail_whole_and_the_previous_array_stays(tmp_path, fill_disk
     target.write_bytes(b"the previous logits")
     failed = fill_disk(".test_logits.npy.*.part", room=1000)  # 300 x 3 float32: 3.6 kB and a header
     with pytest.raises(OutputWriteError, match=f"cannot write {target}: {NO_SPACE}"):
-        evaluate_model.fn(TrainedModel(spec, str(checkpoint), []), test, ("a", "b", "c"), run_dir, "no-run")
+        trained = TrainedModel(spec, str(checkpoint), [])
+        evaluate_model.fn(trained, trained.weights(), test, ("a", "b", "c"), run_dir, "no-run")
     assert len(failed) == 1 and target.read_bytes() == b"the previous logits"
     assert_only(run_dir, "per_class_metrics.csv", "test_logits.npy")
 

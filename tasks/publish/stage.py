@@ -32,16 +32,17 @@ def publish_model(
     """Tests the trained model, saves it, exports and checks the ONNX, registers both flavors and
     reports the outcome in Prefect."""
     spec = trained.spec
+    weights = trained.weights()  # read once; each step builds its own network from it
     # Testing and plotting run beside the ONNX export (mostly Python tracing): two cores, both busy.
-    evaluating = evaluate_model.submit(trained, test, dataset.class_names, run_dir, run_id)
-    weights = save_state_dict(trained, run_dir, run_id)
+    evaluating = evaluate_model.submit(trained, weights, test, dataset.class_names, run_dir, run_id)
+    weights_path = save_state_dict(weights, run_dir, run_id)
     onnx_path = export_onnx(spec, weights, run_dir, run_id)
     evaluation = evaluating.result()
-    parity = validate_onnx(onnx_path, evaluation, dataset, trained, run_id)
+    parity = validate_onnx(onnx_path, evaluation, dataset, spec, weights, run_id)
     CancelWatch(interval=0)()  # cancelled while testing or exporting: nothing is registered
     model_ids = log_models(spec, weights, onnx_path, dataset, evaluation, parity, name, run_id)
     registration = register_model(model_ids, spec, dataset, evaluation, parity, params, run_id)
-    outputs = {"Outputs": str(run_dir), "Weights": str(weights), "ONNX": str(onnx_path)}
+    outputs = {"Outputs": str(run_dir), "Weights": str(weights_path), "ONNX": str(onnx_path)}
     report_run(name, evaluation, parity, registration, outputs)
     return {
         "test_accuracy": evaluation.metrics["test_accuracy"],

@@ -28,11 +28,16 @@ from tasks.train.training import predict_logits
 
 @task(name="evaluate-model", cache_policy=NO_CACHE, **mlflow_retries())
 def evaluate_model(
-    trained: TrainedModel, test_loader: TensorLoader, class_names: tuple[str, ...], run_dir: Path, run_id: str
+    trained: TrainedModel,
+    weights: dict,
+    test_loader: TensorLoader,
+    class_names: tuple[str, ...],
+    run_dir: Path,
+    run_id: str,
 ) -> Evaluation:
     """Test metrics, per-class table and plots (confusion matrix, learning curves, misclassified
-    images), logged to MLflow."""
-    model = checkpoints.load_model(trained.spec, trained.weights()).to(test_loader.labels.device)
+    images) of the trained network with `weights`, logged to MLflow."""
+    model = checkpoints.load_model(trained.spec, weights).to(test_loader.labels.device)
     if speed.has_convolutions(model):  # the same fp32 arithmetic, laid out for speed
         model = model.to(memory_format=torch.channels_last)
     logits, labels = predict_logits(model, test_loader)
@@ -58,17 +63,17 @@ def evaluate_model(
 
 
 @task(name="save-state-dict", cache_policy=NO_CACHE, **mlflow_retries())
-def save_state_dict(trained: TrainedModel, run_dir: Path, run_id: str) -> Path:
+def save_state_dict(weights: dict, run_dir: Path, run_id: str) -> Path:
     """Writes model_weights.pth atomically and logs it."""
-    path = checkpoints.write_state_dict(trained.weights(), run_dir / "model_weights.pth")
+    path = checkpoints.write_state_dict(weights, run_dir / "model_weights.pth")
     tracking.log_artifacts(run_id, [path])
     return path
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE, **mlflow_retries())
-def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str) -> Path:
+def export_onnx(spec: ModelSpec, weights: dict, run_dir: Path, run_id: str) -> Path:
     """Exports model.onnx with a dynamic batch axis and logs it."""
-    model = checkpoints.load_model(spec, weights_path)
+    model = checkpoints.load_model(spec, weights)
     example = torch.rand(2, spec.in_channels, *spec.image_size)
     path = export.write_onnx(model, example, run_dir / "model.onnx")
     tracking.log_artifacts(run_id, [path])
@@ -77,14 +82,14 @@ def export_onnx(spec: ModelSpec, weights_path: Path, run_dir: Path, run_id: str)
 
 @task(name="validate-onnx", cache_policy=NO_CACHE, **mlflow_retries(export.OnnxMismatchError))
 def validate_onnx(
-    onnx_path: Path, evaluation: Evaluation, dataset: DatasetRef, trained: TrainedModel, run_id: str
+    onnx_path: Path, evaluation: Evaluation, dataset: DatasetRef, spec: ModelSpec, weights: dict, run_id: str
 ) -> dict:
     """onnxruntime against PyTorch's test logits on the whole test split; raises when they disagree
     beyond 1e-4, or, for a network whose own fp32 rounding is larger, beyond what that allows."""
     images = test_images(dataset)
     report = export.compare_onnx(evaluation.logits, onnx_path, images)
     if not report.passed and report.top1_agreement == 1:
-        model = checkpoints.load_model(trained.spec, trained.weights())
+        model = checkpoints.load_model(spec, weights)
         tolerance = export.fp32_tolerance(model, images, evaluation.logits, report.worst_rows)
         report = replace(report, tolerance=tolerance, passed=report.max_abs_diff <= tolerance)
     tracking.log_metrics(
@@ -108,7 +113,7 @@ def validate_onnx(
 @task(name="log-models", cache_policy=NO_CACHE, **mlflow_retries())
 def log_models(
     spec: ModelSpec,
-    weights_path: Path,
+    weights: dict,
     onnx_path: Path,
     dataset: DatasetRef,
     evaluation: Evaluation,
@@ -130,7 +135,7 @@ def log_models(
         },
     )
     savers = {
-        name: functools.partial(registry.save_pytorch, checkpoints.load_model(spec, weights_path), **options),
+        name: functools.partial(registry.save_pytorch, checkpoints.load_model(spec, weights), **options),
         name + registry.ONNX_SUFFIX: functools.partial(registry.save_onnx_logits, onnx_path, **options),
     }
     tags = model_tags(dataset, evaluation, parity)

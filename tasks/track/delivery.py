@@ -18,6 +18,8 @@ from mlflow.environment_variables import (
     MLFLOW_TRACKING_INSECURE_TLS,
     MLFLOW_TRACKING_SERVER_CERT_PATH,
 )
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
 from common.errors import UserError
 from common.redaction import redact_url, without_credentials
@@ -27,15 +29,12 @@ logger = logging.getLogger(__name__)
 REACHABLE_WITHIN_SECONDS = 10.0
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect run's logger (its lines reach the UI from any thread), else this module's."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
+def run_logger(fallback: logging.Logger = logger) -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger (its lines reach the UI from any thread), else `fallback`."""
     try:
         return get_run_logger()
     except MissingContextError:
-        return logger
+        return fallback
 
 
 class TrackingUnavailableError(UserError, ConnectionError):
@@ -148,7 +147,7 @@ class MetricsOutbox:
         self.run_id, self.patience = run_id, patience
         self.uri = mlflow.get_tracking_uri()
         self.shown_uri = redact_url(self.uri)
-        self.logger = _run_logger()
+        self.logger = run_logger()
         self.error: Optional[TrackingUnavailableError] = None
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._deliver_all, name="MetricsOutbox", daemon=True)

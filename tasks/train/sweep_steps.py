@@ -6,7 +6,6 @@ child run, from which the flow takes the winner's when the trial's checkpoint is
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import socket
@@ -17,10 +16,9 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
 
 from common.files import atomic_output, atomic_save
 from common.retrying import retry_except
@@ -30,6 +28,7 @@ from tasks.data.loaders import make_loaders
 from tasks.data.local_copy import CannotPrepareHereError, DataRecipe, DatasetMismatchError, dataset_here
 from tasks.track import lineage, reports, tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
+from tasks.track.delivery import run_logger
 from tasks.train import checkpoints, sweeps
 from tasks.train.steps import TrainedModel, Watch, train_logged
 from tasks.train.training import TrainSettings, resolve_device
@@ -111,14 +110,6 @@ def run_trial(
         "checkpoint": trained.checkpoint_path,
         "history": trained.history,
     }
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """The task run's logger (its lines reach the Prefect UI), else this module's."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 def trial_folder(sweep_dir: Path, name: str, output_dir: str) -> Path:
