@@ -87,6 +87,7 @@ def team(tmp_path_factory):
             with stack:
                 machines = [checkout(folder / f"machine-{index}") for index in range(2)]
                 env = client_env(stack, folder / "home-deploy")
+                print("T stack up", time.strftime("%X"), flush=True)
                 deployed = subprocess.run(
                     [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
                     cwd=machines[0],
@@ -99,10 +100,12 @@ def team(tmp_path_factory):
                 for index, machine in enumerate(machines):
                     stack.start_worker(machine, f"machine-{index}", {"PREFECT_WORKER_QUERY_SECONDS": "1"})
                 pids = stack.running()
+                print("T workers started", time.strftime("%X"), flush=True)
                 yield stack, folder
             # `down` (leaving the block) stops every process the stack started, workers included.
             assert stack.running() == {} and not any(group_alive(pid) for pid in pids.values())
     finally:
+        shutil.copytree(state / "logs", "/tmp/team_logs", dirs_exist_ok=True)
         shutil.rmtree(state, ignore_errors=True)
 
 
