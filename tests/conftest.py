@@ -85,7 +85,7 @@ LONGEST_MODULES = (
     "test_predict_flow",
     "test_train_flow",
     "test_sweep_flow",
-    "test_checkpoints",
+    "test_doc_commands",
     "test_cli",
 )
 

@@ -19,12 +19,14 @@ from tasks.train.training import TrainSettings, train
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = TrainSettings(3, "adamw", 3e-3, 1e-4, "onecycle", seed=0)
+IMAGES = 320  # five batches an epoch: a kill mid-write and the resume do not depend on the size
 
 # Trains in a child process whose second checkpoint write stalls half-way, so the test can kill it there.
 CHILD = """
 import pathlib, sys, time
 import torch
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, {tests!r}]
+from conftest import fewer_training_images
 from models import ModelSpec
 from tasks.data.datasets import prepare_dataset
 from tasks.data.loaders import make_loaders
@@ -45,13 +47,15 @@ torch.save = stalling_save
 
 ref = prepare_dataset(SyntheticSource(), pathlib.Path({data!r}))
 spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
-train(spec, make_loaders(ref, 64, 0.1, 0, "cpu"), TrainSettings(*{settings!r}), pathlib.Path({checkpoint!r}))
+loaders = fewer_training_images(make_loaders(ref, 64, 0.1, 0, "cpu"), ref, {images})
+train(spec, loaders, TrainSettings(*{settings!r}), pathlib.Path({checkpoint!r}))
 """
 
 
 def run_training(ref, checkpoint: Path):
     spec = ModelSpec("mlp", ref.channels, ref.image_size, ref.num_classes, ref.mean, ref.std)
-    return train(spec, make_loaders(ref, 64, 0.1, 0, "cpu"), SETTINGS, checkpoint)
+    loaders = fewer_training_images(make_loaders(ref, 64, 0.1, 0, "cpu"), ref, IMAGES)
+    return train(spec, loaders, SETTINGS, checkpoint)
 
 
 @pytest.mark.slow
@@ -60,6 +64,8 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     checkpoint, marker = tmp_path / "run" / "last.pt", tmp_path / "writing"
     code = CHILD.format(
         repo=str(REPO),
+        tests=str(REPO / "tests"),
+        images=IMAGES,
         marker=str(marker),
         data=str(tmp_path / "data"),
         settings=tuple(SETTINGS.__dict__.values()),
