@@ -106,6 +106,8 @@ def validate(settings: Settings) -> None:
             raise _bad(settings, key, "a value")
     if not settings["MLFLOW_WORKERS"].isdigit() or int(settings["MLFLOW_WORKERS"]) < 1:
         raise _bad(settings, "MLFLOW_WORKERS", "a whole number, 1 or more")
+    if not settings["MLFLOW_AUTH_CACHE_SECONDS"].isdigit():
+        raise _bad(settings, "MLFLOW_AUTH_CACHE_SECONDS", "a whole number of seconds, 0 or more")
 
 
 def redact(text: str, settings: Settings) -> str:
@@ -181,6 +183,7 @@ def auth_ini(settings: Settings) -> str:
         f"admin_username = {settings['MLFLOW_ADMIN_USER']}\n"
         f"admin_password = {settings['MLFLOW_ADMIN_PASSWORD'].replace('%', '%%')}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {settings['MLFLOW_AUTH_CACHE_SECONDS']}\n"
     )
 
 

@@ -295,6 +295,12 @@ def test_auth_ini_survives_a_percent_in_the_password(tmp_path):
     ini.read(tmp_path / "auth.ini")
     assert ini["mlflow"]["admin_password"] == "p%40ss-word-long"
     assert ini["mlflow"]["database_uri"].startswith("postgresql+psycopg2://stack:a%40b%25c@")
+    assert ini["mlflow"]["auth_cache_ttl_seconds"] == SETTINGS["MLFLOW_AUTH_CACHE_SECONDS"]
+
+
+def test_a_cache_time_that_is_not_whole_seconds_is_refused():
+    with pytest.raises(config.SettingsError, match="MLFLOW_AUTH_CACHE_SECONDS"):
+        config.load_settings({"MLFLOW_AUTH_CACHE_SECONDS": "1.5"})
 
 
 def test_status_of_a_stack_that_never_started(tmp_path, capsys):

@@ -1,13 +1,13 @@
 """End-to-end: the team stack started by deploy/stack.py (PostgreSQL, moto's S3 server, MLflow with
 basic auth and proxied artefacts, Prefect with API auth), two workers in folders that share
 nothing, three trainings at once through the champion gate, and batch prediction started by the
-promotion event."""
+promotion event. Every deployment run of the module is started by one module fixture, all at once,
+so the runs share the workers' time and the waits (the gate's lease, the trigger) overlap."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -20,9 +20,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import boto3
 import mlflow
@@ -30,8 +31,15 @@ import pandas as pd
 import pytest
 from conftest import REPO, TRAIN_SCRIPT, free_port
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+from prefect.flow_runs import wait_for_flow_run
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+from tasks.data.offline_data import load_digits
 from tasks.publish import gate_lock
 from tasks.publish.promotion import NOT_PROMOTED, PROMOTED, RESOURCE_PREFIX
 
@@ -43,8 +51,15 @@ from stack_processes import group_alive  # noqa: E402
 # One stack for the module: `pytest -n 2 --dist loadfile` runs a module's tests on one worker.
 pytestmark = pytest.mark.slow
 NAME = "digits-cnn"  # what train-on-demand registers, and the name prefect.yaml's trigger follows
-SEEDS = (1, 2, 3)
+SEEDS = (1, 2, 3)  # the last one's run is started from the command line
+TRAIN, SWEEP, PREDICT = (
+    "train-image-classifier/train-on-demand",
+    "sweep-image-classifier/sweep",
+    "predict-images/predict-batch",
+)
+PREDICTION = {"registered_model": NAME, "dataset": "digits"}  # the champion on the digits test split
 ESCAPED = re.compile(r"\d{8}-\d{6}-escaped-[0-9a-f]{8}")  # the folder of a flow run named ../../escaped
+UUID = re.compile(r"UUID: ([0-9a-f-]{36})")  # how `prefect deployment run` names the flow run it made
 
 
 def checkout(folder: Path) -> Path:
@@ -86,26 +101,23 @@ def team(tmp_path_factory):
             stack = Stack(state, {**ports, "MLFLOW_WORKERS": 1})
             with stack:
                 machines = [checkout(folder / f"machine-{index}") for index in range(2)]
-                env = client_env(stack, folder / "home-deploy")
-                print("T stack up", time.strftime("%X"), flush=True)
+                # The workers start (seconds of imports) while `prefect deploy` loads the flows.
+                for index, machine in enumerate(machines):
+                    stack.start_worker(machine, f"machine-{index}", {"PREFECT_WORKER_QUERY_SECONDS": "1"})
                 deployed = subprocess.run(
                     [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
                     cwd=machines[0],
-                    env=env,
+                    env=client_env(stack, folder / "home-deploy"),
                     capture_output=True,
                     text=True,
                     timeout=300,
                 )
                 assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-                for index, machine in enumerate(machines):
-                    stack.start_worker(machine, f"machine-{index}", {"PREFECT_WORKER_QUERY_SECONDS": "1"})
                 pids = stack.running()
-                print("T workers started", time.strftime("%X"), flush=True)
                 yield stack, folder
             # `down` (leaving the block) stops every process the stack started, workers included.
             assert stack.running() == {} and not any(group_alive(pid) for pid in pids.values())
     finally:
-        shutil.copytree(state / "logs", "/tmp/team_logs", dirs_exist_ok=True)
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -117,11 +129,9 @@ with promotion_gate("killed"):
 """
 
 
-@contextlib.contextmanager
-def gate_held_by_a_killed_run(stack: Stack) -> Iterator[Callable[[], float]]:
+def gate_freed_after_a_kill(stack: Stack) -> float:
     """A run takes the promotion gate of 'killed' on the stack's Prefect server and is SIGKILLed
-    holding it; yields how long, from the kill, its slot then stayed taken (watched every 0.5 s in
-    the background while the block runs)."""
+    holding it; how long, from the kill, its slot then stayed taken (watched every 0.5 s)."""
     env = {
         **client_env(stack, stack.state / "home-holder"),
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",  # a tracking server: the gate never calls it
@@ -144,21 +154,10 @@ def gate_held_by_a_killed_run(stack: Stack) -> Iterator[Callable[[], float]]:
     finally:
         holder.kill()
         holder.wait()
-    killed_at, freed = time.monotonic(), []
-
-    def watch() -> None:
-        while active_slots(stack, "killed") and time.monotonic() - killed_at < 150:
-            time.sleep(0.5)
-        freed.append(time.monotonic() - killed_at)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-
-    def freed_after() -> float:
-        watcher.join(150)
-        return freed[0]
-
-    yield freed_after
+    killed_at = time.monotonic()
+    while active_slots(stack, "killed") and time.monotonic() - killed_at < 150:
+        time.sleep(0.5)
+    return time.monotonic() - killed_at
 
 
 def active_slots(stack: Stack, name: str) -> int:
@@ -171,80 +170,135 @@ def active_slots(stack: Stack, name: str) -> int:
         return json.load(answer)["active_slots"]
 
 
-def prefect_client(stack: Stack):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
+def prefect_settings(stack: Stack):
+    """This process's Prefect client settings for the stack, as a context manager."""
     env = stack.client_env()
-    settings = {
-        PREFECT_API_URL: env["PREFECT_API_URL"],
-        PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"],
-    }
-    return temporary_settings(settings), get_client
-
-
-async def run_on_demand(stack: Stack) -> list:
-    """The three trainings, started together; their finished flow runs."""
-    from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
-
-    configs = [{"dataset": "digits", "model": "cnn", "epochs": 1, "seed": seed} for seed in SEEDS]
-    started = [
-        await run_deployment("train-image-classifier/train-on-demand", parameters={"config": c}, timeout=0)
-        for c in configs
-    ]
-    return await asyncio.gather(*(wait_for_flow_run(run.id, timeout=900) for run in started))
-
-
-async def read_promotions(stack: Stack, since: datetime) -> list:
-    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
-
-    settings, get_client = prefect_client(stack)
-    wanted = EventFilter(
-        occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=[PROMOTED, NOT_PROMOTED])
+    return temporary_settings(
+        {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}
     )
-    with settings:
-        async with get_client() as client:
-            return (await client.read_events(filter=wanted, limit=50)).events
 
 
-async def triggered_predictions(stack: Stack, count: int, within: float = 300) -> list:
-    """The predict-batch flow runs, once `count` of them have finished."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+def training(seed: int) -> dict:
+    return {"dataset": "digits", "model": "cnn", "epochs": 1, "seed": seed}
 
-    settings, get_client = prefect_client(stack)
+
+@dataclass(frozen=True)
+class Runs:
+    """What the module's deployment runs left, for its tests to judge."""
+
+    since: datetime  # before any of them started
+    trainings: list[FlowRun]  # one per seed, the last one started from the command line
+    watched: subprocess.CompletedProcess  # that command line: `prefect deployment run ... --watch`
+    gate_freed_after: float  # seconds from the kill of a run holding the gate until its slot was free
+    sweep: FlowRun
+    refused: FlowRun  # a prediction into a folder outside the worker's roots
+    escaped: FlowRun  # a prediction in a flow run named ../../escaped
+
+
+def run_from_command_line(stack: Stack, folder: Path, config: dict) -> subprocess.CompletedProcess:
+    """A train-on-demand run started as docs/team.md says, with custom parameters, watched until it ends."""
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", TRAIN]
+        + ["--param", f"config={json.dumps(config)}", "--watch", "--watch-timeout", "900"],
+        env=client_env(stack, folder / "home-cli"),
+        capture_output=True,
+        text=True,
+        timeout=960,
+    )
+
+
+async def start_run(name: str, config: dict, run_name: Optional[str] = None) -> FlowRun:
+    """A flow run of deployment `name`, created for a worker to pick up; it is not waited for."""
+    return await run_deployment(name, parameters={"config": config}, flow_run_name=run_name, timeout=0)
+
+
+async def finished(flow_run: FlowRun) -> FlowRun:
+    return await wait_for_flow_run(flow_run.id, timeout=900)
+
+
+async def run_everything(stack: Stack, folder: Path) -> dict:
+    """Starts the three trainings, the sweep and a refused prediction together; once the trainings
+    are done (the champion is the best of them), a prediction into a slugified folder. Their ends."""
+    # While they train, the gate of a run killed inside it frees itself (acceptance: the lease).
+    gate = asyncio.create_task(asyncio.to_thread(gate_freed_after_a_kill, stack))
+    started = [await start_run(TRAIN, training(seed)) for seed in SEEDS[:-1]]
+    from_command_line = asyncio.create_task(
+        asyncio.to_thread(run_from_command_line, stack, folder, training(SEEDS[-1]))
+    )
+    base = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "swept"}
+    # One Dask worker process runs both trials; test_sweep_flow shows trials in two of them.
+    sweep_config = {"base": base, "grid": {"lr": [0.001, 0.003]}, "task_runner": "dask", "max_parallel": 1}
+    sweeping = await start_run(SWEEP, sweep_config)
+    refused = await start_run(PREDICT, {**PREDICTION, "output": "/etc/x"})
+    trainings = await asyncio.gather(*map(finished, started))
+    watched = await from_command_line
+    created = UUID.search(watched.stdout)
+    assert created, watched.stdout[-3000:] + watched.stderr[-3000:]
+    async with get_client() as client:
+        trainings.append(await client.read_flow_run(created.group(1)))
+    escaped = await start_run(PREDICT, PREDICTION, "../../escaped")  # the name becomes its folder's
+    ends = await asyncio.gather(*map(finished, (escaped, refused, sweeping)))
+    named = dict(zip(("escaped", "refused", "sweep"), ends))
+    return {"trainings": trainings, "watched": watched, "gate_freed_after": await gate, **named}
+
+
+@pytest.fixture(scope="module")
+def runs(team) -> Runs:
+    """Every deployment run of the module, started at once: they share the workers' time, and their
+    waits overlap."""
+    stack, folder = team
+    since = datetime.now(timezone.utc) - timedelta(seconds=5)
+    with prefect_settings(stack):
+        return Runs(since=since, **asyncio.run(run_everything(stack, folder)))
+
+
+async def read_promotions(since: datetime) -> list:
+    """The gate's events about NAME since `since` (the sweep's model has events of its own)."""
+    wanted = EventFilter(
+        occurred=EventOccurredFilter(since=since),
+        event=EventNameFilter(name=[PROMOTED, NOT_PROMOTED]),
+        resource=EventResourceFilter(id=[RESOURCE_PREFIX + NAME]),
+    )
+    async with get_client() as client:
+        return (await client.read_events(filter=wanted, limit=50)).events
+
+
+async def triggered_predictions(count: int, ours: set, within: float = 300) -> list:
+    """The predict-batch flow runs other than `ours` (those the tests started), once `count` of
+    them have finished."""
     deadline = time.monotonic() + within
-    with settings:
-        async with get_client() as client:
-            while True:
-                runs = await client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["predict-batch"]))
-                )
-                if (
-                    len(runs) >= count
-                    and all(run.state.is_final() for run in runs)
-                    or time.monotonic() > deadline
-                ):
-                    return runs
-                await asyncio.sleep(2)
+    predict_batch = DeploymentFilter(name=DeploymentFilterName(any_=["predict-batch"]))
+    async with get_client() as client:
+        while True:
+            found = await client.read_flow_runs(deployment_filter=predict_batch)
+            found = [run for run in found if run.id not in ours]
+            if (
+                len(found) >= count
+                and all(run.state.is_final() for run in found)
+                or time.monotonic() > deadline
+            ):
+                return found
+            await asyncio.sleep(2)
 
 
-def test_three_runs_on_two_workers_crown_the_best_and_its_event_rescores_it(team, monkeypatch):
+# How long after the last promotion event a not-promoted event would have started a prediction.
+QUIET_SECONDS = 30
+
+
+def test_three_runs_on_two_workers_crown_the_best_and_its_event_rescores_it(team, runs, monkeypatch):
     stack, folder = team
     for key in [key for key in os.environ if key.startswith(("MLFLOW_", "AWS_"))]:
         monkeypatch.delenv(key)
     for key, value in stack.client_env().items():
         if key.startswith("MLFLOW_"):
             monkeypatch.setenv(key, value)
-    since = datetime.now(timezone.utc) - timedelta(seconds=5)
-
-    settings, _ = prefect_client(stack)
-    # While the runs train, the gate of a run killed inside it frees itself (acceptance: the lease).
-    with gate_held_by_a_killed_run(stack) as freed_after, settings:
-        finished = asyncio.run(run_on_demand(stack))
-        assert 30 < freed_after() < 60 + 10  # by the lease's expiry, not before, not long after
+    # While the runs trained, the gate of a run killed inside it freed itself: by the lease's expiry,
+    # not before, not long after.
+    assert 30 < runs.gate_freed_after < 60 + 10
     logs = "".join(path.read_text()[-3000:] for path in stack.state.glob("logs/worker-*.log"))
-    assert all(run.state.is_completed() for run in finished), f"{[r.state for r in finished]}\n{logs}"
+    assert all(run.state.is_completed() for run in runs.trainings), (
+        f"{[r.state for r in runs.trainings]}\n{logs}"
+    )
 
     # Three versions per flavor; both champions on the most accurate run.
     client = MlflowClient()
@@ -281,19 +335,27 @@ def test_three_runs_on_two_workers_crown_the_best_and_its_event_rescores_it(team
     assert any((machine / "data" / "prepared").is_dir() for machine in machines)  # each prepares its own
 
     # One event per run; each promotion (and only those) started predict-batch on the version it named.
-    events = asyncio.run(read_promotions(stack, since))
-    assert len(events) == 3 and {e.resource.id for e in events} == {RESOURCE_PREFIX + NAME}
-    promoted = {str(e.id): e for e in events if e.event == PROMOTED}
+    ours = {runs.refused.id, runs.escaped.id}
+    with prefect_settings(stack):
+        events = asyncio.run(read_promotions(runs.since))
+        assert len(events) == 3
+        promoted = {str(e.id): e for e in events if e.event == PROMOTED}
+        predictions = asyncio.run(triggered_predictions(len(promoted), ours))
+        since_last = time.time() - max(e.occurred.timestamp() for e in events)
+        time.sleep(max(0.0, QUIET_SECONDS - since_last))  # a not-promoted event would have started one by now
+        assert len(asyncio.run(triggered_predictions(len(promoted), ours, within=0))) == len(promoted)
     assert promoted and {e.payload["run_id"] for e in events} == set(accuracy)
     assert max(promoted.values(), key=lambda e: e.occurred).payload["run_id"] == champions[0].run_id
-    predictions = asyncio.run(triggered_predictions(stack, len(promoted)))
-    time.sleep(5)  # a not-promoted event would have started one by now
-    assert len(asyncio.run(triggered_predictions(stack, len(promoted), within=0))) == len(promoted)
     assert all(run.state.is_completed() for run in predictions), [run.state for run in predictions]
     experiment = client.get_experiment_by_name("image-classifier-predictions")
-    runs = client.search_runs([experiment.experiment_id])
-    assert {run.data.tags["trigger_event"] for run in runs} == set(promoted)
-    for run in runs:
+    recorded = client.search_runs([experiment.experiment_id])
+    triggered = [run for run in recorded if "trigger_event" in run.data.tags]
+    untriggered = [
+        run.data.tags["prefect.flow_run_id"] for run in recorded if "trigger_event" not in run.data.tags
+    ]
+    assert untriggered == [str(runs.escaped.id)]  # the refused one stopped before its MLflow run
+    assert sorted(run.data.tags["trigger_event"] for run in triggered) == sorted(promoted)
+    for run in triggered:
         event = promoted[run.data.tags["trigger_event"]]
         assert run.data.tags["model_version"] == event.payload["versions"][NAME + "-onnx"]
         assert run.data.tags["model_source_run_id"] == event.payload["run_id"]
@@ -321,88 +383,52 @@ def test_wrong_credentials_fail_a_run_at_once_naming_the_server(team):
         assert "s3cret" not in done.stdout + done.stderr
 
 
-async def start_run(name: str, config: dict, run_name: Optional[str] = None) -> FlowRun:
-    """A flow run of deployment `name`, created for a worker to pick up; it is not waited for."""
-    from prefect.deployments import run_deployment
-
-    return await run_deployment(name, parameters={"config": config}, flow_run_name=run_name, timeout=0)
+async def read_deployment(name: str):
+    async with get_client() as client:
+        return await client.read_deployment_by_name(name)
 
 
-async def finished(flow_run: FlowRun) -> FlowRun:
-    from prefect.flow_runs import wait_for_flow_run
-
-    return await wait_for_flow_run(flow_run.id, timeout=600)
-
-
-def test_every_deployment_runs_on_the_team_stack(team, monkeypatch):
+def test_every_deployment_runs_on_the_team_stack(team, runs, monkeypatch):
     """The schedule, the sweep on a Dask cluster the run starts, the command line's way to run a
     deployment, prediction into a slugified run folder, and a path outside the worker's roots."""
     stack, folder = team
     for key, value in stack.client_env().items():
         monkeypatch.setenv(key, value)
-    settings, get_client = prefect_client(stack)
-    with settings:
-        nightly = asyncio.run(read_deployment(get_client, "train-image-classifier/train-nightly"))
-        [schedule] = nightly.schedules
-        assert (
-            schedule.active and schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
-        )
-        sweep = asyncio.run(read_deployment(get_client, "sweep-image-classifier/sweep"))
-        assert sweep.parameters["config"]["grid"] == {"lr": [0.001, 0.003], "model": ["mlp", "cnn"]}
+    with prefect_settings(stack):
+        nightly = asyncio.run(read_deployment("train-image-classifier/train-nightly"))
+        sweep = asyncio.run(read_deployment(SWEEP))
+    [schedule] = nightly.schedules
+    assert schedule.active and schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC"
+    assert sweep.parameters["config"]["grid"] == {"lr": [0.001, 0.003], "model": ["mlp", "cnn"]}
 
-        # Relative folders: each worker's own, under the root it allows (its working folder).
-        base = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "swept"}
-        sweep_config = {
-            "base": base,
-            "grid": {"lr": [0.001, 0.003]},
-            "task_runner": "dask",
-            "max_parallel": 2,
-        }
-        sweeping = asyncio.run(start_run("sweep-image-classifier/sweep", sweep_config))
-        predict = {"registered_model": "scheduled", "dataset": "synthetic"}
-        refused = asyncio.run(start_run("predict-images/predict-batch", {**predict, "output": "/etc/x"}))
+    # Started the way docs/team.md says, with custom parameters: its run trained with its own seed.
+    assert "Completed" in runs.watched.stdout, runs.watched.stdout[-3000:] + runs.watched.stderr[-3000:]
+    client = MlflowClient()
+    [watched] = client.search_runs(
+        [client.get_experiment_by_name("image-classifier").experiment_id],
+        f"tags.`prefect.flow_run_id` = '{runs.trainings[-1].id}'",
+    )
+    assert watched.data.params["seed"] == str(SEEDS[-1])
+    assert client.search_model_versions(f"name = '{NAME}' and run_id = '{watched.info.run_id}'")
 
-        # Started the way docs/team.md says, with custom parameters, watched until it ends.
-        config = {"dataset": "synthetic", "model": "mlp", "epochs": 1, "registered_model": "scheduled"}
-        watched = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "train-image-classifier/train-on-demand"]
-            + ["--param", f"config={json.dumps(config)}", "--watch", "--watch-timeout", "600"],
-            env=client_env(stack, folder / "home-cli"),
-            capture_output=True,
-            text=True,
-            timeout=660,
-        )
-        assert "Completed" in watched.stdout, watched.stdout[-3000:] + watched.stderr[-3000:]
-        client = MlflowClient()
-        for name in ("scheduled", "scheduled-onnx"):
-            assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    # Relative folders: each worker's own, under the root it allows (its working folder); the flow
+    # run's name becomes its folder's: slugified, inside output_dir.
+    assert runs.escaped.state.is_completed(), runs.escaped.state
+    [run_dir] = [path for path in folder.glob("machine-*/outputs/*") if ESCAPED.fullmatch(path.name)]
+    table = pd.read_csv(run_dir / "predictions.csv")
+    assert len(table) == len(load_digits().test_labels) and table["correct"].mean() > 0.5
+    assert (run_dir / "config.json").is_file() and not list(folder.glob("**/escaped"))
 
-        name = "../../escaped"  # the flow run's name becomes its folder's: slugified, inside output_dir
-        predicted = asyncio.run(
-            finished(asyncio.run(start_run("predict-images/predict-batch", predict, name)))
-        )
-        assert predicted.state.is_completed(), predicted.state
-        [run_dir] = [path for path in folder.glob("machine-*/outputs/*") if ESCAPED.fullmatch(path.name)]
-        table = pd.read_csv(run_dir / "predictions.csv")
-        assert len(table) == 1000 and table["correct"].mean() > 0.5
-        assert (run_dir / "config.json").is_file() and not list(folder.glob("**/escaped"))
+    assert runs.refused.state.is_failed(), runs.refused.state
+    assert (
+        "ParameterOutsideRootsError: parameter output='/etc/x' resolves to /etc/x"
+        in runs.refused.state.message
+    )
 
-        failed = asyncio.run(finished(refused))
-        assert failed.state.is_failed(), failed.state
-        assert (
-            "ParameterOutsideRootsError: parameter output='/etc/x' resolves to /etc/x" in failed.state.message
-        )
-
-        swept = asyncio.run(finished(sweeping))
-        assert swept.state.is_completed(), swept.state
+    assert runs.sweep.state.is_completed(), runs.sweep.state
     champion = client.get_model_version_by_alias("swept", "champion")
     parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
     assert parent.data.metrics["trials_finished"] == 2 and parent.data.params["task_runner"] == "dask"
-
-
-async def read_deployment(get_client, name: str):
-    async with get_client() as client:
-        return await client.read_deployment_by_name(name)
 
 
 def http_status(url: str, auth: str) -> int:
@@ -418,8 +444,6 @@ def http_status(url: str, auth: str) -> int:
 
 def client_roundtrip(stack: Stack, folder: Path, monkeypatch) -> tuple[str, str]:
     """Logs and downloads an artefact as a client with no AWS credentials; (run id, text back)."""
-    from mlflow.tracking import MlflowClient
-
     for key in [key for key in os.environ if key.startswith(("AWS_", "MLFLOW_S3_"))]:
         monkeypatch.delenv(key)
     for key, value in stack.client_env().items():
