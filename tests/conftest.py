@@ -81,11 +81,11 @@ class AnonPeak:
 LONGEST_MODULES = (
     "test_team_deployment",
     "test_faults",
-    "test_serving",
     "test_predict_flow",
     "test_train_flow",
     "test_sweep_flow",
     "test_doc_commands",
+    "test_serving",
     "test_cli",
 )
 
@@ -242,12 +242,16 @@ def write_csv(path: Path, rows: list[tuple[str, object]], header: bool = True) -
 @pytest.fixture
 def png_dataset(tmp_path: Path) -> dict[str, Path]:
     """A folder of PNGs with train and test CSVs (string labels 'left'/'right')."""
-    names = {0: "left", 1: "right"}
-    rows = [(name, names[label]) for name, label in write_image_folder(tmp_path, 48)]
+    return write_png_dataset(tmp_path)
+
+
+def write_png_dataset(root: Path) -> dict[str, Path]:
+    """48 PNGs under `root`, with train (36) and test (12) CSVs labelled 'left'/'right'."""
+    rows = [(name, ("left", "right")[label]) for name, label in write_image_folder(root, 48)]
     return {
-        "image_root": tmp_path,
-        "train_csv": write_csv(tmp_path / "train.csv", rows[:36]),
-        "test_csv": write_csv(tmp_path / "test.csv", rows[36:]),
+        "image_root": root,
+        "train_csv": write_csv(root / "train.csv", rows[:36]),
+        "test_csv": write_csv(root / "test.csv", rows[36:]),
     }
 
 

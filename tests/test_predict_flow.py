@@ -1,14 +1,24 @@
 """End-to-end: predictions from a registry that a real training run filled."""
 
 import functools
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_train_script, script_env, write_csv, write_image_folder
+from conftest import (
+    REPO,
+    run_train_script,
+    script_env,
+    seeded_mlflow_db,
+    write_csv,
+    write_image_folder,
+    write_png_dataset,
+)
 from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL
 from registered_models import hostile_loader, register, register_project_flavors, save_hostile_pyfunc
@@ -25,20 +35,61 @@ pytestmark = pytest.mark.slow
 PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"
 
 
-@pytest.fixture
-def trained_csv_model(prefect_server, mlflow_store, png_dataset, tmp_path):
-    """A cnn trained on the PNG dataset, registered as 'shapes' (and 'shapes-onnx')."""
+@dataclass(frozen=True)
+class Store:
+    """An MLflow store in `folder` (mlflow.db, its artefacts in mlruns/)."""
+
+    folder: Path
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.folder / 'mlflow.db'}"
+
+    def use(self, patch: pytest.MonkeyPatch) -> None:
+        patch.setenv("MLFLOW_TRACKING_URI", self.uri)
+        patch.chdir(self.folder)  # MLflow's default artefact root ./mlruns
+
+
+def new_store(folder: Path) -> Store:
+    shutil.copyfile(seeded_mlflow_db(), folder / "mlflow.db")
+    return Store(folder)
+
+
+@pytest.fixture(scope="module")
+def png_dataset(tmp_path_factory) -> dict[str, Path]:
+    """conftest's PNG dataset (48 PNGs, train and test CSVs with labels 'left'/'right'), written once
+    for the module: its tests only read it."""
+    return write_png_dataset(tmp_path_factory.mktemp("png-dataset"))
+
+
+@pytest.fixture(scope="module")
+def trained_shapes(prefect_server, png_dataset, tmp_path_factory) -> tuple[Store, dict]:
+    """A cnn trained once for the module on the PNG dataset, registered as 'shapes' (and
+    'shapes-onnx'): its store and the flow's result."""
+    store = new_store(tmp_path_factory.mktemp("shapes"))
     config = TrainConfig(
         dataset="csv",
         model="cnn",
         epochs=3,
         batch_size=8,
         registered_model="shapes",
-        data_dir=str(tmp_path / "data"),
-        output_dir=str(tmp_path / "outputs"),
+        data_dir=str(store.folder / "data"),
+        output_dir=str(store.folder / "outputs"),
         **{key: str(value) for key, value in png_dataset.items()},
     )
-    return train_flow(config)
+    with pytest.MonkeyPatch.context() as patch:
+        store.use(patch)
+        return store, train_flow(config)
+
+
+@pytest.fixture
+def trained_csv_model(trained_shapes, tmp_path, monkeypatch) -> dict:
+    """The module's 'shapes', in this test's own copy of its store (tests add runs and versions;
+    the copy points at the module's model artefacts, which none of them writes)."""
+    store, result = trained_shapes
+    shutil.copyfile(store.uri.removeprefix("sqlite:///"), tmp_path / "mlflow.db")
+    Store(tmp_path).use(monkeypatch)
+    return result
 
 
 def test_script_predicts_a_csv_with_the_training_runs_accuracy(trained_csv_model, png_dataset, tmp_path):
@@ -220,7 +271,7 @@ def test_prediction_memory_does_not_grow_with_the_number_of_images(prefect_serve
     config = TrainConfig(
         dataset="csv",
         model="mlp",
-        epochs=2,
+        epochs=1,  # enough for the accuracy checked below: the memory is the point
         batch_size=16,
         augment="none",  # the class is which half is bright: a flip would swap it
         registered_model="mem",
@@ -250,17 +301,29 @@ def test_prediction_memory_does_not_grow_with_the_number_of_images(prefect_serve
     assert few["correct"].mean() > 0.5
 
 
-@pytest.fixture
-def hostile_champion(mlflow_store, tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def hostile_store(tmp_path_factory) -> Store:
     """'shapes' and 'shapes-onnx' as training registers them (version 1), then a python_function model
-    whose loader writes a marker file registered under both, with `champion` moved to it (version 2);
-    the marker's path."""
-    register_project_flavors("shapes", tmp_path)
-    marker = tmp_path / "marker"
-    loader = hostile_loader(tmp_path / "code", marker)
-    assert [
-        register(name, functools.partial(save_hostile_pyfunc, loader)) for name in ("shapes", "shapes-onnx")
-    ] == ["2", "2"]
+    whose loader writes folder/marker registered under both, with `champion` moved to it (version 2)."""
+    store = new_store(tmp_path_factory.mktemp("hostile"))
+    with pytest.MonkeyPatch.context() as patch:
+        store.use(patch)
+        register_project_flavors("shapes", store.folder)
+        loader = hostile_loader(store.folder / "code", store.folder / "marker")
+        assert [
+            register(name, functools.partial(save_hostile_pyfunc, loader))
+            for name in ("shapes", "shapes-onnx")
+        ] == ["2", "2"]
+    return store
+
+
+@pytest.fixture
+def hostile_champion(hostile_store, monkeypatch) -> Path:
+    """The module's hostile registry, in use; the marker's path (never written by the tests that
+    refuse the champion, which read the registry only)."""
+    hostile_store.use(monkeypatch)
+    marker = hostile_store.folder / "marker"
+    assert not marker.exists()
     return marker
 
 
@@ -283,7 +346,7 @@ def test_a_hostile_champion_is_refused_naming_its_version(
 
 
 def test_a_dask_worker_refuses_a_version_it_is_handed(
-    dask_cluster, hostile_champion, png_dataset, mlflow_store
+    dask_cluster, hostile_champion, hostile_store, png_dataset, tmp_path
 ):
     """A worker checks the version it is told to load itself, whoever built the RegisteredModel."""
     from distributed import Client
@@ -292,16 +355,17 @@ def test_a_dask_worker_refuses_a_version_it_is_handed(
         "models:/shapes/2", "2", "run", ("left", "right"), (1, 12, 12), Preprocessing(1, (12, 12))
     )
     inputs = folder_inputs(png_dataset["image_root"] / "img")
-    output = png_dataset["image_root"] / "part.csv"
+    output = tmp_path / "part.csv"
     with Client(dask_cluster, timeout=60) as client:
         worker = {"workers": next(iter(client.scheduler_info()["workers"])), "pure": False}  # one import
-        future = client.submit(predict_partition.fn, forged, inputs, 8, output, mlflow_store, **worker)
+        uri = hostile_store.uri
+        future = client.submit(predict_partition.fn, forged, inputs, 8, output, uri, **worker)
         with pytest.raises(PredictionError, match="model 'shapes' version 2 \\(flavors: python_function\\)"):
             future.result(timeout=120)
         # A worker loads the version training registered: it is the check that refused the other.
         good = RegisteredModel(
             "models:/shapes/1", "1", "run", ("left", "right"), (1, 12, 12), Preprocessing(1, (12, 12))
         )
-        counts = client.submit(predict_partition.fn, good, inputs, 8, output, mlflow_store, **worker)
+        counts = client.submit(predict_partition.fn, good, inputs, 8, output, uri, **worker)
         assert counts.result(timeout=120)["images"] == 48
     assert not hostile_champion.exists()

@@ -1,5 +1,9 @@
-"""The docs' serving commands (docs/serving.md), run as written against models registered by a real run."""
+"""The docs' serving commands (docs/serving.md), run against models registered by a real run."""
 
+import contextlib
+import functools
+import glob
+import io
 import json
 import os
 import shlex
@@ -7,26 +11,41 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, Processes, free_port, run_train_script, script_env, wait_until_up
+from conftest import REPO, Processes, free_port, script_env, wait_until_up
 from mlflow import MlflowClient
 from photos import write_class_folders
 from PIL import Image
 
+from flows.config import PredictConfig, TrainConfig
+from flows.train_flow import train_flow
 from tasks.data.photos import list_folder
-from tasks.predict.serving import main
+from tasks.predict import model_files, serving
+from tasks.predict.prediction import find_registered
+from tasks.predict.steps import list_images, predict_partition
+from tasks.track import tracking
 
-PREDICT_SCRIPT = REPO / "flows" / "predict_flow.py"
+# The steps of docs/serving.md's 'Serving over HTTP' block, by how each line starts.
+DOC_STEPS = {
+    "check": "python -m tasks.predict.model_files check ",
+    "serve": "mlflow models serve ",
+    "request": "python -m tasks.predict.serving ",
+    "post": "curl -s http://127.0.0.1:5001/invocations ",
+}
 
 
-def readme_serving_commands() -> list[str]:
-    """The three command lines of docs/serving.md's 'Serving over HTTP' block."""
+def docs_serving_steps() -> dict[str, str]:
+    """The check, serve, request and post lines of docs/serving.md's 'Serving over HTTP' block."""
     section = (REPO / "docs" / "serving.md").read_text().split("## Serving over HTTP", 1)[1]
-    return section.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    lines = section.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    found = {step: [line for line in lines if line.startswith(start)] for step, start in DOC_STEPS.items()}
+    assert all(len(matches) == 1 for matches in found.values()), f"expected one line each of {DOC_STEPS}"
+    return {step: matches[0] for step, matches in found.items()}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -38,19 +57,29 @@ PHOTO_SIZES = [(40 + 7 * k, 120 - 5 * k) for k in range(12)] + [(90 - 3 * k, 48 
 
 
 @pytest.mark.slow
-def test_photos_train_register_and_answer_batch_and_served_as_evaluated(tmp_path, monkeypatch):
+def test_photos_train_register_and_answer_batch_and_served_as_evaluated(
+    prefect_server, mlflow_store, tmp_path
+):
     """Issue 16's end-to-end: a class-folder tree of every kind and many sizes trains a resnet18 at
-    64 px (registered, ONNX gate passed, preprocessing in the model card); then the docs'
-    serving commands (both flavors) and batch prediction (both flavors) give, image by image, what
-    evaluation computed for the same files during training."""
-    written = write_class_folders(tmp_path / "photos", ["ant", "bee", "wasp"], 200, PHOTO_SIZES)
+    64 px (registered, ONNX gate passed, preprocessing in the model card); then the docs' serving
+    commands (both flavors) and batch prediction (both flavors) give, image by image, what
+    evaluation computed for the same files during training. (The training runs here, not as a
+    script: test_doc_commands runs the script on a photo folder, and starts a server per flavor.)"""
+    # 40 a class: every kind and every size still appear, in a test split of 24 (the answers are
+    # compared image by image, so more images would prove nothing more).
+    written = write_class_folders(tmp_path / "photos", ["ant", "bee", "wasp"], 40, PHOTO_SIZES)
     assert len({Image.open(p).size for files in written.values() for p in files}) >= 20
-    flags = ["--dataset", "folder", "--train-dir", "photos", "--model", "resnet18", "--image-size", "64"]
-    trained = run_train_script(tmp_path, *flags, "--epochs", "1", "--registered-model", "photos", seeded=True)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    run_dir = Path(trained.stdout.rsplit("outputs in ", 1)[1].strip())
-    monkeypatch.chdir(tmp_path)  # the run's store and its ./mlruns artefacts
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", script_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    config = TrainConfig(
+        dataset="folder",
+        train_dir=str(tmp_path / "photos"),
+        model="resnet18",
+        image_size="64",
+        epochs=1,
+        registered_model="photos",
+        data_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "outputs"),
+    )
+    run_dir = Path(train_flow(config)["run_dir"])
     check_registered("photos")
     evaluated = np.load(run_dir / "test_logits.npy")
     # The test split, in the order evaluation saw it, copied to one folder in that order.
@@ -80,65 +109,84 @@ def check_registered(name: str) -> None:
 
 
 def serve_and_predict(folder: Path, flavors: list[str]) -> tuple[dict, dict]:
-    """The docs' serving commands for each flavor and predict_flow.py on my-photos for each, all
-    at once (starting processes is most of the time): the served logits and the batch CSVs."""
+    """The docs' serving steps and batch prediction of my-photos for each flavor: the served logits
+    and the batch tables.
+
+    Only the servers run as processes (started first and at once: their start-up is most of the
+    time). The docs' `python -m` steps run here as the same command lines (this test has imported
+    their modules already; test_doc_commands runs the block itself), and so does what
+    predict_flow.py runs for a folder (its listing and partition tasks; test_predict_flow runs the
+    flow, and the script on a CSV)."""
     env = {
         **script_env(folder),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(REPO),  # the docs run these from the repository root
     }
-    serve, request, post = readme_serving_commands()
-    assert serve.startswith("mlflow models serve") and serve.endswith("&")
-    assert "tasks.predict.serving" in request and "> request.json" in request and "@request.json" in post
     ports = {flavor: str(free_port()) for flavor in flavors}
-    commands = {
-        flavor: [
-            line.replace("photos-onnx", flavor).replace("5001", ports[flavor]).replace("request", flavor)
-            for line in (serve, request, post)
-        ]
-        for flavor in flavors
-    }
+    steps = {flavor: flavor_steps(flavor, ports[flavor]) for flavor in flavors}
     processes = Processes(folder, env, grace=5)
     try:
-        predicting = {}
+        servers = {}
         for flavor in flavors:
-            model = ["--registered-model", "photos", "--flavor", "onnx" if "onnx" in flavor else "pytorch"]
-            command = [sys.executable, str(PREDICT_SCRIPT), *model, "--image-dir", "my-photos"]
-            command += ["--output", f"batch-{flavor}.csv"]
-            predicting[flavor] = processes.start_shell(f"predict-{flavor}", shlex.join(command), folder)
-        servers = {
-            flavor: processes.start_shell(f"serve-{flavor}", lines[0].removesuffix("&"), folder)
-            for flavor, lines in commands.items()
-        }
-        for started in [shell(lines[1], folder, env) for lines in commands.values()]:
-            finish(started)
+            pinned = run_python_step(steps[flavor]["check"], model_files.main)
+            assert steps[flavor]["serve"].startswith(f'mlflow models serve -m "{pinned}" ')
+            serve = steps[flavor]["serve"].removesuffix("&")
+            servers[flavor] = processes.start_shell(f"serve-{flavor}", serve, folder)
+        batches = {}
+        for flavor in flavors:
+            run_python_step(steps[flavor]["request"], serving.main)
+            batches[flavor] = predict_batch(folder, "onnx" if flavor.endswith("-onnx") else "pytorch")
         served = {}
-        for flavor, lines in commands.items():
+        for flavor in flavors:
             wait_until_up(f"http://127.0.0.1:{ports[flavor]}/ping", *servers[flavor])
-            answer = json.loads(finish(shell(lines[2], folder, env)))
+            answer = json.loads(run_shell_step(steps[flavor]["post"], folder, env))
             served[flavor] = np.array(answer["predictions"], dtype=np.float32)
-        for process, log in predicting.values():
-            assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         processes.stop_all()
-    return served, {flavor: pd.read_csv(folder / f"batch-{flavor}.csv") for flavor in flavors}
+    return served, batches
 
 
-def shell(command: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    """A documented command line, started in `cwd` as a user's shell would run it."""
-    return subprocess.Popen(
-        ["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def flavor_steps(flavor: str, port: str) -> dict[str, str]:
+    """The docs' steps for registered model `flavor`, served on `port`, its request in FLAVOR.json."""
+    renames = {"photos-onnx": flavor, "5001": port, "request.json": f"{flavor}.json"}
+    steps = docs_serving_steps()
+    for step, line in steps.items():
+        steps[step] = functools.reduce(lambda text, rename: text.replace(*rename), renames.items(), line)
+    return steps
 
 
-def finish(process: subprocess.Popen) -> str:
-    """The standard output of a command line started by `shell`, once it has succeeded."""
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, f"{process.args[-1]}:\n{err[-3000:]}"
-    return out
+def run_python_step(line: str, module_main: Callable) -> str:
+    """A documented `python -m MODULE ARGS [> FILE]` line, run in this process as `module_main(ARGS)`
+    with the shell's glob expansion (in the working directory); its printed output, also written to
+    FILE when the line redirects to one."""
+    command, _, redirect = line.partition(" > ")
+    args = [match for word in shlex.split(command)[3:] for match in sorted(glob.glob(word)) or [word]]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        module_main(args)
+    if redirect:
+        Path(redirect.strip()).write_text(printed.getvalue())
+    return printed.getvalue().strip()
+
+
+def predict_batch(folder: Path, flavor: str) -> pd.DataFrame:
+    """What `python flows/predict_flow.py --registered-model photos --flavor FLAVOR --image-dir
+    my-photos` predicts (in one partition), as a table."""
+    config = PredictConfig(registered_model="photos", flavor=flavor, image_dir="my-photos")
+    registered = find_registered(config.registry_name, config.alias)
+    inputs = list_images.fn(None, None, config.image_dir, None, folder / "data", registered.class_names)
+    output = folder / f"batch-{flavor}.csv"
+    predict_partition.fn(registered, inputs, config.batch_size, output, tracking.tracking_uri())
+    return pd.read_csv(output)
+
+
+def run_shell_step(line: str, cwd: Path, env: dict[str, str]) -> str:
+    """A documented command line, run in `cwd` as a user's shell would run it; its standard output."""
+    done = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{line}:\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 def test_request_body_names_a_bad_image(tmp_path, capsys):
     (tmp_path / "not.png").write_text("text")
     with pytest.raises(SystemExit, match="not.png"):
-        main(["models:/m@champion", str(tmp_path / "not.png")])
+        serving.main(["models:/m@champion", str(tmp_path / "not.png")])
