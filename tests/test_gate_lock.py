@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import threading
@@ -9,12 +8,11 @@ import time
 from urllib.parse import quote
 
 import pytest
-from mlflow import MlflowClient
 
 from tasks.publish import gate_lock
 from tasks.publish.gate_lock import promotion_gate
 from tasks.track.tracking import local_store
-from tests.conftest import TRAIN_SCRIPT, Processes, free_port, script_env, wait_until_up
+from tests.conftest import TRAIN_SCRIPT, raw_server, script_env
 
 
 def test_local_store_is_the_file_or_folder_of_a_local_uri(tmp_path, monkeypatch):
@@ -182,48 +180,40 @@ def test_the_lease_is_a_setting_within_what_prefect_accepts(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_runs_against_one_tracking_server_without_a_shared_prefect_are_refused(tmp_path):
-    port = free_port()
-    processes = Processes(tmp_path, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        server, log = processes.start(
-            "mlflow",
-            *("mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"),
-            *("--artifacts-destination", str(tmp_path / "artifacts")),
+def test_a_run_against_a_tracking_server_without_a_shared_prefect_is_refused_before_any_work(tmp_path):
+    """A user's machine: its own folder, Prefect's temporary server, a tracking server of the team's
+    (here one that answers every request and notes its path)."""
+    asked: list[str] = []
+
+    def answer(handler) -> None:
+        asked.append(handler.path.split("?")[0])
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", "2")
+        handler.end_headers()
+        handler.wfile.write(b"{}")
+
+    with raw_server(answer) as uri:
+        env = {**script_env(tmp_path, seeded=True), "MLFLOW_TRACKING_URI": uri}
+        flags = ("--dataset", "synthetic", "--epochs", "1", "--registered-model", "raced")
+        run = subprocess.run(
+            [sys.executable, str(TRAIN_SCRIPT), *flags],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
-        wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
-        started = time.monotonic()
-        runs = []
-        for index in (1, 2):  # two users' machines: folders of their own, a temporary Prefect each
-            env = script_env(tmp_path / f"user{index}", seeded=True)
-            env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
-            flags = ("--dataset", "synthetic", "--epochs", "1", "--registered-model", "raced")
-            runs.append(
-                subprocess.Popen(
-                    [sys.executable, str(TRAIN_SCRIPT), *flags, "--seed", str(index)],
-                    cwd=tmp_path / f"user{index}",
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        outputs = [run.communicate(timeout=120) for run in runs]
-        elapsed = time.monotonic() - started
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        assert client.search_registered_models() == []
-        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
-    finally:
-        processes.stop_all()
-    for run, (out, err) in zip(runs, outputs):
-        assert run.returncode == 1, out[-2000:] + err[-3000:]
-        [line] = [line for line in err.splitlines() if line.startswith("error:")]
-        assert f"the MLflow tracking store http://127.0.0.1:{port} is a server" in line
-        assert "no PREFECT_API_URL is set" in line and "Set PREFECT_API_URL" in line
-        assert "Traceback" not in err
-    # Refused as each flow starts, on its Prefect temporary server: before any data or MLflow work.
-    assert elapsed < 90
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-3000:]
+    [line] = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert f"the MLflow tracking store {uri} is a server" in line
+    assert "no PREFECT_API_URL is set" in line and "Set PREFECT_API_URL" in line
+    assert "Traceback" not in run.stderr
+    # Refused as the flow starts, on its Prefect temporary server: MLflow was asked only the command
+    # line's checks (is it up, does it take this login), and no data or run folder was made.
+    assert "Starting temporary server" in run.stderr
+    assert set(asked) == {"/health", "/api/2.0/mlflow/experiments/search"}
+    assert not (tmp_path / "data").exists() and not (tmp_path / "outputs").exists()
 
 
 # A run SIGKILLed in the gate: tests/test_team_deployment.py, on the team stack's Prefect server.

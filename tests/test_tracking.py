@@ -105,14 +105,31 @@ def test_metrics_linked_to_a_logged_model_stay_single_in_the_run(mlflow_store):
     ]
 
 
+# One interpreter pays the imports (mlflow and torch: seconds of CPU each), then forks the openers:
+# processes of their own that open the new store at the same moment, as runs started together do.
 OPEN_STORE_AT_ONCE = """
-import sys, time
+import os, sys, time, traceback
 from pathlib import Path
 from tasks.track import tracking
-Path(sys.argv[1], "ready-" + sys.argv[2]).touch()
-while not Path(sys.argv[1], "go").exists():
-    time.sleep(0.005)
-tracking.get_client().search_registered_models()
+children = []
+for _ in range(int(sys.argv[2])):
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            while not Path(sys.argv[1], "go").exists():
+                time.sleep(0.001)
+            tracking.get_client().search_registered_models()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    children.append(pid)
+Path(sys.argv[1], "go").touch()
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+print(*codes)
+sys.exit(max(codes))
 """
 
 
@@ -121,20 +138,9 @@ def test_processes_opening_a_new_sqlite_store_at_once_take_turns_creating_it(tmp
     # Unguarded, MLflow's table creation in processes that start together fails in most rounds
     # ("table experiments already exists", "duplicate column name").
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/new.db")
-    openers = [
-        subprocess.Popen(
-            [sys.executable, "-c", OPEN_STORE_AT_ONCE, str(tmp_path), str(i)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(4)
-    ]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    errors = [opener.communicate(timeout=120)[1] for opener in openers]
-    assert [opener.returncode for opener in openers] == [0] * 4, "\n".join(errors)[-3000:]
+    command = [sys.executable, "-c", OPEN_STORE_AT_ONCE, str(tmp_path), "4"]
+    openers = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert openers.stdout.split() == ["0"] * 4, openers.stderr[-3000:]  # each opener's exit status
     assert (tmp_path / ".new.db.create.lock").exists()
 
 

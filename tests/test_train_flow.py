@@ -5,19 +5,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import pytest
 import torch
-from conftest import EPOCH_METRICS, TRAIN_SCRIPT, prefect_artifacts, run_train_script
+from conftest import EPOCH_METRICS, TRAIN_SCRIPT, prefect_artifacts
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
+from flows.cli import parse_config
 from flows.config import TrainConfig
-from flows.train_flow import train_flow
+from flows.train_flow import main, train_flow
 from tasks.data.mnist_files import DownloadError
 from tasks.publish import export, registry
+from tasks.publish import steps as publish_steps
 from tasks.train import speed, training
+from tasks.train import steps as train_steps
 
 pytestmark = pytest.mark.slow
 ARTEFACTS = {
@@ -43,6 +47,19 @@ def config(tmp_path: Path, **overrides) -> TrainConfig:
     return TrainConfig(
         data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "outputs"), experiment="e2e", **overrides
     )
+
+
+def tiny(tmp_path: Path, **overrides) -> TrainConfig:
+    """The smallest real run, for what holds at any size (retries, gates, failures): the MLP on
+    scikit-learn's digits at their own 8x8 pixels (about 1,300 training images, a tenth of a second
+    an epoch)."""
+    return config(tmp_path, **{"dataset": "digits", "model": "mlp", "image_size": "8", **overrides})
+
+
+def no_retry_delay(monkeypatch, *tasks) -> None:
+    """The tasks retry at once: the wait before a retry is no part of what these tests check."""
+    for task in tasks:
+        monkeypatch.setattr(task, "retry_delay_seconds", 0)
 
 
 def alias_version(name: str, alias: str) -> str:
@@ -179,7 +196,7 @@ def test_onnx_mismatch_fails_the_run_and_registers_nothing(
 ):
     monkeypatch.setattr(export, "MAX_ABS_DIFF", -1.0)  # any difference at all now counts as a mismatch
     with pytest.raises(export.OnnxMismatchError, match="nothing will be registered"):
-        train_flow(config(tmp_path, dataset="synthetic", model="mlp", epochs=1))
+        train_flow(tiny(tmp_path, epochs=1))
     client = MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert run.info.status == "FAILED"
@@ -193,20 +210,36 @@ def test_unreachable_download_fails_within_seconds(prefect_server, mlflow_store,
     assert time.monotonic() - started < 30
 
 
-def test_script_without_imagenet_weights_offline_stops_before_any_data_work(tmp_path, monkeypatch):
+def test_without_imagenet_weights_offline_the_command_line_stops_before_any_server_or_data_work(
+    tmp_path, monkeypatch
+):
     """Issue 16: --weights imagenet with an empty torch cache and no network names the file and the
-    folder it belongs in, within 30 s, before anything is listed, prepared or started."""
+    folder it belongs in, within 30 s, before anything is listed, prepared or started. The command
+    line's `main` runs in this process, with the servers' checks and the flow made to fail if reached."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("MODELS_WEIGHTS_BASE_URL", "http://127.0.0.1:9/models")  # nothing listens on 9
+    monkeypatch.chdir(tmp_path)
+    for step in ("prepare_servers", "train_flow"):
+        monkeypatch.setattr(f"flows.train_flow.{step}", reached(step))
     started = time.monotonic()
     flags = ["--dataset", "folder", "--train-dir", "photos", "--model", "resnet18", "--weights", "imagenet"]
-    result = run_train_script(tmp_path, *flags, timeout=120)
+    with pytest.raises(SystemExit) as exited:
+        main(parse_config(flags))
     assert time.monotonic() - started < 30
-    assert result.returncode == 1 and result.stderr.startswith("error: ImageNet weights for resnet18")
+    message = str(exited.value.code)
+    assert message.startswith("error: ImageNet weights for resnet18")
     folder = tmp_path / "torch" / "hub" / "checkpoints"
-    assert "resnet18-f37072fd.pth" in result.stderr and str(folder) in result.stderr
+    assert "resnet18-f37072fd.pth" in message and str(folder) in message
     assert not (tmp_path / "data").exists()
-    assert not list((tmp_path / "prefect").glob("*"))  # no temporary server started (Prefect's empty home)
+
+
+def reached(step: str) -> Callable[..., None]:
+    """A stand-in for `step` that fails the test if the run gets that far."""
+
+    def fail(*args, **kwargs) -> None:
+        raise AssertionError(f"{step} was reached")
+
+    return fail
 
 
 def fail_once_at_call(monkeypatch, failing_call: int) -> list[int]:
@@ -227,12 +260,12 @@ def fail_once_at_call(monkeypatch, failing_call: int) -> list[int]:
 def test_flow_retry_resumes_training_in_the_same_mlflow_run(
     prefect_server, mlflow_store, tmp_path, monkeypatch
 ):
-    settings = dict(dataset="synthetic", model="mlp", epochs=4, registered_model="resume")
-    straight = train_flow(config(tmp_path / "a", **settings))
+    settings = dict(epochs=4, registered_model="resume")
+    straight = train_flow(tiny(tmp_path / "a", **settings))
 
     calls = fail_once_at_call(monkeypatch, failing_call=3)
     retried = train_flow.with_options(retries=1, retry_delay_seconds=0)(
-        config(tmp_path / "b", train_retries=0, **settings)
+        tiny(tmp_path / "b", train_retries=0, **settings)
     )
     assert len(calls) == 5  # epochs 1, 2, then 3 fails; the retry runs only 3 and 4
 
@@ -255,7 +288,8 @@ def test_flow_retry_resumes_training_in_the_same_mlflow_run(
 
 def test_train_task_retry_resumes_from_its_checkpoint(prefect_server, mlflow_store, tmp_path, monkeypatch):
     calls = fail_once_at_call(monkeypatch, failing_call=2)
-    result = train_flow(config(tmp_path, dataset="synthetic", model="mlp", epochs=3))
+    no_retry_delay(monkeypatch, train_steps.train_model)
+    result = train_flow(tiny(tmp_path, epochs=3))
     assert len(calls) == 4 and result["alias"] == "champion"
     history = MlflowClient().get_metric_history(result["mlflow_run_id"], "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]
@@ -271,12 +305,13 @@ def test_retried_registration_logs_each_flavor_once(prefect_server, mlflow_store
         return real(*args, **kwargs)
 
     monkeypatch.setattr(registry, "register_version", flaky)
-    result = train_flow(config(tmp_path, dataset="synthetic", model="mlp", epochs=1))
-    assert len(calls) == 4 and result["versions"] == {"synthetic-mlp": "1", "synthetic-mlp-onnx": "1"}
+    no_retry_delay(monkeypatch, publish_steps.register_model)
+    result = train_flow(tiny(tmp_path, epochs=1))
+    assert len(calls) == 4 and result["versions"] == {"digits-mlp": "1", "digits-mlp-onnx": "1"}
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
     logged = client.search_logged_models([run.info.experiment_id])
-    assert sorted(model.name for model in logged) == ["synthetic-mlp", "synthetic-mlp-onnx"]
+    assert sorted(model.name for model in logged) == ["digits-mlp", "digits-mlp-onnx"]
     assert len(run.outputs.model_outputs) == 2
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [0]
 
@@ -284,7 +319,7 @@ def test_retried_registration_logs_each_flavor_once(prefect_server, mlflow_store
 def test_train_timeout_fails_the_run(prefect_server, mlflow_store, tmp_path):
     with pytest.raises(TimeoutError):
         train_flow(
-            config(tmp_path, dataset="synthetic", epochs=50, train_retries=0, train_timeout_minutes=0.05)
+            config(tmp_path, dataset="digits", epochs=1000, train_retries=0, train_timeout_minutes=0.05)
         )
     client = MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
