@@ -30,6 +30,9 @@ from torchvision import datasets
 from torchvision.io import write_png
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect gives its temporary server 20 s to start; two loaded cores running a test and its scripts
+# can take longer, and the run then fails for a reason that is not the test's.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 # Servers the tests start store events every half second, not every 5 s (the promotion events).
 os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
 REPO = Path(__file__).resolve().parents[1]
