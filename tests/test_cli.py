@@ -245,14 +245,7 @@ def test_a_script_runs_on_prefects_temporary_server_with_the_mlflow_store_opened
     out = tmp_path / "mappers.json"
     flags = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-system-metrics"]
     program = MAPPERS_PROBE.format(out=str(out), script=str(TRAIN_SCRIPT), flags=flags)
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=tmp_path,
-        env=script_env(tmp_path, seeded=True),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_program(program, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout and "-> champion" in result.stdout
     assert list((tmp_path / "outputs").iterdir()) and (tmp_path / "data" / "prepared").is_dir()
@@ -284,14 +277,7 @@ print(json.dumps({"pid": os.getpid(), "api_url": PREFECT_API_URL.value(), "worke
 
 @pytest.mark.slow
 def test_a_local_pools_workers_report_to_the_flows_temporary_server(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", POOL_PROGRAM],
-        cwd=tmp_path,
-        env=script_env(tmp_path, seeded=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_program(POOL_PROGRAM, tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("Starting temporary server") == 1  # the flow's, not one per worker
     server = result.stderr.split("Starting temporary server on ")[1].split()[0]
@@ -299,3 +285,15 @@ def test_a_local_pools_workers_report_to_the_flows_temporary_server(tmp_path):
     assert printed["api_url"] is None  # the command line's own settings name no server
     assert {url for _, url in printed["workers"]} == {f"{server}/api/"}
     assert printed["pid"] not in {pid for pid, _ in printed["workers"]}
+
+
+def run_program(program: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    """`python -c PROGRAM` in `cwd`, as a user's shell there runs it: seeded stores, no Prefect server."""
+    return subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=cwd,
+        env=script_env(cwd, seeded=True),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
