@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Iterable, Optional
 from urllib.parse import unquote, urlsplit
 
@@ -40,6 +41,12 @@ def _as_text(value: object) -> object:
 # means the working directory of the process that uses it, and the text is what runs log.
 PathText = Annotated[str, BeforeValidator(_as_text), PATH]
 OptionalPathText = Annotated[Optional[str], BeforeValidator(_as_text), PATH]
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """The absolute form of a user's path in this process's working directory, so that tasks in
+    other threads or processes agree on it."""
+    return Path(path).expanduser().resolve()
 
 
 def path_marks(metadata: Iterable[Any]) -> list[PathSetting]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (
@@ -17,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from common.path_settings import OptionalPathText, PathSetting, PathText
+from common.path_settings import OptionalPathText, PathSetting, PathText, resolve_path
 from flows.source_settings import flatten, lift, source_union
 from tasks.data.images import DEFAULT_MAX_PIXELS
 from tasks.data.sources import MEMORY_SOURCES, SOURCES, FashionMnistSource
@@ -216,11 +215,6 @@ class TrainConfig(BaseModel):
     def model_name(self) -> str:
         """Registry name of the PyTorch flavor."""
         return self.registered_model or f"{self.dataset.name}-{self.model}"
-
-
-def resolve_path(path: str) -> Path:
-    """Absolute form of a user path, so tasks in other threads or processes agree on it."""
-    return Path(path).expanduser().resolve()
 
 
 class ClusterOptions(BaseModel):

@@ -12,8 +12,7 @@ from typing import Iterator, Optional
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from common.path_settings import path_marks
-from flows.config import resolve_path
+from common.path_settings import path_marks, resolve_path
 
 ROOTS_VARIABLE = "PIC_ALLOWED_ROOTS"
 

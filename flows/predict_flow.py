@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from prefect import flow
 
+from common.path_settings import resolve_path
 from flows.cli import parse_config, prepare_servers, user_errors_exit
-from flows.config import PredictConfig, resolve_path
+from flows.config import PredictConfig
 from flows.confinement import check_confined
 from flows.runners import make_task_runner, running, submit_all
 from tasks.predict.image_inputs import partitions

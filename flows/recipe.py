@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flows.config import WEIGHTS, TrainConfig, resolve_path
+from common.path_settings import resolve_path
+from flows.config import WEIGHTS, TrainConfig
 from models import ModelSpec, pretrained_stats
 from tasks.data.datasets import DatasetRef
 from tasks.data.sources import Shape

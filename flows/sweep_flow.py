@@ -13,8 +13,9 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled
 from prefect.task_runners import TaskRunner
 
+from common.path_settings import resolve_path
 from flows.cli import prepare_servers, user_errors_exit
-from flows.config import TrainConfig, resolve_path
+from flows.config import TrainConfig
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
 from flows.runners import make_task_runner, running, submit_all

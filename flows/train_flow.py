@@ -11,8 +11,9 @@ import sys
 from prefect import flow
 from prefect.states import Cancelled
 
+from common.path_settings import resolve_path
 from flows.cli import parse_config, prepare_servers, user_errors_exit
-from flows.config import TrainConfig, resolve_path
+from flows.config import TrainConfig
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
 from models import pretrained_file

@@ -6,9 +6,9 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from common.path_settings import PathText
+from common.path_settings import PathText, resolve_path
 from tasks.data.photos import Listing, list_csv
-from tasks.data.source_base import PhotoSource, absolute
+from tasks.data.source_base import PhotoSource
 
 
 class CsvSource(PhotoSource):
@@ -26,9 +26,9 @@ class CsvSource(PhotoSource):
 
     def list_photos(self) -> Listing:
         return list_csv(
-            absolute(self.train_csv),
-            absolute(self.test_csv),
-            absolute(self.image_root),
+            resolve_path(self.train_csv),
+            resolve_path(self.test_csv),
+            resolve_path(self.image_root),
             self.classes,
             self.max_image_pixels,
         )

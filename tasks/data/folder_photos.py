@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from common.path_settings import OptionalPathText, PathText
+from common.path_settings import OptionalPathText, PathText, resolve_path
 from tasks.data.photos import Listing, list_folder
-from tasks.data.source_base import PhotoSource, absolute
+from tasks.data.source_base import PhotoSource
 
 
 class FolderSource(PhotoSource):
@@ -26,7 +26,7 @@ class FolderSource(PhotoSource):
     )
 
     def list_photos(self) -> Listing:
-        test_dir = absolute(self.test_dir) if self.test_dir else None
+        test_dir = resolve_path(self.test_dir) if self.test_dir else None
         return list_folder(
-            absolute(self.train_dir), test_dir, self.test_fraction, max_pixels=self.max_image_pixels
+            resolve_path(self.train_dir), test_dir, self.test_fraction, max_pixels=self.max_image_pixels
         )

@@ -134,11 +134,6 @@ def stamp(made_from: object, how: object) -> str:
     return hashlib.sha256(json.dumps([made_from, repr(how)], default=str).encode()).hexdigest()
 
 
-def absolute(path: str) -> Path:
-    """A source's path made absolute in this process's working directory."""
-    return Path(path).expanduser().resolve()
-
-
 def function_origin(function: Callable) -> str:
     """The origin of generated data: the dotted name of the function that makes it."""
     return f"{function.__module__}.{function.__name__}"

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Union
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from common.path_settings import resolve_path
 from common.retrying import retry_except
 from tasks.data.csv_images import CsvDatasetError
 from tasks.data.sources import MemorySource
@@ -54,11 +55,11 @@ def list_images(
     `partition_size` rows will each read from their own first row."""
     size = None if resize else image_size
     if input_csv:
-        csv_path = _absolute(input_csv)
-        root = _absolute(image_root) if image_root else csv_path.parent
+        csv_path = resolve_path(input_csv)
+        root = resolve_path(image_root) if image_root else csv_path.parent
         inputs = image_inputs.csv_inputs(csv_path, root, class_names, max_image_pixels, size, partition_size)
     elif image_dir:
-        inputs = image_inputs.folder_inputs(_absolute(image_dir), max_image_pixels, size)
+        inputs = image_inputs.folder_inputs(resolve_path(image_dir), max_image_pixels, size)
         if note := image_inputs.skipped_note(inputs):
             print(note)
     elif dataset is not None:
@@ -66,10 +67,6 @@ def list_images(
     else:
         raise image_inputs.PredictionError("no images to predict: give a CSV, a folder or a dataset")
     return inputs
-
-
-def _absolute(path: PathText) -> Path:
-    return Path(path).expanduser().resolve()
 
 
 @task(
