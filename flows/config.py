@@ -20,6 +20,7 @@ from common.path_settings import OptionalPathText, PathSetting, PathText, resolv
 from flows.source_settings import flatten, lift, source_union
 from tasks.data.images import DEFAULT_MAX_PIXELS
 from tasks.data.sources import MEMORY_SOURCES, SOURCES, FashionMnistSource
+from tasks.train.launch import check_batch
 
 ModelName = Literal[
     "mlp", "cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"
@@ -48,6 +49,13 @@ def check_name(value: str, limit: int = NAME_LIMIT, why: str = "") -> str:
             f"contains {', '.join(map(repr, bad))}; a name takes printable characters other than "
             "quotes (' \"), slashes (/ \\) and control characters"
         )
+    return value
+
+
+def check_devices(value: str) -> str:
+    """--devices: a number of processes from 1, or auto."""
+    if value != "auto" and not (value.isdigit() and 1 <= int(value) <= 4096):
+        raise ValueError(f"--devices {value!r}: give a number of processes from 1 to 4096, or auto")
     return value
 
 
@@ -139,6 +147,31 @@ class TrainConfig(BaseModel):
     threads: Optional[int] = Field(
         None, ge=1, le=1024, description="CPU threads for torch; default: one per physical core."
     )
+    devices: Annotated[str, AfterValidator(check_devices)] = Field(
+        "1",
+        description="Processes that train one model together (DistributedDataParallel): a number, or "
+        "auto for every GPU on CUDA. The batch size is the global batch, split between them.",
+    )
+    train_on: Literal["local", "ray"] = Field(
+        "local", description="Train on this machine, or as a Ray Train job on the Ray cluster at address."
+    )
+    address: Optional[str] = Field(
+        None,
+        description="The Ray cluster for train_on ray: ray://HOST:PORT, HOST:PORT (the head's GCS) or "
+        "auto; default: a local Ray started for the run.",
+    )
+    sync_batchnorm: bool = Field(
+        True,
+        description="With several processes, compute batch-norm statistics over the global batch "
+        "(torch's SyncBatchNorm, which runs on CUDA only: on CPU each process normalises its share).",
+    )
+    collective_timeout_seconds: float = Field(
+        300,
+        ge=10,
+        le=86400,
+        description="With several processes, a rank that dies or waits longer than this on the others "
+        "fails the whole training (then the train step's retry resumes it).",
+    )
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the training split held out for validation."
     )
@@ -197,6 +230,16 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"--weights {self.weights!r}: no such file; give none, imagenet or a state_dict file"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _devices_fit_batch(self) -> "TrainConfig":
+        if self.devices != "auto":
+            check_batch(self.batch_size, int(self.devices))
+        if self.address and self.train_on != "ray":
+            raise ValueError(f"--address {self.address!r} is for --train-on ray (this run trains local)")
+        if self.address and not re.fullmatch(_ADDRESSES["ray"][0], self.address):
+            raise ValueError(f"--address {self.address!r}: give {_ADDRESSES['ray'][1]}")
         return self
 
     @property

@@ -46,4 +46,5 @@ def train_settings(config: TrainConfig) -> TrainSettings:
         weights=config.weights if config.weights in WEIGHTS.names else str(resolve_path(config.weights)),
         freeze_backbone=config.freeze_backbone,
         backbone_lr_scale=config.backbone_lr_scale,
+        sync_batchnorm=config.sync_batchnorm,
     )

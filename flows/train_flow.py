@@ -25,6 +25,8 @@ from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train.speed import resolve_precision, set_threads
+from tasks.train.launch import check_batch, resolve_devices
+from tasks.train.parallel import Parallel
 from tasks.train.steps import Watch, train_model
 from tasks.train.training import resolve_device
 
@@ -56,7 +58,15 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
             watch = Watch(
                 config.system_metrics, progress_key, sys.stdout.isatty(), patience, stop_when_cancelled=True
             )
-            trained = train(spec, loaders, settings, run_dir, run_id, watch)
+            parallel = Parallel(
+                resolve_devices(config.devices, loaders.train.labels.device),
+                dataset,
+                config.val_fraction,
+                config.train_on,
+                config.address,
+                config.collective_timeout_seconds,
+            )
+            trained = train(spec, loaders, settings, run_dir, run_id, watch, parallel)
             params = config.model_dump()
             published = publish_model(
                 trained, loaders.test, dataset, config.model_name, params, run_dir, run_id
@@ -72,7 +82,9 @@ def main(config: TrainConfig) -> dict:
     with user_errors_exit():
         if config.weights == "imagenet":
             pretrained_file(config.model)  # offline without them: named before any server or data work
-        resolve_precision(config.precision, resolve_device(config.device))  # `--device cuda`, fp16 here?
+        device = resolve_device(config.device)  # `--device cuda` here? fp16? more devices than present?
+        resolve_precision(config.precision, device)
+        check_batch(config.batch_size, resolve_devices(config.devices, device))
         prepare_servers()
         result = train_flow(config)
     print(

@@ -506,11 +506,10 @@ def fewer_training_images(loaders, dataset, count: int):
     train = loaders.train
     labels = load_tensors(dataset.prepared_path).train_labels  # train.labels are the split's already
     cut = TensorLoader(
-        *(train.images, labels, train.batch_size, train.shuffle, 0, train.labels.device),
+        *(train.images, labels, train.batch_size, train.shuffle, train.seed, train.labels.device),
         indices=train.indices[:count],
         augment=train.augment,
     )
-    cut.generator.set_state(train.generator.get_state())  # the seed the split was made with
     return loaders._replace(train=cut)
 
 

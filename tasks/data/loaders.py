@@ -3,6 +3,7 @@ batch is gathered, moved to the device and scaled (or augmented) there as a whol
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -18,9 +19,12 @@ class TensorLoader:
     """Yields (float pixels in [0, 1], labels) batches of `images[indices]` (all images when
     `indices` is None), the labels on `device`.
 
-    Much faster than a DataLoader over PIL images: no per-sample Python, one index per batch. The
-    generator draws both the shuffle and the augmentation, so its state (checkpointed) is all a
-    resumed run needs to see the same batches."""
+    Much faster than a DataLoader over PIL images: no per-sample Python, one index per batch.
+    `batch_size` is the global batch: with `world` processes, rank `rank` gets its share of each
+    batch (the shares of one batch are disjoint and make it whole), so every rank takes the same
+    number of steps. Each epoch's shuffle and augmentation are drawn from generators seeded with
+    (seed, epoch) and (seed, epoch, rank): a resumed run, on any rank, sees the same batches with no
+    generator state to carry."""
 
     def __init__(
         self,
@@ -32,6 +36,8 @@ class TensorLoader:
         device: torch.device | str = "cpu",
         indices: Optional[torch.Tensor] = None,
         augment: str = "none",
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.images = images  # stays where it is (a memory map): batches are gathered from it
         self.indices = indices
@@ -39,26 +45,48 @@ class TensorLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 1
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
     @property
     def num_samples(self) -> int:
-        """Samples per pass. A shuffled (training) pass leaves out a last batch of one: batch norm
-        cannot normalise a single sample once a network has pooled it to 1x1."""
+        """Samples per pass, over all ranks. A shuffled (training) pass leaves out a last batch of
+        one: batch norm cannot normalise a single sample once a network has pooled it to 1x1."""
         count = len(self.labels)
         return count - 1 if self.shuffle and count > 1 and count % self.batch_size == 1 else count
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count, device = len(self.labels), self.labels.device
-        order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch (from 1) whose shuffle and augmentation the next pass draws."""
+        self.epoch = epoch
+
+    def step_size(self, step: int) -> int:
+        """Samples in global batch `step` (from 0), over all ranks."""
+        return min(self.batch_size, self.num_samples - step * self.batch_size)
+
+    def shares(self) -> Iterator[torch.Tensor]:
+        """This rank's positions (into the loader's samples) in each batch of the epoch."""
+        count = len(self.labels)
+        shuffle = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(count, generator=shuffle) if self.shuffle else torch.arange(count)
         for start in range(0, self.num_samples, self.batch_size):
-            index = order[start : start + self.batch_size]
+            yield order[start : start + self.batch_size].tensor_split(self.world)[self.rank]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.labels.device
+        draws = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank + 1))
+        for index in self.shares():
             rows = index if self.indices is None else self.indices[index]
             batch = self.images[rows].to(device, non_blocking=True)
-            yield augment_batch(batch, self.augment, self.generator), self.labels[index.to(device)]
+            yield augment_batch(batch, self.augment, draws), self.labels[index.to(device)]
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A seed for one random stream of one epoch: the same on every run with `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # the same on every machine and Python
 
 
 class Loaders(NamedTuple):
@@ -86,8 +114,11 @@ def make_loaders(
     seed: int,
     device: torch.device | str,
     augment: str = "none",
+    rank: int = 0,
+    world: int = 1,
 ) -> Loaders:
-    """Train (shuffled, augmented), validation and test loaders over the prepared file."""
+    """Train (shuffled, augmented), validation and test loaders over the prepared file; with `world`
+    processes, each rank's loaders give it its share of every batch."""
     data = load_tensors(dataset.prepared_path)
     if len(data.train_labels) < 2:
         raise ValueError(f"{dataset.name}: need at least 2 training images to hold out validation")
@@ -95,8 +126,8 @@ def make_loaders(
     images, labels = data.train_images, data.train_labels
     eval_batch = evaluation_batch(batch_size, images[0].numel())
     return Loaders(
-        TensorLoader(images, labels, batch_size, True, seed, device, indices=train, augment=augment),
-        TensorLoader(images, labels, eval_batch, device=device, indices=val),
+        TensorLoader(images, labels, batch_size, True, seed, device, train, augment, rank, world),
+        TensorLoader(images, labels, eval_batch, device=device, indices=val, rank=rank, world=world),
         make_test_loader(dataset, device, eval_batch),
     )
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from common.files import atomic_save
 from models import ModelSpec, build_from_spec
-from tasks.data.loaders import TensorLoader
 
 
 @dataclass
@@ -43,11 +43,9 @@ def write_state_dict(state_dict: dict, path: Path) -> Path:
     return path
 
 
-def checkpoint_state(
-    model: nn.Module, optimisation: Optimisation, loader: TensorLoader, history: list[dict[str, float]]
-) -> dict:
-    """Everything needed to continue bit-for-bit: weights, optimiser, schedule, loss scale and RNG
-    streams."""
+def checkpoint_state(model: nn.Module, optimisation: Optimisation, history: list[dict[str, float]]) -> dict:
+    """Everything needed to continue bit-for-bit: weights, optimiser, schedule and loss scale (the
+    random streams are seeded per epoch, so they need no saving)."""
     return {
         "model": model.state_dict(),
         "optimizer": optimisation.optimizer.state_dict(),
@@ -55,21 +53,17 @@ def checkpoint_state(
         "scaler": optimisation.scaler.state_dict(),
         "precision": optimisation.precision,
         "history": history,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "shuffle_rng": loader.generator.get_state(),
     }
 
 
-def restore_checkpoint(
-    path: Path, model: nn.Module, optimisation: Optimisation, loader: TensorLoader
+def restore_state(
+    state: dict, model: nn.Module, optimisation: Optimisation, origin: str
 ) -> list[dict[str, float]]:
-    """Loads a checkpoint into the given objects and returns the epochs it already holds."""
-    state = load_weights(path)
+    """Loads a checkpoint's state (read from `origin`) into the given objects; returns its epochs."""
     saved = state.get("precision", "fp32")
     if saved != optimisation.precision:
         raise ValueError(
-            f"{path} was trained in {saved}, this attempt would continue in {optimisation.precision}; "
+            f"{origin} was trained in {saved}, this attempt would continue in {optimisation.precision}; "
             f"resume with --precision {saved}, or start a new run"
         )
     model.load_state_dict(state["model"])
@@ -77,8 +71,21 @@ def restore_checkpoint(
     optimisation.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         optimisation.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    loader.generator.set_state(state["shuffle_rng"])
     return state["history"]
+
+
+class CheckpointFile:
+    """The run's last checkpoint, one file replaced atomically after each epoch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.origin = str(path)
+
+    def load(self) -> Optional[dict]:
+        """The last complete checkpoint, if an earlier attempt wrote one."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*.part"):
+            stale.unlink()  # left by an attempt killed while writing; the last complete file stands
+        return load_weights(self.path) if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        atomic_save(state, self.path)

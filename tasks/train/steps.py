@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ from tasks.track import tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled
 from tasks.track.delivery import MetricsOutbox, TrackingUnavailableError
 from tasks.train import checkpoints
+from tasks.train.parallel import Parallel, RankCallbacks, rank_job, train_ranks
 from tasks.train.progress import TrainingProgress
 from tasks.train.speed import Levers
 from tasks.train.training import TrainSettings, train
@@ -54,10 +56,16 @@ class Watch:
     retry_condition_fn=retry_except(TrackingUnavailableError, FlowRunCancelled),
 )
 def train_model(
-    spec: ModelSpec, loaders: Loaders, settings: TrainSettings, run_dir: Path, run_id: str, watch: Watch
+    spec: ModelSpec,
+    loaders: Loaders,
+    settings: TrainSettings,
+    run_dir: Path,
+    run_id: str,
+    watch: Watch,
+    parallel: Optional[Parallel] = None,
 ) -> TrainedModel:
-    """Trains with per-epoch checkpoints (a retry resumes) and logs every epoch to MLflow."""
-    return train_logged(spec, loaders, settings, run_dir, run_id, watch)
+    """Trains with per-epoch checkpoints (a retry resumes every rank) and logs every epoch to MLflow."""
+    return train_logged(spec, loaders, settings, run_dir, run_id, watch, parallel)
 
 
 def train_logged(
@@ -67,11 +75,15 @@ def train_logged(
     run_dir: Path,
     run_id: str,
     watch: Watch = Watch(),
+    parallel: Optional[Parallel] = None,
 ) -> TrainedModel:
     """train() with checkpoints in run_dir, each epoch printed and logged to the MLflow run (through
     an outbox: training goes on while the tracking server is away, up to `watch.tracking_patience`);
     with `watch.stop_when_cancelled`, stopped mid-epoch (FlowRunCancelled) once Prefect marks the
-    flow run cancelled, the last whole epoch's checkpoint kept."""
+    flow run cancelled, the last whole epoch's checkpoint kept.
+
+    With `parallel` over several processes, the ranks train and this process records rank 0's
+    epochs and progress: it alone talks to MLflow and Prefect."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
     console = Console() if watch.console else None
     progress = TrainingProgress(settings.epochs, len(loaders.train), watch.progress_key, console)
@@ -89,12 +101,19 @@ def train_logged(
         if cancelled:
             cancelled()
 
-    def log_levers(levers: Levers) -> None:
-        tracking.log_tags(run_id, {**levers.tags(), "threads": str(torch.get_num_threads())})
+    def log_levers(levers: Levers, threads: int = 0) -> None:
+        tracking.log_tags(run_id, {**levers.tags(), "threads": str(threads or torch.get_num_threads())})
 
     with tracking.system_metrics(run_id, watch.system_metrics), progress:
         try:
-            _, history = train(spec, loaders, settings, checkpoint, log_epoch, on_batch, log_levers)
+            if parallel is None or not parallel.spans_processes:
+                _, history = train(spec, loaders, settings, checkpoint, log_epoch, on_batch, log_levers)
+            else:
+                job = rank_job(spec, settings, loaders, parallel, checkpoint)
+                tracking.log_params(run_id, parallel.params(job.batch_size))
+                tracking.log_tags(run_id, parallel.tags(job.device))
+                callbacks = RankCallbacks(log_epoch, on_batch, log_levers, checkpoint)
+                history = train_ranks(job, parallel, run_dir / "ranks" / uuid.uuid4().hex, callbacks)
         except FlowRunCancelled:
             outbox.close()  # the epochs before it are in MLflow too
             raise

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
-from common.files import atomic_save
 from models import (
     ModelSpec,
     backbone_parameters,
@@ -24,9 +23,10 @@ from models import (
     head_parameters,
     keep_frozen_norms_eval,
 )
-from tasks.data.loaders import Loaders, TensorLoader
-from tasks.train import speed
-from tasks.train.checkpoints import Optimisation, checkpoint_state, restore_checkpoint
+from tasks.data.loaders import Loaders, TensorLoader, epoch_seed
+from tasks.train import collectives, speed
+from tasks.train.checkpoints import CheckpointFile, Optimisation, checkpoint_state, restore_state
+from tasks.train.collectives import Checkpoints
 
 EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, its metrics) once it is checkpointed
 BatchCallback = Callable[[int, int], None]  # (epoch, batches done so far in it)
@@ -49,6 +49,7 @@ class TrainSettings:
     weights: str = "none"  # backbones: none, imagenet or a state_dict file to start from
     freeze_backbone: bool = False  # train the classifier head only
     backbone_lr_scale: float = 0.1  # the backbone's learning rate as a share of the head's
+    sync_batchnorm: bool = True  # with several processes, where torch can (CUDA)
 
 
 class DeviceUnavailableError(UserError, RuntimeError):
@@ -123,29 +124,32 @@ def train_one_epoch(
     optimisation: Optimisation,
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss and accuracy. `on_batch(batch)` follows each step,
-    with the number of batches done so far."""
+    """One pass over `loader`; returns mean loss and accuracy (over every rank's share). `on_batch(batch)`
+    follows each step, with the number of batches done so far."""
     model.train()
     keep_frozen_norms_eval(model)  # a frozen backbone keeps the statistics it came with
     device = loader.labels.device
     optimizer, scaler = optimisation.optimizer, optimisation.scaler
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for batch, (images, labels) in enumerate(loader, 1):
+    world = collectives.world_size()
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss, correct
+    for step, (images, labels) in enumerate(loader):
         with speed.autocast(device, optimisation.precision):
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        # The global batch's mean loss: DDP averages the ranks' gradients, so each rank scales its
+        # sum by world / global batch, which stays exact when the last batch splits unevenly.
+        loss = loss_sum * (world / loader.step_size(step))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         optimisation.scheduler.step()
         # Accumulate on the device: a .item() per batch would stall a GPU every step.
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
+        sums += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == labels).sum().double()])
         if on_batch is not None:
-            on_batch(batch)
-    return {"loss": loss_sum.item() / loader.num_samples, "accuracy": correct.item() / loader.num_samples}
+            on_batch(step + 1)
+    loss_total, correct = collectives.global_sum(sums).tolist()
+    return {"loss": loss_total / loader.num_samples, "accuracy": correct / loader.num_samples}
 
 
 @torch.no_grad()
@@ -160,12 +164,19 @@ def predict_logits(
 
 
 def evaluate_loss(model: nn.Module, loader: TensorLoader, precision: str = "fp32") -> dict[str, float]:
-    """Mean loss and accuracy of `model` on `loader`."""
+    """Mean loss and accuracy of `model` on `loader` (over every rank's share)."""
     logits, labels = predict_logits(model, loader, precision)
-    return {
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (logits.argmax(1) == labels).float().mean().item(),
-    }
+    sums = torch.tensor(
+        [
+            F.cross_entropy(logits, labels, reduction="sum").item(),
+            (logits.argmax(1) == labels).sum().item(),
+            len(labels),
+        ],
+        dtype=torch.float64,
+        device=loader.labels.device,
+    )
+    loss, correct, count = collectives.global_sum(sums).tolist()
+    return {"loss": loss / count, "accuracy": correct / count}
 
 
 def settings_levers(model: nn.Module, device: torch.device, settings: TrainSettings) -> speed.Levers:
@@ -178,26 +189,27 @@ def fit(
     loaders: Loaders,
     optimisation: Optimisation,
     epochs: int,
-    checkpoint_path: Path,
+    checkpoints: Checkpoints,
     on_epoch: Optional[EpochCallback] = None,
     on_batch: Optional[BatchCallback] = None,
     step_model: Optional[nn.Module] = None,
 ) -> list[dict[str, float]]:
-    """Trains for `epochs`, resuming from `checkpoint_path` when it holds earlier epochs.
+    """Trains for `epochs`, resuming from the checkpoint `checkpoints` holds, saving one every epoch.
 
-    `step_model` runs the forward passes (a compiled `model`); checkpoints hold `model`'s weights."""
+    `step_model` runs the training steps (`model` compiled, or wrapped for data-parallel steps);
+    checkpoints hold `model`'s weights."""
     step_model = step_model or model
-    history: list[dict[str, float]] = []
-    for stale in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.part"):
-        stale.unlink()  # left by an attempt killed while writing; the last complete file stands
-    if checkpoint_path.exists():
-        history = restore_checkpoint(checkpoint_path, model, optimisation, loaders.train)
+    state = checkpoints.load()
+    history = restore_state(state, model, optimisation, checkpoints.origin) if state else []
     for epoch in range(len(history) + 1, epochs + 1):
+        loaders.train.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(loaders.train.seed, epoch, -1 - collectives.rank()))  # dropout
         started = time.perf_counter()
         step = functools.partial(on_batch, epoch) if on_batch else None
         train = train_one_epoch(step_model, loaders.train, optimisation, step)
         seconds = time.perf_counter() - started
-        val = evaluate_loss(step_model, loaders.val, optimisation.precision)
+        collectives.broadcast_buffers(model)  # every rank validates what rank 0 saves
+        val = evaluate_loss(collectives.unwrap(step_model), loaders.val, optimisation.precision)
         metrics = {
             "train_loss": train["loss"],
             "train_accuracy": train["accuracy"],
@@ -208,7 +220,7 @@ def fit(
             "lr": optimisation.optimizer.param_groups[0]["lr"],
         }
         history.append(metrics)
-        atomic_save(checkpoint_state(model, optimisation, loaders.train, history), checkpoint_path)
+        checkpoints.save(checkpoint_state(model, optimisation, history))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     return history
@@ -235,30 +247,32 @@ def build_training(
     optimisation = Optimisation(
         optimizer, scheduler, speed.grad_scaler(device, levers.precision), levers.precision
     )
-    step_model = torch.compile(model) if levers.compile else model
-    return model, step_model, optimisation
+    sync_batchnorm = settings.sync_batchnorm and collectives.sync_batchnorm_runs_on(device)
+    step_model = collectives.distribute(model, device, sync_batchnorm)
+    return model, torch.compile(step_model) if levers.compile else step_model, optimisation
 
 
 def train(
     spec: ModelSpec,
     loaders: Loaders,
     settings: TrainSettings,
-    checkpoint_path: Path,
+    checkpoints: Checkpoints | Path,
     on_epoch: Optional[EpochCallback] = None,
     on_batch: Optional[BatchCallback] = None,
     on_start: Optional[StartCallback] = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Seeds, builds and trains a network; returns it with one metrics dict per epoch.
+    """Seeds, builds and trains a network (on every rank of a process group, if one is set up);
+    returns it with one metrics dict per epoch. `checkpoints`: a file's path, or where ranks share one.
 
     `on_start(levers)` follows the build, `on_epoch(epoch, metrics)` each checkpointed epoch and
     `on_batch(epoch, batch)` each step."""
     torch.manual_seed(settings.seed)
-    loaders.train.generator.manual_seed(settings.seed)  # a retried attempt reshuffles as the first did
+    checkpoints = CheckpointFile(checkpoints) if isinstance(checkpoints, Path) else checkpoints
     device = loaders.train.labels.device
     model, step_model, optimisation = build_training(spec, settings, device, len(loaders.train))
     if on_start is not None:
         on_start(settings_levers(model, device, settings))
     history = fit(
-        model, loaders, optimisation, settings.epochs, checkpoint_path, on_epoch, on_batch, step_model
+        model, loaders, optimisation, settings.epochs, checkpoints, on_epoch, on_batch, step_model
     )
     return model, history
