@@ -16,11 +16,11 @@ from pydantic import (
     model_validator,
 )
 
+from common.errors import UserError
 from common.path_settings import OptionalPathText, PathSetting, PathText, resolve_path
 from flows.source_settings import flatten, lift, source_union
 from tasks.data.images import DEFAULT_MAX_PIXELS
 from tasks.data.sources import MEMORY_SOURCES, SOURCES, FashionMnistSource
-from tasks.train.launch import check_batch
 
 ModelName = Literal[
     "mlp", "cnn", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"
@@ -50,6 +50,21 @@ def check_name(value: str, limit: int = NAME_LIMIT, why: str = "") -> str:
             "quotes (' \"), slashes (/ \\) and control characters"
         )
     return value
+
+
+class BatchSplitError(UserError, ValueError):
+    """--batch-size (the global batch) does not split evenly over the processes."""
+
+
+def check_batch(batch_size: int, world: int) -> None:
+    """--batch-size is the global batch: it must split evenly over `world` processes."""
+    if batch_size % world:
+        below = batch_size - batch_size % world
+        valid = " or ".join(str(size) for size in (below, below + world) if size > 0)
+        raise BatchSplitError(
+            f"--batch-size {batch_size} does not divide over --devices {world}; the nearest that do: "
+            f"{valid}"
+        )
 
 
 def check_devices(value: str) -> str:

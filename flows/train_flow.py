@@ -13,7 +13,7 @@ from prefect.states import Cancelled
 
 from common.path_settings import resolve_path
 from flows.cli import parse_config, prepare_servers, user_errors_exit
-from flows.config import TrainConfig
+from flows.config import TrainConfig, check_batch
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
 from models import pretrained_file
@@ -24,9 +24,9 @@ from tasks.publish.stage import publish_model
 from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
-from tasks.train.speed import resolve_precision, set_threads
-from tasks.train.launch import check_batch, resolve_devices
+from tasks.train.launch import resolve_devices
 from tasks.train.parallel import Parallel
+from tasks.train.speed import resolve_precision, set_threads
 from tasks.train.steps import Watch, train_model
 from tasks.train.training import resolve_device
 

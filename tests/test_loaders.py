@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tasks.data.datasets import load_tensors, prepare_dataset
@@ -57,3 +58,35 @@ def test_loaders_gather_from_the_mapped_file_without_copying_the_split(tmp_path)
     first = loaders.val.indices[: len(labels)]
     assert torch.equal(pixels, mapped[first].float() / 255)
     assert torch.equal(labels, load_tensors(ref.prepared_path).train_labels[first])
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 9, 33, 64, 101])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ranks_share_each_epoch_disjointly_and_together_make_the_single_process_epoch(world, count):
+    """Every global batch splits into disjoint shares, one per rank, that make it whole; the ranks
+    take the same number of steps, and each epoch's shuffle is its own."""
+    if world > 1 and count < 2:
+        pytest.skip("a training split holds at least 2 images")
+    images, labels = torch.zeros(count, 1, 1, 1, dtype=torch.uint8), torch.arange(count)
+
+    def loader(rank: int, world: int) -> TensorLoader:
+        return TensorLoader(images, labels, 8, shuffle=True, seed=5, rank=rank, world=world)
+
+    epochs = []
+    for epoch in (1, 2, 3):
+        single = loader(0, 1)
+        single.set_epoch(epoch)
+        ranks = [loader(rank, world) for rank in range(world)]
+        for each in ranks:
+            each.set_epoch(epoch)
+        shares = [list(each.shares()) for each in ranks]
+        assert {len(steps) for steps in shares} == {len(single)}  # the same steps on every rank
+        for step, whole in enumerate(single.shares()):
+            parts = [steps[step] for steps in shares]
+            assert torch.equal(torch.cat(parts), whole)  # disjoint, in order, and the whole batch
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        epochs.append(torch.cat(list(single.shares())).tolist())
+        assert sorted(torch.cat([labels for each in ranks for _, labels in each]).tolist()) == sorted(
+            epochs[-1]
+        )
+    assert count < 3 or epochs[0] != epochs[1]  # reshuffled every epoch

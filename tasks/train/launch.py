@@ -24,7 +24,7 @@ Handler = Callable[[dict[str, Any]], None]  # one event of rank 0's
 
 
 class DevicesError(UserError, ValueError):
-    """--devices asks for more than the machine has, or does not divide the batch."""
+    """--devices asks for more than the machine has."""
 
 
 class RanksFailedError(RuntimeError):
@@ -47,17 +47,6 @@ def resolve_devices(requested: str, device: torch.device) -> int:
     if count > have:
         raise DevicesError(f"--devices {count} asks for more processes than this machine's {have} {what}")
     return count
-
-
-def check_batch(batch_size: int, world: int) -> None:
-    """--batch-size is the global batch: it must split evenly over `world` processes."""
-    if batch_size % world:
-        below = batch_size - batch_size % world
-        valid = " or ".join(str(size) for size in (below, below + world) if size > 0)
-        raise DevicesError(
-            f"--batch-size {batch_size} does not divide over --devices {world}; the nearest that do: "
-            f"{valid}"
-        )
 
 
 def free_port() -> int:
