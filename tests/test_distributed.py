@@ -1,0 +1,193 @@
+"""One training in two processes (DistributedDataParallel, gloo on CPU) started by torch's elastic
+launcher from the train step: recorded once, registered, resumed after a killed rank, cancelled,
+and never leaving a rank behind."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import torch
+from conftest import EPOCH_METRICS
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
+from prefect.states import Cancelling
+
+from flows.config import TrainConfig
+from flows.train_flow import train_flow
+from models import ModelSpec
+from tasks.data.datasets import prepare_dataset
+from tasks.data.digits import DigitsSource
+from tasks.data.loaders import make_loaders
+from tasks.data.source_base import Shape
+from tasks.track import cancellation, tracking
+from tasks.train import launch, parallel
+from tasks.train import steps as train_steps
+from tasks.train.parallel import Parallel
+from tasks.train.steps import train_logged
+from tasks.train.training import TrainSettings
+
+pytestmark = pytest.mark.slow
+# The CNN on digits at 48 px: about a second an epoch in two processes on 2 cores, so a kill or a
+# cancel lands mid-epoch; batch 64 is the global batch, 32 per process.
+DIGITS = {"dataset": "digits", "model": "cnn", "image_size": "48", "batch_size": 64, "epochs": 4}
+
+
+def config(folder: Path, **overrides) -> TrainConfig:
+    settings = {**DIGITS, "data_dir": str(folder.parent / "data"), "output_dir": str(folder / "outputs")}
+    return TrainConfig(**{**settings, **overrides})
+
+
+def rank_processes() -> list[psutil.Process]:
+    """The ranks this process started (and any they started), alive or not yet reaped."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "tasks.train.ranks" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def rank_process(rank: int) -> psutil.Process:
+    [process] = [p for p in rank_processes() if p.environ().get("RANK") == str(rank)]
+    return process
+
+
+def weights(result: dict) -> dict[str, torch.Tensor]:
+    return torch.load(Path(result["run_dir"], "model_weights.pth"), weights_only=True)
+
+
+def on_event(monkeypatch, react) -> None:
+    """`react(event)` before the train step handles each of rank 0's events."""
+    real = parallel.RankCallbacks.__call__
+
+    def relayed(self, event):
+        react(event)
+        return real(self, event)
+
+    monkeypatch.setattr(parallel.RankCallbacks, "__call__", relayed)
+
+
+@pytest.fixture(scope="module")
+def straight(prefect_server, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted two-process run (its MLflow store and result), for the module's comparisons."""
+    folder = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        patch.chdir(folder)
+        result = train_flow(config(folder, devices="2", registered_model="ddp"))
+    assert not rank_processes()
+    return folder, result
+
+
+def test_two_processes_train_one_model_recorded_once_and_registered(straight):
+    folder, result = straight
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and result["versions"] == {"ddp": "1", "ddp-onnx": "1"}
+    assert result["alias"] == "champion" and run.data.metrics["onnx_top1_agreement"] == 1.0
+    for name in EPOCH_METRICS:  # rank 0's epochs, each logged once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2, 3, 4], name
+    assert run.data.params["world_size"] == "2" and run.data.params["batch_per_process"] == "32"
+    assert run.data.tags["backend"] == "gloo" and run.data.tags["train_on"] == "local"
+    assert run.data.tags["threads"] == str(max(1, torch.get_num_threads() // 2))
+
+
+
+def test_two_processes_are_as_accurate_as_one_at_the_same_global_batch(prefect_server, mlflow_store):
+    """`--dataset digits` with every other setting at its default, in one process and in two."""
+    runs = {
+        devices: train_flow(TrainConfig(dataset="digits", devices=devices, registered_model=f"on-{devices}"))
+        for devices in ("1", "2")
+    }
+    print({devices: result["test_accuracy"] for devices, result in runs.items()})
+    assert abs(runs["1"]["test_accuracy"] - runs["2"]["test_accuracy"]) <= 0.005
+    assert all(result["alias"] == "champion" for result in runs.values())
+
+
+def test_a_killed_rank_fails_the_group_in_seconds_and_the_retry_resumes_to_the_same_weights(
+    straight, prefect_server, mlflow_store, tmp_path, monkeypatch
+):
+    killed, failed = [], []
+
+    def kill_rank_1_in_epoch_2(event):
+        if event["kind"] == "batch" and event["epoch"] == 2 and not killed:
+            rank_process(1).send_signal(signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    real_relay = launch.relay
+
+    def timed_relay(*args):
+        try:
+            real_relay(*args)
+        except launch.RanksFailedError as error:
+            failed.append((time.monotonic(), str(error)))
+            raise
+
+    on_event(monkeypatch, kill_rank_1_in_epoch_2)
+    monkeypatch.setattr(launch, "relay", timed_relay)
+    monkeypatch.setattr(train_steps.train_model, "retry_delay_seconds", 0)
+    result = train_flow(config(tmp_path, devices="2", registered_model="ddp", train_retries=1))
+
+    [(failed_at, message)] = failed
+    print(f"rank 1 killed: the train step failed {failed_at - killed[0]:.1f} s later: {message}")
+    assert failed_at - killed[0] < 60 and "rank 1" in message and "SIGKILL" in message
+    client = MlflowClient()
+    for name in EPOCH_METRICS:  # the retry resumed from epoch 2's start: each epoch once
+        assert [m.step for m in client.get_metric_history(result["mlflow_run_id"], name)] == [1, 2, 3, 4]
+    resumed, uninterrupted = weights(result), weights(straight[1])
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert not rank_processes()
+
+
+def test_cancelling_the_flow_run_stops_every_rank_and_kills_the_mlflow_run(
+    prefect_server, mlflow_store, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(cancellation, "CHECK_EVERY_SECONDS", 0)
+
+    def cancel_after_epoch_1(event):
+        if event["kind"] == "epoch" and event["epoch"] == 1:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by a test"), force=True)
+
+    on_event(monkeypatch, cancel_after_epoch_1)
+    state = train_flow(config(tmp_path, devices="2"), return_state=True)
+    assert state.is_cancelled() and "was cancelled in Prefect" in state.message
+    assert not rank_processes()
+    [run] = mlflow.search_runs(experiment_names=["image-classifier"], output_format="list")
+    assert run.info.status == "KILLED"
+    [checkpoint] = tmp_path.rglob("checkpoints/last.pt")
+    assert len(torch.load(checkpoint, weights_only=True)["history"]) < 4
+
+
+def test_a_hung_rank_fails_the_group_within_the_collective_timeout(tmp_path, mlflow_store, monkeypatch):
+    """SIGSTOP rank 1: rank 0 waits on it for --collective-timeout-seconds, then the group fails."""
+    dataset = prepare_dataset(DigitsSource(), tmp_path / "data", shape=Shape("1", (24, 24)))
+    loaders = make_loaders(dataset, 64, 0.1, 0, "cpu")
+    spec = ModelSpec("cnn", 1, (24, 24), 10, dataset.mean, dataset.std)
+    stopped = []
+
+    def stop_rank_1(event):
+        if event["kind"] == "batch" and not stopped:
+            rank_process(1).send_signal(signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+    on_event(monkeypatch, stop_rank_1)
+    run_id = tracking.start_run("hang", "hang", {})
+    settings = TrainSettings(20, "adamw", 1e-3, 0.0, "onecycle", 0)
+    timeout = 10
+    two = Parallel(2, dataset, 0.1, timeout_seconds=timeout)
+    with pytest.raises(launch.RanksFailedError) as failure:
+        train_logged(spec, loaders, settings, tmp_path, run_id, parallel=two)
+    seconds = time.monotonic() - stopped[0]
+    print(f"rank 1 stopped: the group failed {seconds:.1f} s later ({failure.value})")
+    assert timeout <= seconds < timeout + 40
+    assert not rank_processes()
