@@ -1,12 +1,21 @@
-"""How a TrainConfig becomes a network spec and training settings (no Prefect, no MLflow)."""
+"""How a TrainConfig becomes a network spec, training settings and the processes that train (no
+Prefect, no MLflow)."""
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
+from common.errors import UserError
 from common.path_settings import resolve_path
 from flows.config import WEIGHTS, TrainConfig
 from models import ModelSpec, pretrained_stats
-from tasks.data.datasets import DatasetRef
+from tasks.data.datasets import DatasetRef, prepare_dataset
 from tasks.data.sources import Shape
+from tasks.train import torchrun
+from tasks.train.launch import resolve_devices, usable_cpus
+from tasks.train.parallel import Parallel
 from tasks.train.training import TrainSettings
 
 
@@ -48,3 +57,46 @@ def train_settings(config: TrainConfig) -> TrainSettings:
         backbone_lr_scale=config.backbone_lr_scale,
         sync_batchnorm=config.sync_batchnorm,
     )
+
+
+class TorchrunSettingsError(UserError, ValueError):
+    """--devices or --train-on set under torchrun, which decides the processes itself."""
+
+
+def world_size(config: TrainConfig, device: torch.device) -> int:
+    """Processes that train: torchrun's group when it started this one, else --devices here."""
+    if not torchrun.active():
+        return resolve_devices(config.devices, device)
+    world = torchrun.world_size()
+    if config.devices not in ("1", str(world)) or config.train_on != "local":
+        raise TorchrunSettingsError(
+            f"torchrun started {world} processes: leave out --devices {config.devices} and --train-on "
+            f"{config.train_on} (torchrun's --nnodes and --nproc-per-node set them)"
+        )
+    return world
+
+
+def parallel_plan(config: TrainConfig, dataset: DatasetRef, device: torch.device) -> Parallel:
+    """How the train step spreads the training over processes."""
+    train_on = "torchrun" if torchrun.active() else config.train_on
+    return Parallel(
+        world_size(config, device),
+        dataset,
+        config.val_fraction,
+        train_on,
+        config.address,
+        config.collective_timeout_seconds,
+    )
+
+
+def follow_rank_0(config: TrainConfig, device: torch.device) -> dict:
+    """A torchrun rank other than 0: prepares the data on this machine, then trains its share of
+    rank 0's job; rank 0 records the run."""
+    logger = logging.getLogger("train_flow")
+
+    def prepare() -> DatasetRef:
+        data_dir, workers = resolve_path(config.data_dir), config.prepare_workers or usable_cpus()
+        return prepare_dataset(config.dataset, data_dir, logger, data_shape(config), workers)
+
+    history = torchrun.follow(device.type, config.collective_timeout_seconds, prepare)
+    return {"epochs": len(history)}

@@ -15,7 +15,7 @@ from common.path_settings import resolve_path
 from flows.cli import parse_config, prepare_servers, user_errors_exit
 from flows.config import TrainConfig, check_batch
 from flows.confinement import check_confined
-from flows.recipe import data_shape, model_spec, train_settings
+from flows.recipe import data_shape, follow_rank_0, model_spec, parallel_plan, train_settings, world_size
 from models import pretrained_file
 from tasks.data.augment import resolve_augment
 from tasks.data.steps import build_loaders, fetch_dataset, fetch_weights
@@ -24,8 +24,7 @@ from tasks.publish.stage import publish_model
 from tasks.track.cancellation import FlowRunCancelled
 from tasks.track.reports import artifact_key
 from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
-from tasks.train.launch import resolve_devices
-from tasks.train.parallel import Parallel
+from tasks.train import torchrun
 from tasks.train.speed import resolve_precision, set_threads
 from tasks.train.steps import Watch, train_model
 from tasks.train.training import resolve_device
@@ -58,14 +57,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
             watch = Watch(
                 config.system_metrics, progress_key, sys.stdout.isatty(), patience, stop_when_cancelled=True
             )
-            parallel = Parallel(
-                resolve_devices(config.devices, loaders.train.labels.device),
-                dataset,
-                config.val_fraction,
-                config.train_on,
-                config.address,
-                config.collective_timeout_seconds,
-            )
+            parallel = parallel_plan(config, dataset, loaders.train.labels.device)
             trained = train(spec, loaders, settings, run_dir, run_id, watch, parallel)
             params = config.model_dump()
             published = publish_model(
@@ -84,7 +76,9 @@ def main(config: TrainConfig) -> dict:
             pretrained_file(config.model)  # offline without them: named before any server or data work
         device = resolve_device(config.device)  # `--device cuda` here? fp16? more devices than present?
         resolve_precision(config.precision, device)
-        check_batch(config.batch_size, resolve_devices(config.devices, device))
+        check_batch(config.batch_size, world_size(config, device))
+        if torchrun.is_follower():  # torchrun started this process as a rank other than 0
+            return follow_rank_0(config, device)
         prepare_servers()
         result = train_flow(config)
     print(

@@ -5,6 +5,8 @@ and never leaving a rank behind."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import mlflow
 import psutil
 import pytest
 import torch
-from conftest import EPOCH_METRICS
+from conftest import EPOCH_METRICS, TRAIN_SCRIPT, free_port, script_env
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
@@ -101,24 +103,13 @@ def test_two_processes_train_one_model_recorded_once_and_registered(straight):
 
 
 
-def test_two_processes_are_as_accurate_as_one_at_the_same_global_batch(prefect_server, mlflow_store):
-    """`--dataset digits` with every other setting at its default, in one process and in two."""
-    runs = {
-        devices: train_flow(TrainConfig(dataset="digits", devices=devices, registered_model=f"on-{devices}"))
-        for devices in ("1", "2")
-    }
-    print({devices: result["test_accuracy"] for devices, result in runs.items()})
-    assert abs(runs["1"]["test_accuracy"] - runs["2"]["test_accuracy"]) <= 0.005
-    assert all(result["alias"] == "champion" for result in runs.values())
-
-
 def test_a_killed_rank_fails_the_group_in_seconds_and_the_retry_resumes_to_the_same_weights(
     straight, prefect_server, mlflow_store, tmp_path, monkeypatch
 ):
     killed, failed = [], []
 
     def kill_rank_1_in_epoch_2(event):
-        if event["kind"] == "batch" and event["epoch"] == 2 and not killed:
+        if event["kind"] == "batch" and event["epoch"] >= 2 and not killed:
             rank_process(1).send_signal(signal.SIGKILL)
             killed.append(time.monotonic())
 
@@ -183,7 +174,7 @@ def test_a_hung_rank_fails_the_group_within_the_collective_timeout(tmp_path, mlf
     on_event(monkeypatch, stop_rank_1)
     run_id = tracking.start_run("hang", "hang", {})
     settings = TrainSettings(20, "adamw", 1e-3, 0.0, "onecycle", 0)
-    timeout = 10
+    timeout = 5
     two = Parallel(2, dataset, 0.1, timeout_seconds=timeout)
     with pytest.raises(launch.RanksFailedError) as failure:
         train_logged(spec, loaders, settings, tmp_path, run_id, parallel=two)
@@ -191,3 +182,23 @@ def test_a_hung_rank_fails_the_group_within_the_collective_timeout(tmp_path, mlf
     print(f"rank 1 stopped: the group failed {seconds:.1f} s later ({failure.value})")
     assert timeout <= seconds < timeout + 40
     assert not rank_processes()
+
+
+def test_torchrun_starts_the_script_once_per_rank_and_rank_0_alone_records(tmp_path):
+    """`torchrun ... flows/train_flow.py` as the docs show it for several machines, here with one
+    node of two processes: rank 0 runs the flow, rank 1 prepares the data itself and trains."""
+    rendezvous = f"127.0.0.1:{free_port()}"
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"),
+        *("--rdzv-backend", "c10d", "--rdzv-endpoint", rendezvous, str(TRAIN_SCRIPT)),
+        *("--dataset", "digits", "--epochs", "2", "--data-dir", str(tmp_path / "data")),
+    ]
+    env = script_env(tmp_path, seeded=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("test accuracy") == 1  # rank 0's one run
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
+    assert run.data.params["world_size"] == "2" and run.data.tags["train_on"] == "torchrun"
+    for name in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name

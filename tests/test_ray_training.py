@@ -2,9 +2,11 @@
 flow's process prepares, evaluates and registers; two Ray workers train."""
 
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from conftest import EPOCH_METRICS
 from mlflow import MlflowClient
 
@@ -12,6 +14,10 @@ from flows.config import TrainConfig
 from flows.train_flow import train_flow
 
 pytestmark = pytest.mark.slow
+
+
+def weights(result: dict) -> dict[str, torch.Tensor]:
+    return torch.load(Path(result["run_dir"], "model_weights.pth"), weights_only=True)
 
 
 def ray_training_processes() -> list[str]:
@@ -24,15 +30,27 @@ def ray_training_processes() -> list[str]:
     return names
 
 
-def test_two_ray_workers_train_one_model_recorded_once_and_as_accurate_as_one_process(
+def test_two_processes_here_or_on_ray_train_as_accurate_as_one_and_ray_records_once(
     ray_cluster, prefect_server, mlflow_store
 ):
-    one = train_flow(TrainConfig(dataset="digits", registered_model="one"))
-    ray = {"devices": "2", "train_on": "ray", "address": ray_cluster}
-    on_ray = train_flow(TrainConfig(dataset="digits", registered_model="ray", **ray))
-    print({"one process": one["test_accuracy"], "two Ray workers": on_ray["test_accuracy"]})
-    assert abs(one["test_accuracy"] - on_ray["test_accuracy"]) <= 0.005
-    assert on_ray["alias"] == "champion" and on_ray["versions"] == {"ray": "1", "ray-onnx": "1"}
+    """`--dataset digits` with every other setting at its default: in one process, in two started by
+    torch's elastic launcher, and as two Ray Train workers on a Ray cluster."""
+    runs = {
+        "one process": {},
+        "two processes": {"devices": "2"},
+        "two Ray workers": {"devices": "2", "train_on": "ray", "address": ray_cluster},
+    }
+    results = {
+        how: train_flow(TrainConfig(dataset="digits", registered_model=f"m{index}", **settings))
+        for index, (how, settings) in enumerate(runs.items())
+    }
+    print({how: result["test_accuracy"] for how, result in results.items()})
+    for how in ("two processes", "two Ray workers"):
+        assert abs(results["one process"]["test_accuracy"] - results[how]["test_accuracy"]) <= 0.005, how
+        assert results[how]["alias"] == "champion" and len(results[how]["versions"]) == 2, how
+    local, on_ray = (weights(results[how]) for how in ("two processes", "two Ray workers"))
+    assert all(torch.equal(local[key], on_ray[key]) for key in local)  # one training, two launchers
+    on_ray = results["two Ray workers"]
 
     client = MlflowClient()
     run = client.get_run(on_ray["mlflow_run_id"])

@@ -15,7 +15,7 @@ from common.files import atomic_path
 from models import ModelSpec
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import Loaders
-from tasks.train import checkpoints, launch
+from tasks.train import checkpoints, launch, torchrun
 from tasks.train.ranks import RankJob, backend
 from tasks.train.speed import Levers
 from tasks.train.training import BatchCallback, EpochCallback, TrainSettings
@@ -28,7 +28,7 @@ class Parallel:
     devices: int  # processes in the group
     dataset: DatasetRef
     val_fraction: float
-    train_on: str = "local"  # local (torch's elastic launcher) or ray (Ray Train)
+    train_on: str = "local"  # local (torch's elastic launcher), ray (Ray Train) or torchrun (its group)
     address: Optional[str] = None  # the Ray cluster; None starts a local one for the training
     timeout_seconds: float = 300.0  # the collective timeout: how long a rank waits on the others
 
@@ -91,6 +91,8 @@ def train_ranks(job: RankJob, parallel: Parallel, folder: Path, callbacks: RankC
         from tasks.train.ray_training import train_on_ray  # Ray is an extra: imported when asked for
 
         train_on_ray(job, parallel.devices, parallel.address, folder, callbacks)
+    elif parallel.train_on == "torchrun":
+        torchrun.lead(job, callbacks)
     else:
         launch.train_local(dataclasses.replace(job, events=str(folder)), parallel.devices, folder, callbacks)
     return checkpoints.load_weights(callbacks.checkpoint)["history"]
