@@ -38,14 +38,14 @@ USER_ERRORS = (UserError, CancelledRun)
 _ANSWER_SECONDS = 2.0  # for one request to the Prefect server; it is asked again until the bound
 
 
-def build_parser(config_class: type[BaseModel], prog: str) -> argparse.ArgumentParser:
-    """One flag per config field, with its description, choices and default."""
+def build_parser(config_class: type[BaseModel], prog: str, skip: tuple = ()) -> argparse.ArgumentParser:
+    """One flag per config field not in `skip`, with its description, choices and default."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=config_class.__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_fields(parser, config_class)
+    add_fields(parser, config_class, skip)
     return parser
 
 

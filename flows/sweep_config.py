@@ -4,13 +4,18 @@ its command line, train_flow's flags plus --grid, --random and --space."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Literal, Optional, Union, get_args, get_origin
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.errors import UserError
 from flows.cli import add_fields, build_parser, validate
 from flows.config import ClusterOptions, TrainConfig
+from tasks.train.launch import resolve_devices, usable_cpus
 from tasks.train.search_space import Range, trial_count, trial_overrides
+from tasks.train.training import resolve_device
 
 # Settings a trial may change; the data, folders and registry name stay those of the sweep.
 SWEEPABLE = (
@@ -70,6 +75,11 @@ class SweepConfig(ClusterOptions):
             raise ValueError(f"{sorted(both)} given to both --grid and --space; choose one")
         if bool(self.random) != bool(self.space):
             raise ValueError("--random N and --space go together: N draws from the --space ranges")
+        if self.base.train_on != "local":
+            raise ValueError(
+                f"--train-on {self.base.train_on} trains one model on a cluster; a sweep's trials run on "
+                "its --task-runner: give --task-runner ray --address ADDRESS instead"
+            )
         if not self.grid and not self.random:
             raise ValueError(
                 "nothing to sweep: give --grid FIELD=V1,V2 and/or --random N --space FIELD=LOW:HIGH"
@@ -139,7 +149,8 @@ def parse_sweep_config(
     argv: Optional[list[str]] = None, prog: str = "python flows/sweep_flow.py"
 ) -> SweepConfig:
     """train_flow's flags set the base config; --grid, --random and --space say what varies."""
-    parser = build_parser(TrainConfig, prog)
+    # A sweep trains each trial on its task runner: --address is the runner's cluster, not Ray Train's.
+    parser = build_parser(TrainConfig, prog, skip=("train_on", "address"))
     parser.description = SweepConfig.__doc__
     sweep = parser.add_argument_group("sweep", f"Settings a trial can vary: {sweepable_choices()}.")
     sweep.add_argument(
@@ -188,3 +199,25 @@ def _search_range(parser: argparse.ArgumentParser, name: str, text: str) -> Sear
     except ValueError:
         parser.error(f"--space {name}={text}: expected LOW:HIGH or LOW:HIGH:log with numbers")
     raise AssertionError("unreachable: parser.error exits")
+
+
+class OversubscribedError(UserError, ValueError):
+    """The sweep's trials at once, each in --devices processes, need more than this machine has."""
+
+
+def check_machine_fits(config: SweepConfig) -> None:
+    """On this machine (any runner without --address), the trials at once times each trial's
+    processes must not outnumber the CPUs (on CPU) or GPUs (on CUDA)."""
+    if config.address or config.base.devices == "1":
+        return  # a cluster's workers are the cluster's to size
+    device = resolve_device(config.base.device)
+    devices = resolve_devices(config.base.devices, device)
+    at_once = min(config.max_parallel or os.cpu_count() or 1, trial_count(config.grid, config.random))
+    have, what = (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (usable_cpus(), "CPUs")
+    if at_once * devices > have:
+        limit = "" if config.max_parallel else " (by default, one per CPU)"
+        raise OversubscribedError(
+            f"--task-runner {config.task_runner} runs {at_once} trials at once{limit}, each in --devices "
+            f"{devices} processes: {at_once * devices} training processes for this machine's {have} "
+            f"{what}; give --max-parallel {max(1, have // devices)} or fewer --devices"
+        )

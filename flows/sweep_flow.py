@@ -19,7 +19,7 @@ from flows.config import TrainConfig
 from flows.confinement import check_confined
 from flows.recipe import data_shape, model_spec, train_settings
 from flows.runners import make_task_runner, running, submit_all
-from flows.sweep_config import SweepConfig, parse_sweep_config
+from flows.sweep_config import SweepConfig, check_machine_fits, parse_sweep_config
 from tasks.data.augment import resolve_augment
 from tasks.data.datasets import DatasetRef, Shape
 from tasks.data.loaders import make_test_loader
@@ -41,6 +41,7 @@ def sweep_flow(config: SweepConfig) -> dict:
     """Prepare the data once, train every trial, then publish the best one through the champion gate."""
     check_confined(config)
     require_shared_prefect()  # a tracking server's gate needs the team's Prefect server: refuse now
+    check_machine_fits(config)
     base = config.base
     runner = make_task_runner(config.task_runner, config.address, config.max_parallel)
     sweep_dir = make_run_dir(resolve_path(base.output_dir))
@@ -165,6 +166,7 @@ def main(config: SweepConfig) -> dict:
     with user_errors_exit():
         if config.task_runner in ("threads", "processes"):  # trials on this machine: its hardware fits?
             resolve_precision(config.base.precision, resolve_device(config.base.device))
+        check_machine_fits(config)
         prepare_servers()
         result = sweep_flow(config)
     print(

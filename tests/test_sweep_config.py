@@ -3,8 +3,15 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from flows import sweep_config
 from flows.config import TrainConfig
-from flows.sweep_config import SearchRange, SweepConfig, parse_sweep_config
+from flows.sweep_config import (
+    OversubscribedError,
+    SearchRange,
+    SweepConfig,
+    check_machine_fits,
+    parse_sweep_config,
+)
 from tasks.data.sources import DigitsSource, FolderSource
 
 
@@ -156,3 +163,15 @@ def test_the_prefect_form_takes_the_same_config_as_json():
     assert [t.lr for t in config.trial_configs()] == [0.001, 0.01]
     assert {t.dataset for t in config.trial_configs()} == {DigitsSource()}
     assert "grid" in SweepConfig.model_json_schema()["properties"]
+
+
+def test_trials_that_would_oversubscribe_this_machine_are_refused_naming_runner_and_devices(monkeypatch):
+    monkeypatch.setattr(sweep_config, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(sweep_config.os, "cpu_count", lambda: 4)
+    flags = ["--dataset", "digits", "--devices", "2", "--grid", "lr=0.1,0.2,0.3"]
+    with pytest.raises(OversubscribedError, match=r"threads runs 3 trials at once.*--devices 2.*6 training"):
+        check_machine_fits(parse_sweep_config(flags))
+    check_machine_fits(parse_sweep_config([*flags, "--max-parallel", "2"]))  # 2 x 2 fits 4 CPUs
+    check_machine_fits(parse_sweep_config([*flags, "--task-runner", "dask", "--address", "tcp://h:1"]))
+    with pytest.raises(ValidationError, match="--train-on ray trains one model on a cluster"):
+        SweepConfig(base=TrainConfig(train_on="ray"), grid={"lr": [0.1]})

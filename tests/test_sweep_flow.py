@@ -309,3 +309,13 @@ def test_trials_on_a_machine_without_the_flows_folders_prepare_the_data_once_and
     assert published["test_accuracy"] == pytest.approx((predicted == labels).float().mean().item())
     champion = MlflowClient().get_model_version_by_alias("swept", "champion")
     assert champion.run_id == best["run_id"]
+
+
+def test_a_trial_trains_in_two_processes(prefect_server, mlflow_store, tmp_path):
+    """--devices 2 in a sweep: each trial is one training in two processes, at most one at a time on
+    this 2-core machine (two at once would be refused)."""
+    config = sweep(tmp_path, grid={"lr": [0.003]}, max_parallel=1)
+    result = sweep_flow(config.model_copy(update={"base": config.base.model_copy(update={"devices": "2"})}))
+    parent, [child] = runs_of("sweeps")
+    assert child.info.status == "FINISHED" and child.data.params["world_size"] == "2"
+    assert child.data.tags["backend"] == "gloo" and result["versions"]

@@ -30,6 +30,8 @@ from tasks.track import lineage, reports, tracking
 from tasks.track.cancellation import CancelWatch, FlowRunCancelled, ended_status
 from tasks.track.delivery import run_logger
 from tasks.train import checkpoints, sweeps
+from tasks.train.launch import resolve_devices
+from tasks.train.parallel import Parallel
 from tasks.train.steps import TrainedModel, Watch, train_logged
 from tasks.train.training import TrainSettings, resolve_device
 
@@ -90,7 +92,10 @@ def run_trial(
         loaders = make_loaders(dataset, trial.batch_size, trial.val_fraction, seed, device, trial.augment)
         watch = Watch(system_metrics=trial.params["system_metrics"], stop_when_cancelled=True)
         folder = trial_folder(sweep_dir, trial.name, str(trial.params["output_dir"]))
-        trained = train_logged(trial.spec, loaders, trial.settings, folder, run_id, watch)
+        devices = resolve_devices(str(trial.params["devices"]), device)
+        timeout = float(trial.params["collective_timeout_seconds"])
+        parallel = Parallel(devices, dataset, trial.val_fraction, timeout_seconds=timeout)
+        trained = train_logged(trial.spec, loaders, trial.settings, folder, run_id, watch, parallel)
         weights = checkpoints.write_state_dict(trained.weights(), folder / TRIAL_WEIGHTS)
         tracking.log_artifacts(run_id, [weights], str(Path(TRIAL_WEIGHTS).parent))
     except BaseException as error:
