@@ -3,7 +3,8 @@
 # precision, resume on CUDA, ONNX parity of a CUDA-trained model, onnxruntime's CUDA provider
 # when installed), training speed on CUDA against each lever, then a default run on CUDA on the
 # generated 60k set: the whole flow when Prefect and MLflow are installed, else the same default
-# training without them; last, the photo pipeline's training speed on CUDA (prepare_speed.py).
+# training without them; the photo pipeline's training speed on CUDA (prepare_speed.py); last, one
+# training on 1 GPU and on all of them (DistributedDataParallel, NCCL: ddp_scaling.py).
 # Prints the figures.
 #
 #     bash benchmarks/gpu_check.sh [DATA_DIR]
@@ -34,3 +35,6 @@ fi
 python benchmarks/prepare_speed.py --device cuda --prepare-sizes "" --train-images 2048 \
     --models resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny --sizes 64,128,224 \
     --output benchmarks/results/prepare_speed_cuda.md
+# DistributedDataParallel: the default training on one GPU, then on every GPU (one process each,
+# NCCL, started by torch's elastic launcher as --devices does); into ddp_scaling_cuda.md.
+python benchmarks/ddp_scaling.py --device cuda --data-dir "$data_dir" --skip-memory
