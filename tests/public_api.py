@@ -131,7 +131,9 @@ DOCUMENTED = {
         "torch.distributed",
         "torch.distributed.checkpoint",
         "torch.distributed.elastic",
+        "torch.distributed.elastic.multiprocessing.errors",  # elastic/errors.html: record, ChildFailedError
         "torch.distributed.fsdp",
+        "torch.distributed.launcher.api",  # __all__ = LaunchConfig, elastic_launch: torchrun's engine
         "torch.distributed.run",
         "torch.distributions",
         "torch.export",
@@ -196,6 +198,7 @@ DOCUMENTED = {
         "ray.tune",
         "ray.util",
         "ray.util.placement_group",
+        "ray.util.queue",  # Ray Core's utility classes: ray.util.queue.Queue
         "ray.util.scheduling_strategies",
     },
 }
