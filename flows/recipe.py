@@ -9,14 +9,14 @@ import torch
 
 from common.errors import UserError
 from common.path_settings import resolve_path
-from flows.config import WEIGHTS, TrainConfig
+from flows.config import WEIGHTS, TrainConfig, check_batch
 from models import ModelSpec, pretrained_stats
 from tasks.data.datasets import DatasetRef, prepare_dataset
 from tasks.data.sources import Shape
 from tasks.train import torchrun
-from tasks.train.launch import resolve_devices, usable_cpus
+from tasks.train.launch import DevicesError, resolve_devices, usable_cpus
 from tasks.train.parallel import Parallel
-from tasks.train.training import TrainSettings
+from tasks.train.training import TrainSettings, resolve_device
 
 
 def model_spec(config: TrainConfig, dataset: DatasetRef) -> ModelSpec:
@@ -64,7 +64,18 @@ class TorchrunSettingsError(UserError, ValueError):
 
 
 def world_size(config: TrainConfig, device: torch.device) -> int:
-    """Processes that train: torchrun's group when it started this one, else --devices here."""
+    """Processes that train, the global batch checked to split over them: torchrun's group when it
+    started this one, else --devices (on this machine's `device`, or Ray workers)."""
+    world = _world_size(config, device)
+    check_batch(config.batch_size, world)
+    return world
+
+
+def _world_size(config: TrainConfig, device: torch.device) -> int:
+    if config.train_on == "ray":
+        if config.devices == "auto":
+            raise DevicesError("--train-on ray takes --devices N, the number of Ray workers, not auto")
+        return int(config.devices)  # the cluster's to fit: checked when the training starts there
     if not torchrun.active():
         return resolve_devices(config.devices, device)
     world = torchrun.world_size()
@@ -74,6 +85,12 @@ def world_size(config: TrainConfig, device: torch.device) -> int:
             f"{config.train_on} (torchrun's --nnodes and --nproc-per-node set them)"
         )
     return world
+
+
+def flow_device(config: TrainConfig) -> torch.device:
+    """Where the flow's own steps run (loaders, evaluation): --device, or with --train-on ray, where
+    --device names the Ray workers' device, this machine's best."""
+    return resolve_device("auto" if config.train_on == "ray" else config.device)
 
 
 def parallel_plan(config: TrainConfig, dataset: DatasetRef, device: torch.device) -> Parallel:
@@ -86,6 +103,7 @@ def parallel_plan(config: TrainConfig, dataset: DatasetRef, device: torch.device
         train_on,
         config.address,
         config.collective_timeout_seconds,
+        config.device,
     )
 
 

@@ -13,9 +13,17 @@ from prefect.states import Cancelled
 
 from common.path_settings import resolve_path
 from flows.cli import parse_config, prepare_servers, user_errors_exit
-from flows.config import TrainConfig, check_batch
+from flows.config import TrainConfig
 from flows.confinement import check_confined
-from flows.recipe import data_shape, follow_rank_0, model_spec, parallel_plan, train_settings, world_size
+from flows.recipe import (
+    data_shape,
+    flow_device,
+    follow_rank_0,
+    model_spec,
+    parallel_plan,
+    train_settings,
+    world_size,
+)
 from models import pretrained_file
 from tasks.data.augment import resolve_augment
 from tasks.data.steps import build_loaders, fetch_dataset, fetch_weights
@@ -27,7 +35,6 @@ from tasks.track.steps import log_dataset, make_run_dir, mlflow_run
 from tasks.train import torchrun
 from tasks.train.speed import resolve_precision, set_threads
 from tasks.train.steps import Watch, train_model
-from tasks.train.training import resolve_device
 
 
 @flow(name="train-image-classifier", log_prints=True)
@@ -35,7 +42,7 @@ def train_flow(config: TrainConfig = TrainConfig()) -> dict:
     """Fetch data, train, evaluate, save, export ONNX, validate it and register the model."""
     check_confined(config)
     require_shared_prefect()  # a tracking server's gate needs the team's Prefect server: refuse now
-    device = str(resolve_device(config.device))
+    device = str(flow_device(config))
     set_threads(config.threads)
     run_dir = make_run_dir(resolve_path(config.output_dir))
     try:
@@ -74,9 +81,9 @@ def main(config: TrainConfig) -> dict:
     with user_errors_exit():
         if config.weights == "imagenet":
             pretrained_file(config.model)  # offline without them: named before any server or data work
-        device = resolve_device(config.device)  # `--device cuda` here? fp16? more devices than present?
+        device = flow_device(config)  # `--device cuda` here? fp16? more devices than present?
         resolve_precision(config.precision, device)
-        check_batch(config.batch_size, world_size(config, device))
+        world_size(config, device)
         if torchrun.is_follower():  # torchrun started this process as a rank other than 0
             return follow_rank_0(config, device)
         prepare_servers()

@@ -54,7 +54,7 @@ def test_rank_0_reports_progress_at_most_twice_a_second_and_stops_when_asked(tmp
     reporter.on_epoch(1, {"val_accuracy": 0.5})
     events = channel.receive()
     assert [e["kind"] for e in events] == ["start", "batch", "epoch"]
-    assert Levers(**events[0]["levers"]) == Levers("fp32", True, False)
+    assert events[0]["tags"]["precision"] == "fp32" and events[0]["tags"]["channels_last"] == "true"
     channel.request_stop()
     reporter.reported = 0.0
     with pytest.raises(StopRequested):

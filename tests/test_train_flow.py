@@ -80,7 +80,8 @@ def test_digits_runs_log_everything_and_champion_moves_only_when_better(
 
     run = MlflowClient().get_run(strong["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert set(run.data.params) == set(TrainConfig.model_fields)
+    assert set(run.data.params) == {*TrainConfig.model_fields, "world_size", "batch_per_process"}
+    assert run.data.params["world_size"] == "1" and "backend" not in run.data.tags
     client = MlflowClient()
     for name in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2, 3], name

@@ -22,6 +22,11 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
+def backend_name() -> str:
+    """The group's backend (gloo, nccl), or none without a group."""
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+
+
 def global_sum(values: torch.Tensor) -> torch.Tensor:
     """`values` summed over every rank (in place when there are several)."""
     if world_size() > 1:

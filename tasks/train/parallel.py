@@ -16,8 +16,7 @@ from models import ModelSpec
 from tasks.data.datasets import DatasetRef
 from tasks.data.loaders import Loaders
 from tasks.train import checkpoints, launch, torchrun
-from tasks.train.ranks import RankJob, backend
-from tasks.train.speed import Levers
+from tasks.train.ranks import RankJob
 from tasks.train.training import BatchCallback, EpochCallback, TrainSettings
 
 
@@ -31,16 +30,11 @@ class Parallel:
     train_on: str = "local"  # local (torch's elastic launcher), ray (Ray Train) or torchrun (its group)
     address: Optional[str] = None  # the Ray cluster; None starts a local one for the training
     timeout_seconds: float = 300.0  # the collective timeout: how long a rank waits on the others
+    device: str = "auto"  # on Ray, the workers' device as asked for: auto takes the cluster's GPUs
 
     @property
     def spans_processes(self) -> bool:
         return self.devices > 1 or self.train_on == "ray"
-
-    def tags(self, device: str) -> dict[str, str]:
-        return {"backend": backend(device), "train_on": self.train_on}
-
-    def params(self, batch_size: int) -> dict[str, int]:
-        return {"world_size": self.devices, "batch_per_process": batch_size // self.devices}
 
 
 @dataclass(frozen=True)
@@ -49,13 +43,13 @@ class RankCallbacks:
 
     on_epoch: EpochCallback
     on_batch: BatchCallback
-    on_start: Callable[[Levers, int], None]
+    on_start: Callable[[dict[str, str]], None]  # rank 0's tags: levers, threads, backend
     checkpoint: Path  # where the flow's process keeps the run's checkpoint
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
         if kind == "start":
-            self.on_start(Levers(**event["levers"]), event["threads"])
+            self.on_start(event["tags"])
         elif kind == "batch":
             self.on_batch(event["epoch"], event["batch"])
         elif kind == "epoch":
@@ -90,7 +84,7 @@ def train_ranks(job: RankJob, parallel: Parallel, folder: Path, callbacks: RankC
     if parallel.train_on == "ray":
         from tasks.train.ray_training import train_on_ray  # Ray is an extra: imported when asked for
 
-        train_on_ray(job, parallel.devices, parallel.address, folder, callbacks)
+        train_on_ray(job, parallel.devices, parallel.address, parallel.device, folder, callbacks)
     elif parallel.train_on == "torchrun":
         torchrun.lead(job, callbacks)
     else:

@@ -111,8 +111,8 @@ class Reporter:
         self.channel, self.reported = channel, 0.0
 
     def on_start(self, levers: Levers) -> None:
-        levers = dataclasses.asdict(levers)
-        self.channel.send({"kind": "start", "levers": levers, "threads": torch.get_num_threads()})
+        tags = {**levers.tags(), "threads": str(torch.get_num_threads()), "backend": collectives.backend_name()}
+        self.channel.send({"kind": "start", "tags": tags})
 
     def on_batch(self, epoch: int, batch: int) -> None:
         if time.monotonic() - self.reported < _REPORT_INTERVAL:

@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer, get_device
 from ray.util.queue import Queue
 
 from common.files import atomic_path
-from tasks.train.launch import Handler, relay
+from tasks.train.launch import DevicesError, Handler, relay
 from tasks.train.ranks import RankJob, backend, train_rank
 
 
@@ -82,13 +82,32 @@ def rank_loop(config: dict[str, Any]) -> None:
     train_rank(job, get_device(), checkpoints, channel)
 
 
-def train_on_ray(job: RankJob, devices: int, address: Optional[str], folder: Path, handle: Handler) -> None:
-    """Trains `job` as a TorchTrainer of `devices` workers (GPUs where the job trains on CUDA), on
-    the cluster at `address` (None: a local Ray for this training, stopped after it)."""
+def worker_device(requested: str, workers: int, cpus_each: int) -> str:
+    """cuda or cpu for the workers: --device cuda, or auto where the cluster has a GPU per worker;
+    a cluster too small for the workers is refused here (Ray Train would wait for it forever)."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    if requested == "cuda" and gpus < workers:
+        raise DevicesError(f"--device cuda --devices {workers}: the Ray cluster has {gpus:g} GPUs")
+    if cpus < workers * cpus_each:
+        raise DevicesError(
+            f"--devices {workers}: {workers} Ray workers of {cpus_each} CPUs each need {workers * cpus_each} "
+            f"CPUs; the cluster has {cpus:g} (--threads sets the CPUs of all the workers together)"
+        )
+    return "cuda" if requested == "cuda" or (requested == "auto" and gpus >= workers) else "cpu"
+
+
+def train_on_ray(
+    job: RankJob, devices: int, address: Optional[str], device: str, folder: Path, handle: Handler
+) -> None:
+    """Trains `job` as a TorchTrainer of `devices` workers on `device` (cuda, cpu, or auto: GPUs
+    where the cluster has them) on the cluster at `address` (None: a local Ray for this training,
+    stopped after it)."""
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
     try:
+        job = dataclasses.replace(job, device=worker_device(device, devices, job.threads))
         checkpoint = Path(job.checkpoint)
         events, stops = (Queue(actor_options={"num_cpus": 0}) for _ in range(2))
         config = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,18 +102,20 @@ def train_logged(
         if cancelled:
             cancelled()
 
-    def log_levers(levers: Levers, threads: int = 0) -> None:
-        tracking.log_tags(run_id, {**levers.tags(), "threads": str(threads or torch.get_num_threads())})
+    def log_levers(levers: Levers) -> None:
+        tracking.log_tags(run_id, {**levers.tags(), "threads": str(torch.get_num_threads())})
 
+    world = parallel.devices if parallel is not None else 1
+    tracking.log_params(run_id, {"world_size": world, "batch_per_process": loaders.train.batch_size // world})
     with tracking.system_metrics(run_id, watch.system_metrics), progress:
         try:
             if parallel is None or not parallel.spans_processes:
                 _, history = train(spec, loaders, settings, checkpoint, log_epoch, on_batch, log_levers)
             else:
                 job = rank_job(spec, settings, loaders, parallel, checkpoint)
-                tracking.log_params(run_id, parallel.params(job.batch_size))
-                tracking.log_tags(run_id, parallel.tags(job.device))
-                callbacks = RankCallbacks(log_epoch, on_batch, log_levers, checkpoint)
+                tracking.log_tags(run_id, {"train_on": parallel.train_on})
+                log_tags = functools.partial(tracking.log_tags, run_id)
+                callbacks = RankCallbacks(log_epoch, on_batch, log_tags, checkpoint)
                 history = train_ranks(job, parallel, run_dir / "ranks" / uuid.uuid4().hex, callbacks)
         except FlowRunCancelled:
             outbox.close()  # the epochs before it are in MLflow too
