@@ -71,7 +71,7 @@ def run(
     else:
         job = RankJob(
             spec, settings, dataset, config.batch_size, config.val_fraction, "none", device,
-            threads // devices, config.collective_timeout_seconds, str(checkpoint), str(folder / "ranks"),
+            threads // devices, config.collective_timeout_seconds, str(checkpoint),
         )  # fmt: skip
         train_local(job, devices, folder / "ranks", lambda event: None)
         history = load_weights(checkpoint)["history"]

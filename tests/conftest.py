@@ -83,10 +83,12 @@ class AnonPeak:
 # unit of work, and one started last runs alone at the end while the other worker idles.
 LONGEST_MODULES = (
     "test_team_deployment",
+    "test_distributed",
     "test_faults",
     "test_predict_flow",
     "test_train_flow",
     "test_sweep_flow",
+    "test_ray_training",
     "test_doc_commands",
     "test_serving",
     "test_cli",

@@ -4,7 +4,9 @@ to the training callbacks while the ranks train (tasks.train.ray_training does t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import os
 import socket
 import sys
@@ -112,7 +114,7 @@ def train_local(job: RankJob, devices: int, folder: Path, handle: Handler) -> No
     folder.mkdir(parents=True, exist_ok=True)
     channel = FileChannel(folder)
     job_file = folder / "job.json"
-    job_file.write_text(job.to_json())
+    job_file.write_text(dataclasses.replace(job, events=str(folder)).to_json())
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -124,6 +126,9 @@ def train_local(job: RankJob, devices: int, folder: Path, handle: Handler) -> No
         monitor_interval=0.5,
         start_method="spawn",
     )
+    # The launcher warns, run from a thread, that it cannot catch signals to stop its ranks: each
+    # rank ends itself once its parent is gone (tasks.train.ranks.exit_when_orphaned).
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
     command = elastic_launch(config, sys.executable)
     ranks = functools.partial(command, "-m", "tasks.train.ranks", str(job_file))
     relay(ranks, channel.receive, handle, channel.request_stop)

@@ -4,7 +4,6 @@ own process."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -88,5 +87,5 @@ def train_ranks(job: RankJob, parallel: Parallel, folder: Path, callbacks: RankC
     elif parallel.train_on == "torchrun":
         torchrun.lead(job, callbacks)
     else:
-        launch.train_local(dataclasses.replace(job, events=str(folder)), parallel.devices, folder, callbacks)
+        launch.train_local(job, parallel.devices, folder, callbacks)
     return checkpoints.load_weights(callbacks.checkpoint)["history"]

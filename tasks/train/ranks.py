@@ -111,7 +111,8 @@ class Reporter:
         self.channel, self.reported = channel, 0.0
 
     def on_start(self, levers: Levers) -> None:
-        tags = {**levers.tags(), "threads": str(torch.get_num_threads()), "backend": collectives.backend_name()}
+        threads, backend = str(torch.get_num_threads()), collectives.backend_name()
+        tags = {**levers.tags(), "threads": threads, "backend": backend}
         self.channel.send({"kind": "start", "tags": tags})
 
     def on_batch(self, epoch: int, batch: int) -> None:

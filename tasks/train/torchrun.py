@@ -11,12 +11,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from common.errors import UserError
 from tasks.data.datasets import DatasetRef
 from tasks.train.checkpoints import CheckpointFile
 from tasks.train.ranks import RankJob, backend, rank_device, train_rank
+from tasks.train.speed import physical_cores
 
 Handler = Callable[[dict[str, Any]], None]
 
@@ -52,6 +54,11 @@ def is_follower() -> bool:
     return active() and int(os.environ["RANK"]) != 0
 
 
+def local_threads() -> int:
+    """This machine's cores split between the ranks torchrun started on it."""
+    return max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def join(device: str, timeout_seconds: float) -> None:
     """Joins torchrun's group (its rendezvous is in the environment)."""
     dist.init_process_group(backend(device), timeout=timedelta(seconds=timeout_seconds))
@@ -61,13 +68,16 @@ def lead(job: RankJob, handle: Handler) -> list[dict[str, float]]:
     """Rank 0's train step: joins the group, hands every rank the job and trains its own share,
     writing the checkpoints."""
     join(job.device, job.timeout_seconds)
+    flow_threads = torch.get_num_threads()  # the flow's own steps go on after training
     try:
         dist.broadcast_object_list([job], src=0)
         checkpoints = CheckpointFile(Path(job.checkpoint))
         device = rank_device(job.device, int(os.environ.get("LOCAL_RANK", 0)))
+        job = dataclasses.replace(job, threads=local_threads())
         return train_rank(job, device, checkpoints, DirectChannel(handle))
     finally:
         dist.destroy_process_group()  # on failure too: the other ranks fail at once, not at the timeout
+        torch.set_num_threads(flow_threads)
 
 
 def follow(device: str, timeout_seconds: float, prepare: Callable[[], DatasetRef]) -> list[dict[str, float]]:
@@ -84,7 +94,7 @@ def follow(device: str, timeout_seconds: float, prepare: Callable[[], DatasetRef
                 f"rank {dist.get_rank()} prepared {dataset.name} with sha256 {dataset.sha256[:12]}, rank 0 "
                 f"{job.dataset.sha256[:12]}: give every node the same data and flags"
             )
-        job = dataclasses.replace(job, dataset=dataset, checkpoint=None)
+        job = dataclasses.replace(job, dataset=dataset, checkpoint=None, threads=local_threads())
         return train_rank(job, rank_device(device, int(os.environ.get("LOCAL_RANK", 0))), None, None)
     finally:
         dist.destroy_process_group()
