@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import logging
 import threading
 from typing import Any, NamedTuple
 
@@ -194,6 +195,16 @@ PNG_TILE = Internal(
     checked="13.0.0",
     in_source=True,
 )
+ELASTIC_LOGGER = Internal(
+    "torch",
+    "torch.distributed.elastic.multiprocessing.api",
+    "logger",
+    "quiet the elastic launcher's warning, when started from a thread, that it cannot catch signals to "
+    "stop its ranks (each rank ends itself once its parent is gone)",
+    missing="no LaunchConfig setting to leave the signal handlers out",
+    checked="2.14.1",
+)
+
 INTERNALS = (
     PACKAGE_SCAN,
     MONITOR,
@@ -208,6 +219,7 @@ INTERNALS = (
     PICKLE_MODULE,
     EVENTS_WAIT,
     PNG_TILE,
+    ELASTIC_LOGGER,
 )
 
 
@@ -221,6 +233,12 @@ def check_internals() -> None:
             problems.append(str(error))
     if problems:
         raise CompatError("\n".join(problems))
+
+
+def quiet_elastic_launcher() -> None:
+    """Leaves only the errors of torch's elastic launcher in the log (which rank failed, and how)."""
+    with contextlib.suppress(CompatError):  # only a quieter log
+        ELASTIC_LOGGER.resolve().setLevel(logging.ERROR)
 
 
 def skip_mlflow_package_scan() -> None:

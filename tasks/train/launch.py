@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -19,6 +19,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from common import compat
 from common.errors import UserError
 from tasks.train.ranks import FileChannel, RankJob
 
@@ -99,13 +100,20 @@ def relay(
 
 
 def describe_failure(error: BaseException) -> str:
-    """One line on which rank failed and how."""
-    if isinstance(error, ChildFailedError):
-        rank, failure = error.get_first_failure()
+    """One line on which ranks failed and how: first those that failed of themselves, then those the
+    launcher then stopped (SIGTERM)."""
+    if not isinstance(error, ChildFailedError):
+        return f"the training's ranks failed: {error}"
+
+    def stopped_by_launcher(item: tuple[int, Any]) -> tuple[bool, float]:
+        return item[1].exitcode == -signal.SIGTERM, item[1].timestamp
+
+    parts = []
+    for rank, failure in sorted(error.failures.items(), key=stopped_by_launcher):
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         detail = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        return f"rank {rank} of the training failed ({how}){': ' + detail.splitlines()[0] if detail else ''}"
-    return f"the training's ranks failed: {error}"
+        parts.append(f"rank {rank} ({how})" + (f": {detail.splitlines()[0]}" if detail else ""))
+    return "the training's ranks failed: " + "; ".join(parts)
 
 
 def train_local(job: RankJob, devices: int, folder: Path, handle: Handler) -> None:
@@ -128,7 +136,7 @@ def train_local(job: RankJob, devices: int, folder: Path, handle: Handler) -> No
     )
     # The launcher warns, run from a thread, that it cannot catch signals to stop its ranks: each
     # rank ends itself once its parent is gone (tasks.train.ranks.exit_when_orphaned).
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
+    compat.quiet_elastic_launcher()
     command = elastic_launch(config, sys.executable)
     ranks = functools.partial(command, "-m", "tasks.train.ranks", str(job_file))
     relay(ranks, channel.receive, handle, channel.request_stop)
