@@ -315,7 +315,8 @@ def test_a_trial_trains_in_two_processes(prefect_server, mlflow_store, tmp_path)
     """--devices 2 in a sweep: each trial is one training in two processes, at most one at a time on
     this 2-core machine (two at once would be refused)."""
     config = sweep(tmp_path, grid={"lr": [0.003]}, max_parallel=1)
-    result = sweep_flow(config.model_copy(update={"base": config.base.model_copy(update={"devices": "2"})}))
+    base = config.base.model_copy(update={"devices": "2", "epochs": 1})
+    result = sweep_flow(config.model_copy(update={"base": base}))
     parent, [child] = runs_of("sweeps")
     assert child.info.status == "FINISHED" and child.data.params["world_size"] == "2"
     assert child.data.tags["backend"] == "gloo" and result["versions"]
