@@ -14,8 +14,9 @@ from models import ModelSpec, pretrained_stats
 from tasks.data.datasets import DatasetRef, prepare_dataset
 from tasks.data.sources import Shape
 from tasks.train import torchrun
-from tasks.train.launch import DevicesError, resolve_devices, usable_cpus
+from tasks.train.launch import DevicesError, resolve_devices
 from tasks.train.parallel import Parallel
+from tasks.train.speed import usable_cpus
 from tasks.train.training import TrainSettings, resolve_device
 
 

@@ -7,13 +7,12 @@ import argparse
 import os
 from typing import Literal, Optional, Union, get_args, get_origin
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import UserError
 from flows.cli import add_fields, build_parser, validate
 from flows.config import ClusterOptions, TrainConfig
-from tasks.train.launch import resolve_devices, usable_cpus
+from tasks.train.launch import capacity, resolve_devices
 from tasks.train.search_space import Range, trial_count, trial_overrides
 from tasks.train.training import resolve_device
 
@@ -213,7 +212,7 @@ def check_machine_fits(config: SweepConfig) -> None:
     device = resolve_device(config.base.device)
     devices = resolve_devices(config.base.devices, device)
     at_once = min(config.max_parallel or os.cpu_count() or 1, trial_count(config.grid, config.random))
-    have, what = (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (usable_cpus(), "CPUs")
+    have, what = capacity(device)
     if at_once * devices > have:
         limit = "" if config.max_parallel else " (by default, one per CPU)"
         raise OversubscribedError(

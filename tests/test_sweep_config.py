@@ -166,7 +166,7 @@ def test_the_prefect_form_takes_the_same_config_as_json():
 
 
 def test_trials_that_would_oversubscribe_this_machine_are_refused_naming_runner_and_devices(monkeypatch):
-    monkeypatch.setattr(sweep_config, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(sweep_config, "capacity", lambda device: (4, "CPUs"))
     monkeypatch.setattr(sweep_config.os, "cpu_count", lambda: 4)
     flags = ["--dataset", "digits", "--devices", "2", "--grid", "lr=0.1,0.2,0.3"]
     with pytest.raises(OversubscribedError, match=r"threads runs 3 trials at once.*--devices 2.*6 training"):

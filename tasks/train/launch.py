@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import socket
 import sys
@@ -22,6 +21,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from common import compat
 from common.errors import UserError
 from tasks.train.ranks import FileChannel, RankJob
+from tasks.train.speed import usable_cpus
 
 Handler = Callable[[dict[str, Any]], None]  # one event of rank 0's
 
@@ -34,8 +34,9 @@ class RanksFailedError(RuntimeError):
     """A rank of the training died, hung past the collective timeout or raised."""
 
 
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def capacity(device: torch.device) -> tuple[int, str]:
+    """How many processes this machine takes for `device`, and of what: GPUs on CUDA, else CPUs."""
+    return (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (usable_cpus(), "CPUs")
 
 
 def resolve_devices(requested: str, device: torch.device) -> int:
@@ -44,7 +45,7 @@ def resolve_devices(requested: str, device: torch.device) -> int:
     if requested == "auto":
         return torch.cuda.device_count() if device.type == "cuda" else 1
     count = int(requested)
-    have, what = (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (usable_cpus(), "CPUs")
+    have, what = capacity(device)
     if device.type not in ("cuda", "cpu") and count > 1:
         raise DevicesError(f"--devices {count} trains on cuda or cpu; {device.type} takes --devices 1")
     if count > have:

@@ -88,12 +88,17 @@ def choose_levers(
     return Levers(resolve_precision(precision, device), channels_last and has_convolutions(model), compile)
 
 
+def usable_cpus() -> int:
+    """The logical CPUs this process may run on (its affinity on Linux), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on: more threads than that only contend."""
     import psutil
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(psutil.cpu_count(logical=False) or usable or 1, usable or 1))
+    usable = usable_cpus()
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
 
 
 def set_threads(threads: Optional[int]) -> int:
